@@ -1,0 +1,3 @@
+from bitrain.cli import main
+
+raise SystemExit(main())
