@@ -1,0 +1,137 @@
+"""bitrain.summary: hand-counted figures on a small mixed-precision model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+from bitrain.layers import QConv2d
+from bitrain.summary import cmd_summary, network_dot, plot_network, summarize
+
+
+class Tiny(nn.Module):
+    """1x8x8 input: float stem, two binary convs (one strided, one grouped), a binary-weight /
+    float-activation 1x1 conv, then a float classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0 = nn.Conv2d(1, 4, 3, padding=1, bias=True)
+        self.bn0 = nn.BatchNorm2d(4)
+        self.q1 = QConv2d(4, 8, 3, stride=2, padding=1, bits=1, bits_a=1)
+        self.q2 = QConv2d(8, 8, 3, padding=1, groups=2, bits=1, bits_a=1)
+        self.q3 = QConv2d(8, 8, 1, bits=1, bits_a=32)
+        self.relu = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.bn0(self.conv0(x))
+        x = self.q1(x)
+        x = x + self.q2(x)  # a shortcut, for the graph edges
+        x = self.relu(self.q3(x))
+        return self.fc(self.pool(x).flatten(1))
+
+
+def test_hand_counted_figures():
+    s = summarize(Tiny(), (1, 8, 8))
+    rows = {r.name: r for r in s.layers}
+    assert [r.name for r in s.layers] == ["conv0", "bn0", "q1", "q2", "q3", "relu", "pool", "fc"]
+
+    # conv0: 4x1x3x3 weight + 4 bias, float; output 4x8x8, each output 1*3*3 MACs
+    assert rows["conv0"].weights_by_bits == {32: 4 * 1 * 3 * 3 + 4}
+    assert rows["conv0"].output_shape == (4, 8, 8)
+    assert rows["conv0"].macs_float == 4 * 8 * 8 * (1 * 3 * 3)
+    # bn0: gamma, beta, running mean, running var (4 each); num_batches_tracked is not a weight
+    assert rows["bn0"].weights_by_bits == {32: 4 * 4}
+    assert rows["bn0"].macs_float == rows["bn0"].macs_binary == 0
+    # q1: 8x4x3x3 one-bit weights; stride 2 -> 8x4x4 outputs, 4*3*3 binary MACs each
+    assert rows["q1"].input_bits == 1
+    assert rows["q1"].weights_by_bits == {1: 8 * 4 * 3 * 3}
+    assert rows["q1"].output_shape == (8, 4, 4)
+    assert rows["q1"].macs_binary == 8 * 4 * 4 * (4 * 3 * 3)
+    assert rows["q1"].memory_bytes == 8 * 4 * 3 * 3 / 8
+    # q2: groups=2 -> each filter sees 8/2 channels
+    assert rows["q2"].weights_by_bits == {1: 8 * (8 // 2) * 3 * 3}
+    assert rows["q2"].macs_binary == 8 * 4 * 4 * ((8 // 2) * 3 * 3)
+    # q3: 1-bit weights but 32-bit input -> float MACs
+    assert rows["q3"].input_bits == 32
+    assert rows["q3"].weights_by_bits == {1: 8 * 8}
+    assert (rows["q3"].macs_binary, rows["q3"].macs_float) == (0, 8 * 4 * 4 * 8)
+    # fc: 10x8 weight + 10 bias
+    assert rows["fc"].weights_by_bits == {32: 10 * 8 + 10}
+    assert rows["fc"].macs_float == 10 * 8
+    assert rows["pool"].output_shape == (8, 1, 1)
+
+    n_float = (36 + 4) + 16 + 90  # conv0, bn0, fc
+    n_bin = 288 + 288 + 64  # q1, q2, q3
+    assert s.weights_by_bits == {1: n_bin, 32: n_float}
+    assert s.total_params == n_float + n_bin == 786
+    size = n_float * 4 + n_bin / 8  # 584 + 80 bytes
+    assert s.size_bytes == size == 664
+    assert s.size_mb == pytest.approx(664 / 2**20)
+    assert s.float32_bytes == 786 * 4
+    assert s.compression_ratio == pytest.approx(3144 / 664)
+    macs_bin = 4608 + 4608
+    macs_float = 2304 + 1024 + 80
+    assert (s.macs_binary, s.macs_float) == (macs_bin, macs_float)
+    assert s.binary_mac_share == pytest.approx(9216 / (9216 + 3408))
+    assert s.combined_flops == pytest.approx(9216 / 64 + 3408)  # = 3552
+
+
+def test_format_and_dict():
+    s = summarize(Tiny(), (1, 8, 8))
+    text = s.format()
+    for needle in ("q2", "QConv2d", "4x4", "Total params", "786", "664 bytes", "Compression ratio", "4.73",
+                   "Combined FLOPs", "3,552", "73.00 % binary"):
+        assert needle in text, needle
+    assert text == cmd_summary(Tiny(), (1, 8, 8))
+    d = json.loads(json.dumps(s.to_dict()))  # JSON-ready
+    assert d["totals"]["params"] == 786
+    assert d["totals"]["macs_binary"] == 9216
+    assert d["layers"][2]["name"] == "q1" and d["layers"][2]["output_shape"] == [8, 4, 4]
+
+
+def test_summary_leaves_model_untouched():
+    m = Tiny().train()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    summarize(m, (1, 8, 8))
+    assert m.training
+    after = m.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not m.q1._forward_hooks
+
+
+def test_shared_module_counts_every_call():
+    relu = nn.ReLU()
+    lin = nn.Linear(4, 4, bias=False)
+    m = nn.Sequential(lin, relu, lin, relu)  # same Linear called twice
+    s = summarize(m, (4,))
+    assert [r.name for r in s.layers] == ["0", "1"]
+    assert s.layers[0].calls == 2 and s.layers[0].macs_float == 2 * 16
+    assert s.total_params == 16
+
+
+def test_plot_network(tmp_path):
+    msg = plot_network(Tiny(), (1, 8, 8), tmp_path / "net")
+    txt = (tmp_path / "net.txt").read_text()
+    assert "Compression ratio" in txt
+    try:
+        import graphviz  # noqa: F401
+        import shutil
+        has_graphviz = shutil.which("dot") is not None
+    except ImportError:
+        has_graphviz = False
+    assert (tmp_path / "net.gv").exists() == has_graphviz
+    assert ("skipped" in msg) != has_graphviz
+
+
+def test_network_dot_edges():
+    m = Tiny()
+    dot = network_dot(m, summarize(m, (1, 8, 8)))
+    # the shortcut: q1 feeds both q2 and q3 (through the add)
+    for edge in ('"conv0" -> "bn0"', '"q1" -> "q2"', '"q1" -> "q3"', '"q2" -> "q3"', '"pool" -> "fc"'):
+        assert edge in dot, edge
+    assert dot.startswith("digraph")
