@@ -1,0 +1,159 @@
+"""BinaryDenseNet as BMXNet v2 ``binary_models/densenet.py`` / ``basenet_dense.py`` (Bethge et al. 2019).
+
+Dense layer: BN -> binary 3x3 conv (growth_rate channels), concatenated to its input.
+Transition (``downsample_structure``, comma list): bn, relu, max_pool, pool (2x2 avg), fp_conv[:groups]
+(full-precision 1x1), q_conv (binary 1x1), cs[:groups] (channel shuffle); the 1x1 conv divides the
+channels by ``reduction`` and rounds to a multiple of 32. ``dilated``: stages 3, 4 use dilation 2, 4
+instead of pooling. The base class is shared with MeliusNet.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+from bitrain.errors import UserError
+from bitrain.layers import QConv2d
+from bitrain.models import register
+from bitrain.models.common import ChannelShuffle, check_groups, head, make_stem, parse_floats, parse_ints
+
+DOWNSAMPLE = "bn,max_pool,relu,fp_conv"
+TRANSITION_TOKENS = ("bn", "relu", "max_pool", "pool", "fp_conv[:groups]", "q_conv", "cs[:groups]")
+DILATIONS = (1, 1, 2, 4)
+
+
+class DenseLayer(nn.Module):
+    """x -> cat([x, binary_conv(BN(x))]): adds ``growth`` channels."""
+
+    def __init__(self, c_in: int, growth: int, dilation: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.BatchNorm2d(c_in), QConv2d(c_in, growth, 3, 1, dilation, dilation))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, self.body(x)], dim=1)
+
+
+def transition(structure: str, c_in: int, c_out: int, dilation: int) -> nn.Sequential:
+    """Build the downsampling block from its comma-separated description."""
+    layers: list[nn.Module] = []
+    for token in structure.split(","):
+        kind, _, arg = token.strip().partition(":")
+        try:
+            groups = int(arg) if arg else None
+        except ValueError:
+            groups = -1
+        if kind not in ("fp_conv", "cs") and arg or groups == -1:
+            raise UserError(f"--downsample-structure: bad entry {token!r}; valid: {', '.join(TRANSITION_TOKENS)}")
+        if kind == "bn":
+            layers.append(nn.BatchNorm2d(c_in))
+        elif kind == "relu":
+            layers.append(nn.ReLU(inplace=True))
+        elif kind in ("max_pool", "pool"):
+            if dilation == 1:  # dilated stages keep their resolution
+                pool = nn.MaxPool2d if kind == "max_pool" else nn.AvgPool2d
+                layers.append(pool(2, 2, ceil_mode=True))
+        elif kind == "fp_conv":
+            check_groups("--downsample-structure fp_conv", groups or 1, c_in, c_out)
+            layers.append(nn.Conv2d(c_in, c_out, 1, groups=groups or 1, bias=False))
+        elif kind == "q_conv":
+            layers.append(QConv2d(c_in, c_out, 1))
+        elif kind == "cs":
+            check_groups("--downsample-structure cs", groups or 16, c_in)
+            layers.append(ChannelShuffle(groups or 16))
+        else:
+            raise UserError(f"--downsample-structure: bad entry {token!r}; valid: {', '.join(TRANSITION_TOKENS)}")
+    if not any(isinstance(m, nn.Conv2d) for m in layers):
+        raise UserError(f"--downsample-structure {structure!r}: needs a 1x1 conv (fp_conv or q_conv)")
+    return nn.Sequential(*layers)
+
+
+class DenseNetBase(nn.Module):
+    """stem -> [stage of base blocks, transition]* -> BN, ReLU -> global pool -> full-precision linear."""
+
+    def __init__(self, block_config: Sequence[int], reduction: Sequence[float], downsample: str, *,
+                 num_classes: int, in_channels: int, initial_layers: str, init_features: int = 64,
+                 growth_rate: int = 64, dilated: bool = False):
+        super().__init__()
+        if len(reduction) != len(block_config) - 1:
+            raise UserError(f"--reduction: need {len(block_config) - 1} values (one per transition), "
+                            f"got {len(reduction)}")
+        if dilated and len(block_config) > len(DILATIONS):
+            raise UserError(f"--dilated supports at most {len(DILATIONS)} stages, got --block-config {block_config}")
+        if init_features < 1 or growth_rate < 1:
+            raise UserError(f"--init-features and --growth-rate must be >= 1, got {init_features}, {growth_rate}")
+        self.growth = growth_rate
+        self.channels = init_features
+        feats: list[nn.Module] = make_stem(initial_layers, in_channels, init_features)
+        for i, n in enumerate(block_config):
+            dilation = DILATIONS[i] if dilated else 1
+            feats.append(nn.Sequential(*[m for _ in range(n) for m in self.base_block(dilation)]))
+            if i < len(block_config) - 1:
+                # BMXNet: floor-divide, then round to a multiple of 32 channels (at least 32)
+                c_out = max(32, int(round((self.channels // reduction[i]) / 32)) * 32)
+                next_dilation = DILATIONS[i + 1] if dilated else 1
+                feats.append(transition(downsample, self.channels, c_out, next_dilation))
+                self.channels = c_out
+        feats += [nn.BatchNorm2d(self.channels), nn.ReLU(inplace=True)]
+        self.features = nn.Sequential(*feats)
+        self.output = nn.Sequential(*head(self.channels, num_classes))
+
+    def base_block(self, dilation: int) -> list[nn.Module]:
+        layer = DenseLayer(self.channels, self.growth, dilation)
+        self.channels += self.growth
+        return [layer]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output(self.features(x))
+
+
+def dense_options(option_defaults: tuple, reduction, downsample_structure, n_transitions: int) -> tuple:
+    """(reduction list, downsample string) from user options or the model's defaults."""
+    default_reduction, default_downsample = option_defaults
+    red = default_reduction if reduction is None else parse_floats("--reduction", reduction, n_transitions)
+    return red, default_downsample if downsample_structure is None else str(downsample_structure)
+
+
+def _densenet(cls, block_config, reduction_default, downsample_default, *, reduction=None,
+              downsample_structure=None, **kw) -> nn.Module:
+    kw.pop("image_size")
+    red, ds = dense_options((reduction_default, downsample_default), reduction, downsample_structure,
+                            len(block_config) - 1)
+    return cls(block_config, red, ds, **kw)
+
+
+@register("densenet28", family="densenet")
+def densenet28(*, reduction=None, growth_rate=64, init_features=64, downsample_structure=None, dilated=False, **kw):
+    """BinaryDenseNet-28: blocks [6, 6, 6, 5], channels divided by 2.7, 2.7, 2.2 in the transitions."""
+    return _densenet(DenseNetBase, [6, 6, 6, 5], [2.7, 2.7, 2.2], DOWNSAMPLE, reduction=reduction,
+                     downsample_structure=downsample_structure, growth_rate=growth_rate,
+                     init_features=init_features, dilated=dilated, **kw)
+
+
+@register("densenet37", family="densenet")
+def densenet37(*, reduction=None, growth_rate=64, init_features=64, downsample_structure=None, dilated=False, **kw):
+    """BinaryDenseNet-37: blocks [6, 8, 12, 6], reductions 3.3, 3.3, 4."""
+    return _densenet(DenseNetBase, [6, 8, 12, 6], [3.3, 3.3, 4.0], DOWNSAMPLE, reduction=reduction,
+                     downsample_structure=downsample_structure, growth_rate=growth_rate,
+                     init_features=init_features, dilated=dilated, **kw)
+
+
+@register("densenet45", family="densenet")
+def densenet45(*, reduction=None, growth_rate=64, init_features=64, downsample_structure=None, dilated=False, **kw):
+    """BinaryDenseNet-45: blocks [6, 12, 14, 8], reductions 2.7, 3.3, 4."""
+    return _densenet(DenseNetBase, [6, 12, 14, 8], [2.7, 3.3, 4.0], DOWNSAMPLE, reduction=reduction,
+                     downsample_structure=downsample_structure, growth_rate=growth_rate,
+                     init_features=init_features, dilated=dilated, **kw)
+
+
+@register("densenet_flex", family="densenet")
+def densenet_flex(*, block_config=None, reduction=None, growth_rate=64, init_features=64,
+                  downsample_structure=None, dilated=False, **kw):
+    """BinaryDenseNet with ``block_config`` (required) and reduction 2 per transition unless given."""
+    if block_config is None:
+        raise UserError("model densenet_flex needs --block-config, e.g. 6,6,6,5")
+    blocks = parse_ints("--block-config", block_config)
+    return _densenet(DenseNetBase, blocks, [2.0] * (len(blocks) - 1), DOWNSAMPLE, reduction=reduction,
+                     downsample_structure=downsample_structure, growth_rate=growth_rate,
+                     init_features=init_features, dilated=dilated, **kw)

@@ -1,0 +1,101 @@
+"""QuickNet (larq zoo ``QuickNetSmall``, ``QuickNet``, ``QuickNetLarge``; Bannink et al. 2021).
+
+Stem: 3x3/2 conv (filters/4), BN, ReLU, depthwise 3x3/2, BN, 1x1 conv, BN (224 -> 56).
+Residual block: binary 3x3 conv, ReLU, BN, + x. Transition: ReLU, 2x2/1 max pool, fixed 3x3/2 blur pool
+(depthwise, not trained), full-precision 1x1 conv, BN. Top: ReLU, global pool, linear.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bitrain.layers import QConv2d
+from bitrain.models import register
+from bitrain.models.common import head, make_stem, padded_same_maxpool
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.body = nn.Sequential(QConv2d(channels, channels, 3, 1, 1), nn.ReLU(inplace=True),
+                                  nn.BatchNorm2d(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x) + x
+
+
+class BlurPool(nn.Module):
+    """Anti-aliased stride-2 downsampling: depthwise 3x3 [1 2 1]x[1 2 1]/16 filter, a buffer, not a parameter."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        k = torch.tensor([1.0, 2.0, 1.0])
+        self.register_buffer("kernel", (k[:, None] * k[None, :] / 16).expand(channels, 1, 3, 3).contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.kernel.to(x.dtype), stride=2, padding=1, groups=x.shape[1])
+
+
+class Transition(nn.Module):
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.blur = BlurPool(c_in)
+        self.conv = nn.Conv2d(c_in, c_out, 1, bias=False)
+        self.bn = nn.BatchNorm2d(c_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # "same" max pool keeps H, W so tiny inputs (1x1 maps) still work; larq uses "valid" (H-1)
+        return self.bn(self.conv(self.blur(padded_same_maxpool(F.relu(x)))))
+
+
+def quicknet_stem(in_channels: int, channels: int) -> list[nn.Module]:
+    quarter = channels // 4
+    return [nn.Conv2d(in_channels, quarter, 3, 2, 1, bias=False), nn.BatchNorm2d(quarter), nn.ReLU(inplace=True),
+            nn.Conv2d(quarter, quarter, 3, 2, 1, groups=quarter, bias=False), nn.BatchNorm2d(quarter),
+            nn.Conv2d(quarter, channels, 1, bias=False), nn.BatchNorm2d(channels)]
+
+
+class QuickNet(nn.Module):
+    def __init__(self, blocks: list[int], filters: list[int], *, num_classes: int, in_channels: int,
+                 initial_layers: str):
+        super().__init__()
+        if initial_layers == "imagenet":
+            feats = quicknet_stem(in_channels, filters[0])
+        else:  # thumbnail (small inputs) or grouped_stem
+            feats = make_stem(initial_layers, in_channels, filters[0])
+            if initial_layers == "thumbnail":
+                feats.append(nn.BatchNorm2d(filters[0]))
+        for i, (n, f) in enumerate(zip(blocks, filters)):
+            feats += [ResidualBlock(f) for _ in range(n)]
+            if i < len(blocks) - 1:
+                feats.append(Transition(f, filters[i + 1]))
+        feats.append(nn.ReLU(inplace=True))
+        self.features = nn.Sequential(*feats)
+        self.output = nn.Sequential(*head(filters[-1], num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output(self.features(x))
+
+
+def _net(kw: dict) -> dict:
+    return {k: kw[k] for k in ("num_classes", "in_channels", "initial_layers")}
+
+
+@register("quicknet_small", family="quicknet")
+def quicknet_small(**kw) -> nn.Module:
+    """QuickNetSmall: blocks [4, 4, 4, 4], filters [32, 64, 256, 512]."""
+    return QuickNet([4, 4, 4, 4], [32, 64, 256, 512], **_net(kw))
+
+
+@register("quicknet", family="quicknet")
+def quicknet(**kw) -> nn.Module:
+    """QuickNet: blocks [4, 4, 4, 4], filters [64, 128, 256, 512]."""
+    return QuickNet([4, 4, 4, 4], [64, 128, 256, 512], **_net(kw))
+
+
+@register("quicknet_large", family="quicknet")
+def quicknet_large(**kw) -> nn.Module:
+    """QuickNetLarge: blocks [6, 8, 12, 6], filters [64, 128, 256, 512]."""
+    return QuickNet([6, 8, 12, 6], [64, 128, 256, 512], **_net(kw))
