@@ -58,7 +58,7 @@ def load_cache(path: Path, image_shape: tuple[int, int, int]) -> Arrays | None:
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = tuple(z[k] for k in _KEYS)
-    except (OSError, ValueError, KeyError, EOFError) as e:
+    except Exception as e:  # BadZipFile, OSError, ValueError, KeyError: all mean "rebuild"
         warnings.warn(f"ignoring unreadable data cache {path}: {e}", stacklevel=2)
         return None
     x_tr, y_tr, x_va, y_va = arrays
