@@ -89,7 +89,7 @@ def normalize_batch(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
     """uint8 NCHW (any strides) -> normalised `dtype` NCHW, contiguous or channels_last."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = x.contiguous(memory_format=fmt)  # on uint8: 1 byte per element moved, not 4
-    out = torch.addcmul(shift, x.to(torch.float32), scale)  # float32 math, preserves format
+    out = torch.addcmul(shift, x, scale)  # one kernel: uint8 promoted to float32, same format
     return out if dtype == torch.float32 else out.to(dtype)
 
 
@@ -118,7 +118,7 @@ class DeviceLoader:
             check_batch_size(batch_size, images.shape[0], world_size)
         elif batch_size < 1:
             raise UserError(f"--batch-size must be >= 1, got {batch_size}")
-        self.images, self.labels = images, labels.to(torch.int64)
+        self.labels = labels.to(torch.int64)
         self.device = images.device
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.rank, self.world_size = rank, world_size
@@ -127,8 +127,13 @@ class DeviceLoader:
         self.scale, self.shift = normalize_affine(mean, std, self.device)
         n, _, h, w = images.shape
         self._n = n
-        self._rows = torch.arange(h, device=self.device)  # (H,) row offsets inside a crop
-        self._cols = torch.arange(w, device=self.device)  # (W,)
+        self.images = images
+        if self.pad:
+            # Padded once (zeros: black, as gluoncv/torchvision RandomCrop); the crop windows are a
+            # view (N, C, 2p+1, 2p+1, H, W), so one gather does sample selection, pad and crop.
+            p = self.pad
+            self.images = F.pad(images, (p, p, p, p))
+            self._windows = self.images.unfold(2, h, 1).unfold(3, w, 1)
         self._epoch, self._start = 0, 0
         self._plan: tuple[int, torch.Tensor] | None = None  # (epoch, (N, 4) device plan)
         if train:
@@ -189,18 +194,10 @@ class DeviceLoader:
 
     def augment(self, rows: torch.Tensor) -> torch.Tensor:
         """Gather, crop, flip and normalise one batch; rows: (B, 4) slice of the epoch plan."""
-        x = self.images[rows[:, 0]]  # (B, C, H, W) uint8
         if self.pad:
-            # One gather does crop and flip: output pixel (i, j) reads padded pixel
-            # (dy + i, dx + j), or (dx + W-1-j) when flipped.
-            p = self.pad
-            xp = F.pad(x, (p, p, p, p))  # zero padding: black, as gluoncv/torchvision RandomCrop
-            dy, dx, fl = rows[:, 1:2], rows[:, 2:3], rows[:, 3:4].bool()
-            r = dy + self._rows  # (B, H)
-            c = dx + torch.where(fl, self._cols.flip(0), self._cols)  # (B, W)
-            b = torch.arange(x.shape[0], device=self.device)
-            x = xp[b[:, None, None], :, r[:, :, None], c[:, None, :]]  # (B, H, W, C)
-            x = x.permute(0, 3, 1, 2)  # NCHW view with channels_last strides
-        elif self.flip:
+            x = self._windows[rows[:, 0], :, rows[:, 1], rows[:, 2]]  # (B, C, H, W) uint8
+        else:
+            x = self.images[rows[:, 0]]
+        if self.flip:
             x = torch.where(rows[:, 3].bool()[:, None, None, None], x.flip(3), x)
         return normalize_batch(x, self.scale, self.shift, self.dtype, self.channels_last)
