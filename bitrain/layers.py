@@ -201,8 +201,27 @@ def _quantized_weight(layer: nn.Module) -> torch.Tensor:
     return wq
 
 
+_STE_SIGN = ("det_sign", "ste_sign", "sign")
+
+
+def _forward_weight(layer: nn.Module, scale: float) -> torch.Tensor:
+    # quantized_weight() * scale; for a plain det_sign one fused pass producing +-scale
+    if layer.bits == 1 and layer.weight_quantization in _STE_SIGN and not layer.approximation:
+        return quant.scaled_sign(layer.weight, scale)
+    w = _quantized_weight(layer)
+    return w if scale == 1.0 else w * scale
+
+
+def _out_size(hw, conv: nn.Conv2d) -> int:
+    # spatial output positions of a conv on an already padded input
+    out = 1
+    for size, k, s, d in zip(hw, conv.kernel_size, conv.stride, conv.dilation):
+        out *= (size - d * (k - 1) - 1) // s + 1
+    return out
+
+
 def _offset_args(layer: nn.Module, w: torch.Tensor, bias: torch.Tensor | None):
-    """(dot + fan_in) / 2 as one conv: weights halved (exact for +-1) and fan_in / 2 as bias."""
+    """(dot + fan_in) / 2 as one linear: weights halved (exact for +-1) and fan_in / 2 as bias."""
     b = w.new_full((w.shape[0],), layer.fan_in / 2.0)
     return w * 0.5, (b if bias is None else b + bias * 0.5)
 
@@ -234,14 +253,23 @@ class QConv2d(nn.Conv2d):
         if self.full_precision:  # exactly nn.Conv2d (zero padding inside the conv kernel)
             return F.conv2d(x, self.weight, self.bias, self.stride, self.qpadding, self.dilation, self.groups)
         x_real = x
-        x = self.act(x)
         ph, pw = self.qpadding
-        if ph or pw:
-            x = F.pad(x, (pw, pw, ph, ph), value=self.act.pad_value)
-        w, b = self.quantized_weight(), self.bias
-        if self.apply_offset:
-            w, b = _offset_args(self, w, b)
+        if self.act._named and self.act.method in _STE_SIGN and x.dim() == 4:
+            x = quant.sign_pad(x, self.act.clip_threshold, ph, pw)  # the hot path: one fused pass
+        else:
+            x = self.act(x)
+            if ph or pw:
+                x = F.pad(x, (pw, pw, ph, ph), value=self.act.pad_value)
+        # (dot + fan_in) / 2: halve whichever is smaller, the weights or the output
+        n_out = x.shape[0] * self.out_channels * _out_size(x.shape[-2:], self)
+        half_w = self.apply_offset and self.weight.numel() <= n_out
+        w = _forward_weight(self, 0.5 if half_w else 1.0)
+        b = self.bias
+        if half_w:
+            b = w.new_full((self.out_channels,), self.fan_in / 2.0) + (0.0 if b is None else b * 0.5)
         y = F.conv2d(x, w, b, self.stride, 0, self.dilation, self.groups)
+        if self.apply_offset and not half_w:
+            y = y.add_(self.fan_in).mul_(0.5)  # in place: the conv's backward does not need y
         if self.approximation == "xnor" and self.bits < 32:
             y = y * self._xnor_k(x_real)
         return y

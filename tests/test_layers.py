@@ -39,13 +39,25 @@ def _xnor_popcount_conv(xb, wb, stride, pad):
     return out
 
 
-@pytest.mark.parametrize("stride,pad", [(1, 1), (2, 1), (1, 0)])
-def test_binary_conv_equals_xnor_popcount_with_minus_one_padding(stride, pad):
-    conv = QConv2d(3, 4, 3, stride=stride, padding=pad)
-    x = torch.randn(2, 3, 6, 6)
+@pytest.mark.parametrize("c,hw,stride,pad", [(3, 6, 1, 1), (3, 6, 2, 1), (3, 6, 1, 0), (16, 3, 1, 1), (16, 3, 2, 0)])
+def test_binary_conv_equals_xnor_popcount_with_minus_one_padding(c, hw, stride, pad):
+    # small channels: the offset's 1/2 is folded into the weights; 16 channels on a 3x3 map:
+    # the weights are larger than the output, so the layer halves the output instead
+    conv = QConv2d(c, 4 if c == 3 else c, 3, stride=stride, padding=pad)
+    x = torch.randn(2, c, hw, hw)
     ref = _xnor_popcount_conv(torch.where(x >= 0, 1.0, -1.0), torch.where(conv.weight >= 0, 1.0, -1.0), stride, pad)
-    assert torch.equal(conv(x), ref)
+    xr = x.clone().requires_grad_()
+    y = conv(xr)
+    assert torch.equal(y, ref)
     assert conv.padding == (0, 0) and conv.qpadding == (pad, pad)
+    # gradient: STE (cancel at |x| > 1) of d/dx (dot + fan_in) / 2 = conv-transpose of sign(W) / 2
+    g = torch.randn_like(y)
+    y.backward(g)
+    xs = torch.where(x >= 0, 1.0, -1.0).requires_grad_()
+    ws = torch.where(conv.weight >= 0, 1.0, -1.0).requires_grad_()
+    F.conv2d(F.pad(xs, (pad,) * 4, value=-1.0), ws, stride=stride).backward(g)
+    assert torch.allclose(xr.grad, xs.grad / 2 * (x.abs() <= 1), atol=1e-6)
+    assert torch.allclose(conv.weight.grad, ws.grad / 2, atol=1e-5)  # weights: STE, no cancel
 
 
 def test_no_offset_gives_plain_dot_and_padding_is_minus_one():
