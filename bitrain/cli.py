@@ -1,0 +1,359 @@
+"""``bitrain`` command line: BMXNet v2 flag names over the Python API.
+
+The only module that reads the configuration: it turns it into flat keyword arguments for
+``build_data``, ``build_model``, ``build_optimizer``, ``make_schedule`` and ``Trainer``.
+Exit codes: 0 done, 2 bad usage/config/data/checkpoint (one line, no traceback), 3 interrupted
+with a resumable checkpoint, 1 anything else (non-finite loss included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from bitrain import config as C
+from bitrain.errors import UserError
+
+PROG = "bitrain"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error on one line, with a did-you-mean for unknown flags."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        if message.startswith("unrecognized arguments:"):
+            bad = message.split(":", 1)[1].split()
+            flags = [b for b in bad if b.startswith("-")] or bad
+            known = [s for a in self._actions for s in a.option_strings]
+            hint = C.suggest(flags[0].split("=")[0], known)
+            message = f"unrecognized arguments: {' '.join(bad)}{hint}"
+        raise UserError(f"{self.prog}: {message}")
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    """Every TrainConfig field as a flag; only flags actually given land in the namespace."""
+    p.add_argument("--config", help="YAML file of option: value (flags given here override it)")
+    for name, f in C.FIELDS.items():
+        meta = f.metadata
+        flags = (C.flag(name),) + tuple(meta["flags"])
+        typ, _ = C._base_type(f.type)
+        kw: dict[str, Any] = {"dest": name, "help": meta["help"]}
+        if typ is bool:
+            kw["action"] = "store_true"
+        else:
+            kw["metavar"] = name.upper()
+            if meta["nargs"]:
+                kw.update(nargs=meta["nargs"], const=meta["const"])
+        p.add_argument(*flags, **kw)
+
+
+def _explicit(ns: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in vars(ns).items() if k in C.FIELDS}
+
+
+DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
+    # digits: 1,437 training images of 8x8; the default run (binary net) takes ~10 s on 2 cores
+    "digits": {"epochs": 30, "save_frequency": 10, "model": "tiny_resnet_e", "lr_mode": "cosine", "lr": 0.01},
+    "dummy": {"epochs": 120, "save_frequency": 10, "model": "tiny_resnet_e"},
+    "mnist": {"epochs": 120, "save_frequency": 10, "model": "tiny_resnet_e"},
+    "fashion-mnist": {"epochs": 120, "save_frequency": 10, "model": "tiny_resnet_e"},
+    "cifar10": {"epochs": 120, "save_frequency": 10, "model": "resnet18_e1"},
+    "cifar100": {"epochs": 120, "save_frequency": 10, "model": "resnet18_e1"},
+    "imagenet": {"epochs": 120, "save_frequency": 1, "model": "resnet18_e1"},
+    "imagefolder": {"epochs": 120, "save_frequency": 1, "model": "resnet18_e1"},
+}
+
+
+def resolve_config(argv: Sequence[str]) -> tuple[C.TrainConfig, dict | None, Path | None]:
+    """argv -> (config, resumed checkpoint payload or None, its path). Precedence: defaults <
+    data-set defaults < resumed checkpoint's config < --config YAML < explicit flags."""
+    p = _Parser(prog=f"{PROG} train", argument_default=argparse.SUPPRESS,
+                description="Train an image classifier (BMXNet v2 options).")
+    add_train_args(p)
+    ns = p.parse_args(list(argv))
+    flags = _explicit(ns)
+    yaml_layer = C.load_yaml(ns.config) if getattr(ns, "config", None) else {}
+    run_layer = {**yaml_layer, **flags}
+    payload, ckpt_path = None, None
+    resume = run_layer.get("resume")
+    if resume:
+        payload, ckpt_path, prefix = _find_resume(str(resume), run_layer.get("prefix"))
+        if prefix is not None:
+            run_layer.setdefault("prefix", str(prefix))
+    ckpt_layer = C.check_keys(payload.get("config", {}), "the checkpoint's config") if payload else {}
+    dataset = run_layer.get("dataset", ckpt_layer.get("dataset", "digits"))
+    ds_layer = dict(DATASET_DEFAULTS.get(str(dataset), {}))
+    if "lr" in run_layer or "lr_mode" in run_layer:  # a user who sets the schedule gets BMXNet's defaults for the rest
+        ds_layer.pop("lr", None), ds_layer.pop("lr_mode", None)
+    cfg = C.from_layers(ds_layer, ckpt_layer, run_layer)
+    if cfg.resume_states:
+        warnings.warn("--resume-states is ignored: a bitrain checkpoint restores the optimizer itself")
+    return cfg, payload, ckpt_path
+
+
+def _find_resume(resume: str, prefix: str | None) -> tuple[dict | None, Path | None, Path | None]:
+    from bitrain import checkpoint as ckpt
+
+    if resume == "auto":
+        if not prefix:
+            raise UserError("--resume auto needs --prefix (the run directory to continue)")
+        found = ckpt.find_resumable(Path(prefix) / "checkpoints")
+        if found is None:
+            print(f"--resume auto: nothing to resume in {prefix}; starting fresh", file=sys.stderr)
+            return None, None, None
+        return found[1], found[0], None
+    path = Path(resume)
+    payload = ckpt.load_checkpoint(path)
+    run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
+    return payload, path, (None if prefix else run_dir)
+
+
+def select_device(cfg: C.TrainConfig) -> "torch.device":
+    import torch
+
+    if cfg.cpu:
+        return torch.device("cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if cfg.gpus:
+        ids = C.parse_ints("gpus", cfg.gpus)
+        if not torch.cuda.is_available():
+            raise UserError(f"--gpus {cfg.gpus}: no CUDA device is available (use --cpu)")
+        if max(ids) >= torch.cuda.device_count():
+            raise UserError(f"--gpus {cfg.gpus}: only {torch.cuda.device_count()} CUDA device(s) present")
+        return torch.device("cuda", ids[local_rank % len(ids)])
+    return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def model_args(cfg: C.TrainConfig, info: Any) -> dict[str, Any]:
+    """Exactly the keyword arguments of ``build_model`` (stored in checkpoints and exports)."""
+    arch = {k: getattr(cfg, k) for k in ("fp_downsample_sc", "pool_downsample_sc", "downsample_sc_groups", "slices",
+                                         "reduction", "growth_rate", "init_features", "downsample_structure",
+                                         "block_config", "dilated")}
+    return {"name": cfg.model, "num_classes": info.num_classes, "in_channels": info.in_channels,
+            "image_size": info.image_size, "bits": cfg.bits, "bits_a": cfg.bits_a,
+            "activation_method": cfg.activation_method, "weight_quantization": cfg.weight_quantization,
+            "clip_threshold": cfg.clip_threshold, "approximation": cfg.approximation,
+            "initial_layers": cfg.initial_layers, "initialization": cfg.initialization,
+            **{k: v for k, v in arch.items() if v not in (None, False)}}
+
+
+def build_model_from_args(args: dict[str, Any]):
+    from bitrain.models import build_model
+
+    args = dict(args)
+    return build_model(args.pop("name"), **args)
+
+
+def default_run_dir(cfg: C.TrainConfig) -> Path:
+    return Path("runs") / f"{cfg.model}-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def prepare_run_dir(run_dir: Path, cfg: C.TrainConfig, resuming: bool) -> None:
+    """Refuse a folder that holds another run unless resuming or --overwrite; nothing is deleted silently."""
+    import shutil
+
+    cfg_file = run_dir / "config.yaml"
+    if cfg_file.exists() and not resuming:
+        if not cfg.overwrite:
+            import yaml
+
+            other = (yaml.safe_load(cfg_file.read_text()) or {}).get("model", "?")
+            raise UserError(f"--prefix {run_dir} already holds a run (model {other}); continue it with "
+                            "--resume auto, or pass --overwrite to start over there")
+        for name in ("checkpoints", "tb", "metrics.csv", cfg.log, "model.safetensors", "profile"):
+            target = run_dir / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def cmd_train(argv: Sequence[str]) -> int:
+    """``bitrain train``: the whole run. Returns the exit code."""
+    cfg, payload, ckpt_path = resolve_config(argv)
+    import torch
+
+    from bitrain import checkpoint as ckpt
+    from bitrain import dist
+    from bitrain.callbacks import ConsoleLogger, CSVLogger, ProgressETA, TensorBoardLogger
+    from bitrain.data import build_data
+    from bitrain.optim import build_optimizer
+    from bitrain.schedules import make_schedule
+    from bitrain.trainer import Trainer, TrainerStop
+
+    device = select_device(cfg)
+    info_d = dist.init_from_env(device.type)
+    torch.manual_seed(cfg.seed + info_d.rank)
+    amp = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
+    train_loader, val_loader, info = build_data(
+        cfg.dataset, data_dir=cfg.data_dir, batch_size=cfg.batch_size, device=device, seed=cfg.seed,
+        rank=info_d.rank, world_size=info_d.world_size, num_workers=cfg.num_workers, augmentation=cfg.augmentation,
+        channels_last=cfg.channels_last, dummy_shape=tuple(C.parse_ints("dummy_shape", cfg.dummy_shape)),
+        dummy_classes=cfg.dummy_classes)
+    margs = model_args(cfg, info)
+    model = build_model_from_args(margs)
+    if cfg.dry_run or cfg.plot_network:
+        _print_summary(model, info, cfg.plot_network)
+        if cfg.dry_run:
+            return 0
+
+    run_dir = Path(cfg.prefix) if cfg.prefix else default_run_dir(cfg)
+    if info_d.is_main:
+        prepare_run_dir(run_dir, cfg, resuming=payload is not None)
+        ckpt.clean_stale_temp_files(run_dir / "checkpoints")
+        C.dump_yaml(cfg, run_dir / "config.yaml")
+    dist.barrier()
+
+    optimizer = build_optimizer(model, cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum, wd=cfg.wd,
+                                bop_threshold=cfg.bop_threshold, bop_gamma=cfg.bop_gamma)
+    steps = 1 if cfg.test_run else len(train_loader)
+    schedule = make_schedule(lr=cfg.lr, mode=cfg.lr_mode, steps_per_epoch=steps, epochs=cfg.epochs,
+                             warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr,
+                             lr_steps=C.parse_floats("lr_steps", cfg.lr_steps), lr_factor=cfg.lr_factor)
+    callbacks: list = []
+    if info_d.is_main:
+        live = sys.stdout.isatty() and not os.environ.get("CI")
+        progress = ProgressETA(cfg.progress, live=live)
+        tb_dir = Path(cfg.write_summary) if cfg.write_summary else run_dir / "tb"
+        callbacks = [progress, ConsoleLogger(run_dir / cfg.log, console=progress.console),
+                     CSVLogger(run_dir / "metrics.csv"), TensorBoardLogger(tb_dir, histograms=cfg.write_summary is not None)]
+    trainer = Trainer(
+        model, optimizer, train_loader, val_loader, epochs=cfg.epochs, schedule=schedule, run_dir=run_dir,
+        callbacks=callbacks, device=device, amp_dtype=amp, compile=cfg.compile or cfg.mode != "imperative",
+        channels_last=cfg.channels_last, sync_bn=cfg.sync_bn, label_smoothing=cfg.label_smoothing,
+        mixup_alpha=cfg.mixup_alpha if cfg.mixup else 0.0, mixup_off_epoch=cfg.mixup_off_epoch,
+        clip_grad_norm=cfg.clip_grad_norm, latent_weight_clip=cfg.clip_latent_weights,
+        log_interval=cfg.log_interval, save_frequency=cfg.save_frequency, checkpoint_interval=cfg.checkpoint_interval,
+        checkpoint_minutes=cfg.checkpoint_minutes, interrupt_at=cfg.interrupt_at, test_run=cfg.test_run,
+        skip_nonfinite=cfg.skip_nonfinite, seed=cfg.seed, start_epoch=cfg.start_epoch,
+        checkpoint_name=f"{cfg.model}_{cfg.bits}bit", profile_steps=5 if cfg.profile else 0,
+        checkpoint_extra={"config": cfg.to_dict(include_run_control=False), "model_args": margs,
+                          "data": {"dataset": info.name, "mean": list(info.mean), "std": list(info.std),
+                                   "image_size": info.image_size, "num_classes": info.num_classes}})
+    say = (lambda text: trainer._emit("on_message", text))
+    if payload is not None:
+        _load_or_explain(trainer, payload, ckpt_path)
+        s = trainer.state
+        say(f"resumed from {ckpt_path}: epoch {s.epoch}, batch {s.batch}, step {s.step}")
+    say(f"bitrain: training {cfg.model} ({cfg.bits}-bit weights, {cfg.bits_a}-bit activations) on {info.name} "
+        f"({info.num_train} train / {info.num_val} val) on {device}, world size {info_d.world_size}; run dir {run_dir}")
+    try:
+        result = trainer.fit()
+    except TrainerStop as stop:
+        say(str(stop))
+        if stop.exit_code == 3:
+            say(f"checkpoint saved; resume with: bitrain train --prefix {run_dir} --resume auto")
+        _close(callbacks)
+        dist.cleanup()
+        print(f"{PROG}: {stop}", file=sys.stderr) if stop.exit_code != 3 else None
+        return stop.exit_code
+    if info_d.is_main:
+        _save_final(model, run_dir / "model.safetensors", margs)
+        say(f"[Done] average epoch time (first epoch left out): {result['avg_epoch_time']:.3f}s")
+        say(f"[Done] best validation top-1: {result['best_acc']:.4f}; run dir: {run_dir}")
+    _close(callbacks)
+    dist.cleanup()
+    return 0
+
+
+def _load_or_explain(trainer: Any, payload: dict, path: Path | None) -> None:
+    try:
+        trainer.load_state_dict(payload)
+    except (RuntimeError, KeyError, ValueError) as e:
+        first = str(e).strip().splitlines()
+        detail = " ".join(line.strip() for line in first[:3])[:400]
+        raise UserError(f"checkpoint {path} does not match this model/config: {detail}") from None
+
+
+def _save_final(model: Any, path: Path, margs: dict) -> None:
+    """The final weights as safetensors (no pickle), with the model's build arguments as metadata."""
+    import json
+
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"model_args": json.dumps(margs)})
+    os.replace(tmp, path)
+
+
+def _print_summary(model: Any, info: Any, plot_prefix: str | None) -> None:
+    from bitrain.summary import plot_network, summarize
+
+    shape = (info.in_channels, info.image_size, info.image_size)
+    print(summarize(model, shape).format())
+    if plot_prefix:
+        print(plot_network(model, shape, plot_prefix))
+
+
+def _close(callbacks: list) -> None:
+    for cb in callbacks:
+        cb.close()
+
+
+def cmd_models(argv: Sequence[str]) -> int:
+    """``bitrain models``: the zoo as a table."""
+    _Parser(prog=f"{PROG} models").parse_args(list(argv))
+    from bitrain.models import list_models, model_info
+
+    print(f"{'name':<22} {'family':<12} {'input':>6}")
+    for name in list_models():
+        mi = model_info(name)
+        print(f"{name:<22} {mi.family:<12} {mi.image_size:>6}")
+    return 0
+
+
+def cmd_summary(argv: Sequence[str]) -> int:
+    """``bitrain summary --model NAME [train flags]``: the model summary without training."""
+    return cmd_train([*argv, "--dry-run"])
+
+
+def cmd_export(argv: Sequence[str]) -> int:
+    """``bitrain export CHECKPOINT OUT.safetensors``: the packed 1-bit model."""
+    p = _Parser(prog=f"{PROG} export", description="Pack a checkpoint's binary weights 8 per byte (safetensors).")
+    p.add_argument("checkpoint")
+    p.add_argument("out")
+    ns = p.parse_args(list(argv))
+    from bitrain.export import cmd_export as run_export
+
+    return run_export(ns.checkpoint, ns.out)
+
+
+COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
+    "train": cmd_train,
+    "summary": cmd_summary,
+    "models": cmd_models,
+    "export": cmd_export,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``bitrain`` command; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        if not argv:
+            argv = ["train"]
+        else:
+            print(f"usage: {PROG} {{{','.join(COMMANDS)}}} ...\n\n" + "\n".join(
+                f"  {name:<8} {(fn.__doc__ or '').strip().splitlines()[0]}" for name, fn in COMMANDS.items()))
+            return 0
+    if argv[0].startswith("-"):  # a BMXNet command line: image_classification.py --model ...
+        argv = ["train", *argv]
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"{PROG}: error: unknown command {name!r}{C.suggest(name, COMMANDS)}; "
+              f"commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    try:
+        return COMMANDS[name](rest)
+    except UserError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except SystemExit as e:  # argparse --help
+        return int(e.code or 0) if not isinstance(e.code, str) else 2

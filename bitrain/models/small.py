@@ -1,0 +1,48 @@
+"""``tiny_resnet_e``: the default net for small inputs (digits 8x8, MNIST 28x28, CIFAR 32x32).
+
+A ResNetE / Bi-Real-style net in miniature: a full-precision 3x3 stem, binary 3x3 convs each
+wrapped by a full-precision shortcut, BatchNorm after every conv, one downsampling stage with a
+full-precision (avg-pool + 1x1 conv) shortcut, global average pool and a full-precision
+classifier. About 0.2 M parameters, nearly all of them binary.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from bitrain.layers import QConv2d
+
+
+class BasicBlockE(nn.Module):
+    """y = BN(QConv3x3(x)) + shortcut(x): every binary conv has a full-precision shortcut."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1) -> None:
+        super().__init__()
+        self.body = nn.Sequential(QConv2d(c_in, c_out, 3, stride, 1), nn.BatchNorm2d(c_out))
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False),
+                                          nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x) + self.shortcut(x)
+
+
+def tiny_resnet_e(*, num_classes: int, in_channels: int, image_size: int, initial_layers: str = "thumbnail",
+                  width: int = 32) -> nn.Module:
+    """Stem 3x3 -> 2 blocks at ``width`` -> 2 blocks at 2*width (stride 2) -> pool -> linear."""
+    w = width
+    stride = 2 if image_size >= 8 else 1
+    return nn.Sequential(
+        nn.Conv2d(in_channels, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w),
+        BasicBlockE(w, w), BasicBlockE(w, w),
+        BasicBlockE(w, 2 * w, stride), BasicBlockE(2 * w, 2 * w),
+        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * w, num_classes),
+    )
+
+
+tiny_resnet_e.family = "small"  # type: ignore[attr-defined]
+tiny_resnet_e.default_image_size = 8  # type: ignore[attr-defined]
+
+MODELS = {"tiny_resnet_e": tiny_resnet_e}
