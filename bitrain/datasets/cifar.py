@@ -3,8 +3,8 @@
 The release files are pickles: a dict with a uint8 numpy array under "data" (N x 3072, RGB
 planes of 32x32) and a label list. ``_SafeUnpickler.find_class`` allows only what rebuilding a
 numpy array needs (``_reconstruct``, ``_frombuffer``, ``ndarray``, ``dtype``, and
-``_codecs.encode`` that protocol-2 pickles written by Python 3 use for bytes); any other global — the way a malicious
-pickle runs code — is refused, and the file reported as corrupt.
+``_codecs.encode`` that protocol-2 pickles written by Python 3 use for bytes); any other
+global — the way a malicious pickle runs code — is refused, and the file reported as corrupt.
 """
 
 from __future__ import annotations
