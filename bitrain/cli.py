@@ -23,7 +23,11 @@ PROG = "bitrain"
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports a usage error on one line, with a did-you-mean for unknown flags."""
+    """argparse that reports a usage error on one line, with a did-you-mean for unknown flags.
+    Abbreviations are off: a typo such as --lr-mod must not silently mean --lr-mode."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message: str):  # noqa: D401 - argparse API
         if message.startswith("unrecognized arguments:"):
@@ -184,6 +188,10 @@ def cmd_train(argv: Sequence[str]) -> int:
     from bitrain.schedules import make_schedule
     from bitrain.trainer import Trainer, TrainerStop
 
+    if cfg.gpus and len(C.parse_ints("gpus", cfg.gpus)) > 1 and "WORLD_SIZE" not in os.environ:
+        from bitrain.launch import launch_ranks  # one process per GPU through torch.distributed.run
+
+        return launch_ranks(list(argv), nproc=len(C.parse_ints("gpus", cfg.gpus)))
     device = select_device(cfg)
     info_d = dist.init_from_env(device.type)
     torch.manual_seed(cfg.seed + info_d.rank)
@@ -192,7 +200,8 @@ def cmd_train(argv: Sequence[str]) -> int:
         cfg.dataset, data_dir=cfg.data_dir, batch_size=cfg.batch_size, device=device, seed=cfg.seed,
         rank=info_d.rank, world_size=info_d.world_size, num_workers=cfg.num_workers, augmentation=cfg.augmentation,
         channels_last=cfg.channels_last, dummy_shape=tuple(C.parse_ints("dummy_shape", cfg.dummy_shape)),
-        dummy_classes=cfg.dummy_classes)
+        dummy_classes=cfg.dummy_classes, dummy_size=cfg.dummy_size,
+        **({"image_size": cfg.image_size} if cfg.dataset in ("imagenet", "imagefolder") else {}))
     margs = model_args(cfg, info)
     model = build_model_from_args(margs)
     if cfg.dry_run or cfg.plot_network:
@@ -322,11 +331,26 @@ def cmd_export(argv: Sequence[str]) -> int:
     return run_export(ns.checkpoint, ns.out)
 
 
+def _lazy(module: str, doc: str) -> Callable[[Sequence[str]], int]:
+    """A subcommand whose code lives in ``bitrain.<module>.main(argv) -> int`` (imported on use)."""
+
+    def run(argv: Sequence[str]) -> int:
+        import importlib
+
+        return importlib.import_module(f"bitrain.{module}").main(argv)
+
+    run.__doc__ = doc
+    return run
+
+
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "train": cmd_train,
+    "eval": _lazy("evaluate", "``bitrain eval CHECKPOINT``: top-1, top-5 and loss on the validation set"),
     "summary": cmd_summary,
     "models": cmd_models,
     "export": cmd_export,
+    "plot": _lazy("plot", "``bitrain plot RUN_DIR...``: loss, top-1 and lr curves as a PNG"),
+    "bench": _lazy("bench", "``bitrain bench``: trainer vs hand-written loop (vs Lightning), as a ratio"),
 }
 
 

@@ -25,6 +25,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 BITS = (1, 2, 3, 4, 5, 6, 7, 8, 32)
 INITIALIZATIONS = ("gaussian", "default", "msraprelu_avg", "msraprelu_in")
 APPROXIMATIONS = ("", "xnor", "binet")
+KBIT_QUANTIZERS = ("round", "dorefa")  # the quantizers that take 2..8 bits
 DATASETS = ("digits", "dummy", "mnist", "fashion-mnist", "cifar10", "cifar100", "imagenet", "imagefolder")
 
 
@@ -65,9 +66,13 @@ class TrainConfig:
     data_dir: str | None = _f(None, "data set folder", flags=("--data-path",))
     batch_size: int = _f(32, "batch size per device (global = per device x world size)")
     num_workers: int = _f(4, "loader worker processes (image folders)", flags=("-j", "--num-worker"))
-    augmentation: str = _f("medium", "ImageNet augmentation level", choices=("low", "medium", "high"))
+    augmentation: str = _f("medium", "augmentation: low/medium/high (ImageNet); none turns CIFAR's off; "
+                           "crop, crop-flip add it to digits/MNIST/dummy",
+                           choices=("none", "low", "medium", "high", "crop", "crop-flip"))
+    image_size: int = _f(224, "imagenet/imagefolder: training input size in px")
     dummy_shape: str = _f("3,32,32", "dummy data set: C,H,W")
     dummy_classes: int = _f(10, "dummy data set: number of classes")
+    dummy_size: int = _f(1024, "dummy data set: number of training images")
     # optimisation
     epochs: int | None = _f(None, "epochs (default: 30 for digits, 120 otherwise)")
     optimizer: str = _f("adam", "optimizer", choices=OPTIMIZERS)
@@ -174,6 +179,8 @@ def coerce(name: str, value: Any) -> Any:
         if isinstance(value, (list, tuple)):  # YAML lists for comma-separated options
             value = ",".join(str(v) for v in value)
         value = str(value)
+    if name == "approximation" and value == "abc":
+        raise UserError("--approximation abc is not supported (BMXNet crashes on it); use '', xnor or binet")
     choices = f.metadata.get("choices")
     if choices is not None and value not in choices:
         shown = ", ".join(repr(c) if c == "" else str(c) for c in choices)
@@ -218,11 +225,17 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     need(cfg.interrupt_at is None or cfg.interrupt_at >= 1, f"--interrupt-at must be >= 1, got {cfg.interrupt_at}")
     need(cfg.clip_grad_norm is None or cfg.clip_grad_norm > 0, f"--clip-grad-norm must be positive, got {cfg.clip_grad_norm}")
     need(cfg.dummy_classes >= 2, f"--dummy-classes must be at least 2, got {cfg.dummy_classes}")
-    if cfg.approximation == "abc":
-        raise UserError("--approximation abc is not supported (BMXNet crashes on it); use '', xnor or binet")
+    for bits_name, method_name in (("bits", "weight_quantization"), ("bits_a", "activation_method")):
+        bits, method = getattr(cfg, bits_name), getattr(cfg, method_name)
+        if 1 < bits < 32 and method not in KBIT_QUANTIZERS:
+            raise UserError(f"{flag(bits_name)} {bits} needs a k-bit {flag(method_name)} "
+                            f"({', '.join(KBIT_QUANTIZERS)}); {method!r} is a 1-bit quantizer")
     parse_floats("lr_steps", cfg.lr_steps)
     shape = parse_ints("dummy_shape", cfg.dummy_shape)
-    need(len(shape) == 3 and all(s > 0 for s in shape), f"--dummy-shape must be C,H,W, got {cfg.dummy_shape!r}")
+    need(len(shape) == 3 and all(s > 0 for s in shape) and shape[1] == shape[2],
+         f"--dummy-shape must be C,H,W with H == W, got {cfg.dummy_shape!r}")
+    need(cfg.dummy_size >= 1, f"--dummy-size must be at least 1, got {cfg.dummy_size}")
+    need(cfg.image_size >= 8, f"--image-size must be at least 8, got {cfg.image_size}")
     if cfg.gpus:
         parse_ints("gpus", cfg.gpus)
     return cfg
