@@ -64,18 +64,21 @@ def _words(packed: torch.Tensor) -> torch.Tensor:
 
 
 def _popcount(x: torch.Tensor) -> torch.Tensor:
-    """Set bits per int64 word (SWAR; the arithmetic shift's sign bits are masked away)."""
-    x = x - ((x >> 1) & 0x5555555555555555)
-    x = (x & 0x3333333333333333) + ((x >> 2) & 0x3333333333333333)
-    x = (x + (x >> 4)) & 0x0F0F0F0F0F0F0F0F  # each byte now holds its own count (0..8)
-    return x.contiguous().view(torch.uint8).reshape(*x.shape, 8).sum(-1)
+    """Set bits per int64 word (SWAR), computed in place in ``x``; the arithmetic shifts' sign
+    bits are masked away and the final multiply wraps, its top byte (<= 64) being the count."""
+    t = x >> 1
+    x -= t.bitwise_and_(0x5555555555555555)
+    t = x >> 2
+    x.bitwise_and_(0x3333333333333333).add_(t.bitwise_and_(0x3333333333333333))
+    x.add_(x >> 4).bitwise_and_(0x0F0F0F0F0F0F0F0F)  # each byte now holds its own count (0..8)
+    return x.mul_(0x0101010101010101).bitwise_right_shift_(56)
 
 
-def xnor_dot(x_words: torch.Tensor, w_words: torch.Tensor, fan_in: int, chunk: int = 1 << 22) -> torch.Tensor:
+def xnor_dot(x_words: torch.Tensor, w_words: torch.Tensor, fan_in: int, chunk: int = 1 << 18) -> torch.Tensor:
     """+-1 dot products from packed operands: dot = fan_in - 2 popcount(x xor w).
 
     x_words (M, nw) int64, w_words (O, nw) int64 -> (M, O) int64; M is chunked so the (m, O, nw)
-    xor never exceeds ``chunk`` words.
+    xor never exceeds ``chunk`` words (2 MiB: stays in cache).
     """
     m, nw = x_words.shape
     step = max(1, chunk // max(1, w_words.shape[0] * nw))
@@ -113,11 +116,15 @@ def _signs_and_scale(name: str, layer: nn.Module) -> tuple[torch.Tensor, torch.T
 
 def layer_settings(layer: nn.Module) -> dict[str, Any]:
     """The quantization settings and geometry a binary layer needs to be recomputed exactly."""
+    pad_value = float(getattr(layer.act, "pad_value", -1.0 if layer.bits_a == 1 else 0.0))
+    offset = getattr(layer, "apply_offset", layer.approximation not in _SCALING and not layer.no_offset)
     s = {"type": type(layer).__name__, "shape": list(layer.weight.shape), "bits": layer.bits,
          "bits_a": layer.bits_a, "weight_quantization": str(layer.weight_quantization),
          "activation_method": str(layer.act.method), "clip_threshold": float(layer.act.clip_threshold),
-         "approximation": layer.approximation, "no_offset": bool(layer.no_offset),
-         "bias": layer.bias is not None}
+         "approximation": layer.approximation, "no_offset": bool(layer.no_offset), "offset": bool(offset),
+         "bias": layer.bias is not None, "pad_value": pad_value,
+         # xnor-popcount needs +-1 inputs: 1-bit activations padded with -1
+         "xnor_inputs": layer.bits_a == 1 and pad_value == -1.0}
     if isinstance(layer, QConv2d):
         s.update(stride=list(layer.stride), padding=list(layer.qpadding), dilation=list(layer.dilation),
                  groups=layer.groups)
@@ -127,11 +134,11 @@ def layer_settings(layer: nn.Module) -> dict[str, Any]:
 class PackedQLayer(nn.Module):
     """Reference inference of a 1-bit QConv2d / QLinear from packed weights.
 
-    With 1-bit inputs the dot products are computed with xnor + popcount on bit-packed operands
-    (input patches from ``unfold``); with wider inputs the +-1 weights are unpacked and used in a
-    float conv. Offset and scale follow QConv2d's forward: ``dot * scale`` when the weight is
-    scaled, ``(dot + fan_in) / 2`` for plain 1-bit weights unless ``no_offset``, times the XNOR-Net
-    activation scale K for ``approximation == "xnor"``, bias last.
+    With +-1 inputs the dot products are computed with xnor + popcount on bit-packed operands
+    (input patches from ``unfold``); with other inputs the +-1 weights are unpacked and used in a
+    float conv. Then, as QConv2d / QLinear's forward: ``h = dot * scale + bias``,
+    ``(h + fan_in) / 2`` where the layer applies the offset (plain +-1 weights, no approximation,
+    not ``no_offset``), times the XNOR-Net activation scale K for ``approximation == "xnor"``.
     """
 
     def __init__(self, settings: dict[str, Any], act: nn.Module):
@@ -154,9 +161,10 @@ class PackedQLayer(nn.Module):
         kh, kw = s["shape"][2:]
         ph, pw = s["padding"]
         groups, out = s["groups"], self.out_features
-        if s["bits_a"] != 1:  # float/k-bit input: zero padding, +-1 weights unpacked
+        if not s["xnor_inputs"]:  # float/k-bit input: the +-1 weights unpacked, a float conv
             w = unpack_signs(self.weight_packed, self.fan_in).reshape(s["shape"])
-            return F.conv2d(F.pad(xq, (pw, pw, ph, ph)), w.to(xq.dtype), None, s["stride"], 0, s["dilation"], groups)
+            xq = F.pad(xq, (pw, pw, ph, ph), value=s["pad_value"])
+            return F.conv2d(xq, w.to(xq.dtype), None, s["stride"], 0, s["dilation"], groups)
         n, _, h, wd = xq.shape
         if not torch.all(xq.abs() == 1):
             raise RuntimeError(f"activation {s['activation_method']!r} did not give +-1 values")
@@ -175,7 +183,7 @@ class PackedQLayer(nn.Module):
         return dot.to(xq.dtype)
 
     def _dot_linear(self, xq: torch.Tensor) -> torch.Tensor:
-        if self.settings["bits_a"] != 1:
+        if not self.settings["xnor_inputs"]:
             w = unpack_signs(self.weight_packed, self.fan_in)
             return F.linear(xq, w.to(xq.dtype))
         if not torch.all(xq.abs() == 1):
@@ -192,12 +200,12 @@ class PackedQLayer(nn.Module):
         view = (1, -1, 1, 1) if self.is_conv else (-1,)
         if s["approximation"] in _SCALING or not torch.all(self.weight_scale == 1):
             h = h * self.weight_scale.reshape(view)
-        if s["approximation"] not in _SCALING and not s["no_offset"]:
+        if self.bias is not None:
+            h = h + self.bias.reshape(view)
+        if s["offset"]:
             h = (h + self.fan_in) / 2  # +-1 dot -> number of agreeing bits
         if s["approximation"] == "xnor":
             h = h * _xnor_k(x, s, self.is_conv)
-        if self.bias is not None:
-            h = h + self.bias.reshape(view)
         return h
 
 

@@ -19,7 +19,7 @@ def _randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     """Non-trivial BatchNorm statistics and affine terms, so every layer shapes the logits."""
     g = torch.Generator().manual_seed(seed)
     for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
             n = m.num_features
             m.running_mean.copy_(torch.randn(n, generator=g))
             m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
@@ -95,7 +95,7 @@ def test_popcount_and_xnor_dot():
     words = torch.randint(-2**63, 2**63 - 1, (200,), dtype=torch.int64, generator=g)
     words[:3] = torch.tensor([0, -1, -2**63])
     expected = [bin(w & (2**64 - 1)).count("1") for w in words.tolist()]
-    assert _popcount(words).tolist() == expected
+    assert _popcount(words.clone()).tolist() == expected
     assert expected[:3] == [0, 64, 1]
     # xnor_dot on packed +-1 operands == the float matmul, fan_in not a multiple of 64 (or of 8)
     x = torch.randint(0, 2, (37, 131), generator=g).bool()
@@ -138,6 +138,39 @@ def test_net32_packed_model_matches(tmp_path, approximation):
     assert sum(isinstance(m, PackedQLayer) for m in loaded.modules()) == 6
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-3)
     assert torch.equal(got.argmax(1), expected.argmax(1))
+
+
+VARIANTS = {
+    "bias+offset": dict(bias=True),
+    "bias+xnor": dict(bias=True, approximation="xnor"),
+    "magnitude_aware_sign": dict(weight_quantization="magnitude_aware_sign"),  # scaled, no offset
+    "dorefa_1bit_weights": dict(weight_quantization="dorefa"),  # +-1 but not a sign: no offset
+    "approx_sign_inputs": dict(activation_method="approx_sign"),
+    "heaviside_inputs": dict(activation_method="ste_heaviside"),  # 0/1 inputs: float path, zero pad
+    "bits_a_4": dict(bits_a=4),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_layer_variants_match(tmp_path, variant):
+    kw = dict(bits=1, **{"bits_a": 1, **VARIANTS[variant]})
+
+    def factory(name):
+        torch.manual_seed(2)
+        # BatchNorm between the binary layers, as in real nets: a scaled layer's exact zero dot
+        # (packed) vs the float conv's +-1e-9 would otherwise flip the next layer's sign input
+        return nn.Sequential(QConv2d(8, 16, 3, stride=2, padding=1, **kw), nn.BatchNorm2d(16), nn.Flatten(1),
+                             QLinear(16 * 3 * 3, 12, **kw))
+
+    model = _randomize_bn(factory("v"))
+    if kw.get("bias"):
+        for m in model.modules():
+            if getattr(m, "bias", None) is not None:
+                m.bias.data.normal_()
+    x = torch.randn(5, 8, 6, 6)
+    expected, got, loaded = _roundtrip(model, x, tmp_path, factory)
+    assert all(isinstance(loaded[i], PackedQLayer) for i in (0, 3))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_file_contents_and_metadata(tmp_path):
