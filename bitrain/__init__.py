@@ -1,0 +1,50 @@
+"""bitrain: train full-precision and binary (1-bit) image classifiers with BMXNet v2's loop in PyTorch.
+
+Public API (imported on first use, so ``bitrain --help`` stays fast)::
+
+    from bitrain import Trainer, build_model, build_data, build_optimizer, make_schedule
+    from bitrain import QActivation, QConv2d, QLinear, get_quantizer
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "Trainer": "bitrain.trainer",
+    "TrainState": "bitrain.trainer",
+    "evaluate": "bitrain.trainer",
+    "Interrupted": "bitrain.trainer",
+    "NonFiniteLoss": "bitrain.trainer",
+    "build_model": "bitrain.models",
+    "list_models": "bitrain.models",
+    "build_data": "bitrain.data",
+    "build_optimizer": "bitrain.optim",
+    "make_schedule": "bitrain.schedules",
+    "EpochMetrics": "bitrain.metrics",
+    "QActivation": "bitrain.layers",
+    "QConv2d": "bitrain.layers",
+    "QLinear": "bitrain.layers",
+    "binary_layer_config": "bitrain.layers",
+    "get_quantizer": "bitrain.quant",
+    "summarize": "bitrain.summary",
+    "export_packed": "bitrain.export",
+    "load_packed": "bitrain.export",
+    "load_checkpoint": "bitrain.checkpoint",
+    "UserError": "bitrain.errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'bitrain' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)
