@@ -339,6 +339,10 @@ def export_checkpoint(ckpt_path: str | Path, out_path: str | Path) -> dict[str, 
         raise UserError(f"checkpoint {ckpt_path} cannot be read safely ({type(e).__name__}: {e})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
         raise UserError(f"checkpoint {ckpt_path} lacks 'model' and 'model_args'; is it a bitrain checkpoint?")
+    if "checksum" in ckpt:
+        from bitrain.checkpoint import checksum
+        if checksum(ckpt) != ckpt["checksum"]:
+            raise UserError(f"checkpoint {ckpt_path} is corrupt (checksum mismatch)")
     from bitrain.models import build_model
 
     args = dict(ckpt["model_args"])

@@ -235,3 +235,33 @@ def test_bad_files_are_user_errors(tmp_path):
         export_checkpoint(tmp_path / "ckpt.pt", tmp_path / "out.safetensors")
     with pytest.raises(UserError, match="does not exist"):
         cmd_export(str(tmp_path / "nope.pt"), str(tmp_path / "out.safetensors"))
+
+
+@pytest.mark.parametrize("name", ["tiny_resnet_e", "lenet"])
+def test_export_checkpoint_of_zoo_model(tmp_path, capsys, name):
+    from bitrain.models import build_model
+
+    args = {"name": name, "num_classes": 10, "in_channels": 1, "image_size": 8}
+    torch.manual_seed(3)
+    model = _randomize_bn(build_model(**args))
+    torch.save({"format": "bitrain", "version": 1, "model": model.state_dict(), "model_args": args},
+               tmp_path / "last.pt")
+    out = tmp_path / "model-1bit.safetensors"
+    assert cmd_export(str(tmp_path / "last.pt"), str(out)) == 0
+    assert "packed 1-bit layers" in capsys.readouterr().out
+    assert read_metadata(out)["model_args"] == args
+    loaded = load_packed(out)  # rebuilt through build_model
+    assert any(isinstance(m, PackedQLayer) for m in loaded.modules())
+    x = torch.randn(32, 1, 8, 8)
+    with torch.no_grad():
+        expected, got = model(x), loaded(x)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert torch.equal(got.argmax(1), expected.argmax(1))
+    # a flipped tensor byte is caught by the checkpoint's checksum
+    from bitrain.checkpoint import checksum
+    payload = torch.load(tmp_path / "last.pt", weights_only=True)
+    payload["checksum"] = checksum(payload)
+    next(iter(payload["model"].values())).view(-1)[0] += 1
+    torch.save(payload, tmp_path / "bad.pt")
+    with pytest.raises(UserError, match="checksum"):
+        export_checkpoint(tmp_path / "bad.pt", tmp_path / "bad.safetensors")

@@ -135,3 +135,24 @@ def test_network_dot_edges():
     for edge in ('"conv0" -> "bn0"', '"q1" -> "q2"', '"q1" -> "q3"', '"q2" -> "q3"', '"pool" -> "fc"'):
         assert edge in dot, edge
     assert dot.startswith("digraph")
+
+
+def test_resnet18_e1_imagenet_figures():
+    """ResNetE-18 at 224 px, 1000 classes, against hand counts of the architecture."""
+    from bitrain.models import build_model
+
+    s = summarize(build_model("resnet18_e1", num_classes=1000, image_size=224), (3, 224, 224))
+    conv3 = 9  # 3x3 kernel
+    # binary 3x3 convs: 4 per stage; the first of stages 2-4 goes c -> 2c at stride 2
+    binary_3x3 = 4 * 64 * 64 * conv3 + sum(c * 2 * c * conv3 + 3 * (2 * c) ** 2 * conv3 for c in (64, 128, 256))
+    binary_1x1 = 64 * 128 + 128 * 256 + 256 * 512  # binary downsample shortcuts (ResNetE default)
+    assert s.weights_by_bits[1] == binary_3x3 + binary_1x1 == 11_157_504
+    # binary MACs: every 3x3 conv of a stage has the same count, except the strided first one (half)
+    stage1 = 4 * 56 * 56 * 64 * (64 * conv3)
+    later = sum(hw * hw * c * (c * conv3) * 3.5 + hw * hw * c * (c // 2) for hw, c in ((28, 128), (14, 256), (7, 512)))
+    assert s.macs_binary == stage1 + later == 1_695_547_392
+    # float MACs: 7x7 stem (3 -> 64, stride 2 -> 112x112) + the 512 -> 1000 classifier
+    assert s.macs_float == 112 * 112 * 64 * (3 * 7 * 7) + 512 * 1000 == 118_525_952
+    assert s.combined_flops == pytest.approx(1_695_547_392 / 64 + 118_525_952)
+    assert 12 < s.compression_ratio < 14  # float BN/stem/head keep it below 32
+    assert s.binary_mac_share == pytest.approx(0.9347, abs=1e-4)
