@@ -179,7 +179,10 @@ class PackedQLayer(nn.Module):
         w_words = _words(self.weight_packed).reshape(groups, out // groups, -1)
         dots = [xnor_dot(x_words[g].reshape(n * ell, -1), w_words[g], self.fan_in) for g in range(groups)]
         dot = torch.stack(dots)  # (groups, n*L, out/groups)
-        dot = dot.reshape(groups, n, ell, out // groups).permute(1, 0, 3, 2).reshape(n, out, ho, wo)
+        dot = dot.reshape(groups, n, ell, out // groups).permute(1, 0, 3, 2)
+        # contiguous NCHW like the float conv's output, so the float layers after it sum in the
+        # same order and plain (offset) binary nets give bit-identical logits
+        dot = dot.reshape(n, out, ho, wo).contiguous()
         return dot.to(xq.dtype)
 
     def _dot_linear(self, xq: torch.Tensor) -> torch.Tensor:
