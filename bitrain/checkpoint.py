@@ -18,7 +18,7 @@ import os
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -26,6 +26,10 @@ from bitrain.errors import UserError
 
 FORMAT, VERSION = "bitrain", 1
 LAST, PREV, BEST = "last.pt", "last.prev.pt", "best.pt"
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, read-only folder); the previous one is intact."""
 
 
 def _digest(obj: Any, h: "hashlib._Hash") -> None:
@@ -94,19 +98,31 @@ def save_checkpoint(path: str | Path, payload: dict) -> None:
     try:
         atomic_write_bytes(path, buf.getvalue())
     except OSError as e:  # disk full, read-only folder: the previous file is untouched
-        raise OSError(e.errno, f"could not write checkpoint {path}: {e.strerror}; the previous checkpoint is intact") from e
+        raise CheckpointWriteError(e.errno, f"could not write checkpoint {path}: {e.strerror}; the previous checkpoint is intact") from e
 
 
-def save_last(folder: str | Path, payload: dict) -> Path:
-    """Save the resume point ``folder/last.pt``, keeping the old one as ``last.prev.pt`` until then."""
+def save_last(folder: str | Path, payload: dict, also: Sequence[str | Path] = ()) -> Path:
+    """Save the resume point ``folder/last.pt``, keeping the old one as ``last.prev.pt``.
+
+    ``also`` (best, numbered) are published from the new file *before* it becomes last.pt: a crash
+    before that move resumes from the older point and publishes them again, so none is ever lost.
+    last.pt itself never goes missing: the old one is linked to last.prev.pt, then replaced.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     last = folder / LAST
     tmp = folder / f".{LAST}.new-{os.getpid()}"
     save_checkpoint(tmp, payload)
-    if last.exists():
-        os.replace(last, folder / PREV)
-    os.replace(tmp, last)
+    try:
+        for extra in also:
+            copy_checkpoint(tmp, extra)
+        if last.exists():
+            copy_checkpoint(last, folder / PREV)
+        os.replace(tmp, last)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointWriteError(e.errno, f"could not publish checkpoint in {folder}: {e.strerror}; "
+                                            "the previous checkpoint is intact") from e
     _fsync_dir(folder)
     return last
 

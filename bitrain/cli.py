@@ -211,9 +211,12 @@ def cmd_train(argv: Sequence[str]) -> int:
 
     run_dir = Path(cfg.prefix) if cfg.prefix else default_run_dir(cfg)
     if info_d.is_main:
-        prepare_run_dir(run_dir, cfg, resuming=payload is not None)
-        ckpt.clean_stale_temp_files(run_dir / "checkpoints")
-        C.dump_yaml(cfg, run_dir / "config.yaml")
+        try:  # --resume with nothing to resume yet (e.g. killed before the first checkpoint) starts fresh there
+            prepare_run_dir(run_dir, cfg, resuming=payload is not None or cfg.resume is not None)
+            ckpt.clean_stale_temp_files(run_dir / "checkpoints")
+            C.dump_yaml(cfg, run_dir / "config.yaml")
+        except OSError as e:
+            raise UserError(f"--prefix {run_dir} is not writable: {e.strerror or e}") from None
     dist.barrier()
 
     optimizer = build_optimizer(model, cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum, wd=cfg.wd,
@@ -259,6 +262,11 @@ def cmd_train(argv: Sequence[str]) -> int:
         dist.cleanup()
         print(f"{PROG}: {stop}", file=sys.stderr) if stop.exit_code != 3 else None
         return stop.exit_code
+    except ckpt.CheckpointWriteError as e:  # disk full / read-only: one line, the previous checkpoint kept
+        _close(callbacks)
+        dist.cleanup()
+        print(f"{PROG}: error: {e.strerror}", file=sys.stderr)
+        return 1
     if info_d.is_main:
         _save_final(model, run_dir / "model.safetensors", margs)
         say(f"[Done] average epoch time (first epoch left out): {result['avg_epoch_time']:.3f}s")

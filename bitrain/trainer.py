@@ -353,11 +353,11 @@ class Trainer:
         tdist.all_gather_object(states, mine)  # in-process exchange, not a file
         return {"ranks": states}
 
-    def _save_last(self) -> None:
+    def _save_last(self, also: Sequence[str] = ()) -> None:
         self._check_finite()
         payload = self.state_dict()  # collective under DDP: every rank calls it
         if self.dist.is_main and self.ckpt_dir is not None:
-            ckpt.save_last(self.ckpt_dir, payload)
+            ckpt.save_last(self.ckpt_dir, payload, also=[self.ckpt_dir / name for name in also])
         dist.barrier()
 
     def _save_epoch(self, epoch: int, acc1: float, forced: bool) -> None:
@@ -365,15 +365,11 @@ class Trainer:
         is_best = acc1 > s.best_acc  # strictly better (nan is never better)
         if is_best:
             s.best_acc = acc1
-        self._save_last()
-        if not (self.dist.is_main and self.ckpt_dir is not None):
-            return
-        last = self.ckpt_dir / ckpt.LAST
-        if is_best:
-            ckpt.copy_checkpoint(last, self.ckpt_dir / ckpt.BEST)
+        also = [ckpt.BEST] if is_best else []
         if forced or (self.save_frequency and (epoch + 1) % self.save_frequency == 0):
-            name = f"{self.checkpoint_name}_{epoch:04d}_acc_{max(acc1, 0.0):.4f}.pt"
-            ckpt.copy_checkpoint(last, self.ckpt_dir / name)
+            also.append(f"{self.checkpoint_name}_{epoch:04d}_acc_{max(acc1, 0.0):.4f}.pt")
+        # best/numbered are published before last.pt moves on: a crash in between re-does them on resume
+        self._save_last(also)
 
     def _should_checkpoint_mid_epoch(self, t_last: float) -> bool:
         if self.checkpoint_interval and self.state.step % self.checkpoint_interval == 0:
