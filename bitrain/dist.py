@@ -66,12 +66,80 @@ def broadcast_flag(flag: bool, device: torch.device | str = "cpu") -> bool:
     return bool(t.item())
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks; the gradient of every rank's input is the sum of all ranks' output gradients."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class AllReduceBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training statistics are the sums over all ranks (one differentiable
+    all-reduce of [sum, sum of squares, count] per layer). nn.SyncBatchNorm only runs on GPUs;
+    this one runs on any backend (gloo on the CPU). Same parameters, buffers and state_dict keys
+    as BatchNorm1d/2d/3d, so checkpoints load into the plain model."""
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {x.dim()}D input)")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        dims = [0, *range(2, x.dim())]  # all but the channel axis
+        xf = x.float()
+        count = torch.full((1,), float(x.numel() // x.shape[1]), device=x.device)
+        stats = _AllReduceSum.apply(torch.cat([xf.sum(dims), (xf * xf).sum(dims), count]))
+        c = x.shape[1]
+        n = stats[-1]
+        mean = stats[:c] / n
+        var = (stats[c:2 * c] / n - mean * mean).clamp_min(0)  # biased, as BatchNorm normalises with
+        if self.track_running_stats and self.running_mean is not None:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), m)
+                unbiased = var.detach() * n / (n - 1).clamp_min(1)
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), m)
+        shape = [1, c] + [1] * (x.dim() - 2)
+        y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(x.dtype)
+
+
+def convert_sync_batchnorm(model: nn.Module, device_type: str) -> nn.Module:
+    """BatchNorm layers -> nn.SyncBatchNorm on CUDA, AllReduceBatchNorm elsewhere (in place;
+    returns the root, which is new only when the root itself is a BatchNorm)."""
+    if device_type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if isinstance(model, nn.modules.batchnorm._BatchNorm) and not isinstance(model, AllReduceBatchNorm):
+        new = AllReduceBatchNorm(model.num_features, model.eps, model.momentum, model.affine,
+                                 model.track_running_stats, device=next(iter(model.state_dict().values()), torch.empty(0)).device)
+        new.load_state_dict(model.state_dict())
+        new.train(model.training)
+        return new
+    for name, child in model.named_children():
+        model.add_module(name, convert_sync_batchnorm(child, device_type))
+    return model
+
+
 def wrap_ddp(model: nn.Module, device: torch.device, sync_bn: bool = False) -> nn.Module:
-    """DDP-wrap ``model`` when a process group is up; the caller keeps the unwrapped module for saving."""
+    """DDP-wrap ``model`` when a process group is up; the caller keeps the unwrapped module for saving.
+    ``sync_bn`` converts its BatchNorm layers in place (the saved state_dict keeps its keys)."""
     if not (dist.is_available() and dist.is_initialized()):
         return model
     if sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = convert_sync_batchnorm(model, device.type)
     ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
