@@ -259,6 +259,8 @@ def cmd_train(argv: Sequence[str]) -> int:
         if stop.exit_code == 3:
             say(f"checkpoint saved; resume with: bitrain train --prefix {run_dir} --resume auto")
         _close(callbacks)
+        if stop.exit_code == 3:  # ranks leave together: torchrun stops the others when the first exits non-zero
+            dist.barrier()
         dist.cleanup()
         print(f"{PROG}: {stop}", file=sys.stderr) if stop.exit_code != 3 else None
         return stop.exit_code
