@@ -85,6 +85,8 @@ def test_pack_bit_order():
     assert packed.dtype == torch.uint8
     assert packed.tolist() == [[1, 1], [2 + 4 + 128, 0]]
     assert torch.equal(unpack_signs(packed, 9), signs.float())
+    import numpy as np  # the documented way to read the bits without bitrain
+    assert np.array_equal(np.unpackbits(packed.numpy(), axis=-1, count=9, bitorder="little"), (signs > 0).numpy())
     w = torch.randn(5, 3, 3, 3)
     flat = (w >= 0).reshape(5, -1)
     assert torch.equal(unpack_signs(pack_signs(flat), 27), flat.float() * 2 - 1)
