@@ -174,7 +174,7 @@ def _reported_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Q layers, leaves and modules owning tensors directly; nothing below a Q layer."""
     out, inside_q = [], []
     for name, m in model.named_modules():
-        if any(name.startswith(p + ".") for p in inside_q):
+        if any(p == "" or name.startswith(p + ".") for p in inside_q):  # "" = the model is a Q layer
             continue
         if isinstance(m, _Q_TYPES):
             inside_q.append(name)

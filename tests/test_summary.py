@@ -127,6 +127,12 @@ def test_k_bit_weights_take_k_over_32_of_a_float():
     assert s.compression_ratio == pytest.approx((48 + 18 + 3) * 4 / (24 + 2.25 + 12))
 
 
+def test_model_that_is_one_q_layer():
+    s = summarize(QConv2d(2, 4, 3, padding=1, bits=1, bits_a=1), (2, 5, 5))
+    assert [(r.name, r.type) for r in s.layers] == [("", "QConv2d")]  # its QActivation is folded in
+    assert s.macs_binary == 4 * 5 * 5 * (2 * 9) and "(model)" in s.format()
+
+
 def test_plot_network(tmp_path):
     msg = plot_network(Tiny(), (1, 8, 8), tmp_path / "net")
     txt = (tmp_path / "net.txt").read_text()
