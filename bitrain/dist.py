@@ -124,8 +124,12 @@ def convert_sync_batchnorm(model: nn.Module, device_type: str) -> nn.Module:
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if isinstance(model, nn.modules.batchnorm._BatchNorm) and not isinstance(model, AllReduceBatchNorm):
         new = AllReduceBatchNorm(model.num_features, model.eps, model.momentum, model.affine,
-                                 model.track_running_stats, device=next(iter(model.state_dict().values()), torch.empty(0)).device)
-        new.load_state_dict(model.state_dict())
+                                 model.track_running_stats)
+        # the same Parameter/buffer objects: an optimizer built on the model keeps training them
+        for name, p in model.named_parameters(recurse=False):
+            setattr(new, name, p)
+        for name, b in model.named_buffers(recurse=False):
+            setattr(new, name, b)
         new.train(model.training)
         return new
     for name, child in model.named_children():
