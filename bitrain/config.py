@@ -74,7 +74,7 @@ class TrainConfig:
     dummy_classes: int = _f(10, "dummy data set: number of classes")
     dummy_size: int = _f(1024, "dummy data set: number of training images")
     # optimisation
-    epochs: int | None = _f(None, "epochs (default: 30 for digits, 120 otherwise)")
+    epochs: int | None = _f(None, "epochs (default: 10 for digits, 120 otherwise)")
     optimizer: str = _f("adam", "optimizer", choices=OPTIMIZERS)
     lr: float = _f(0.01, "learning rate")
     lr_mode: str = _f("step", "lr schedule", choices=LR_MODES)
@@ -263,8 +263,24 @@ def from_layers(*layers: dict[str, Any]) -> TrainConfig:
     return validate(TrainConfig(**{k: coerce(k, v) for k, v in merged.items()}))
 
 
+def list_recipes() -> list[str]:
+    """Names of the recipes packaged in ``bitrain/recipes/`` (``--config NAME`` loads one)."""
+    from importlib.resources import files
+
+    return sorted(p.name[:-5] for p in (files("bitrain") / "recipes").iterdir() if p.name.endswith(".yaml"))
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Option layer from a YAML file, or from a packaged recipe when ``path`` is a recipe name."""
     path = Path(path)
+    if not path.is_file() and path.parent == Path(".") and path.suffix in ("", ".yaml"):
+        from importlib.resources import as_file, files
+
+        if path.stem in list_recipes():
+            with as_file(files("bitrain") / "recipes" / f"{path.stem}.yaml") as recipe:
+                return load_yaml(recipe)
+        raise UserError(f"--config {path} does not exist and is not a recipe{suggest(path.stem, list_recipes())}; "
+                        f"recipes: {', '.join(list_recipes())}")
     if not path.is_file():
         raise UserError(f"--config {path} does not exist")
     try:

@@ -1,0 +1,39 @@
+"""Shared helpers: run the CLI in-process and read a run directory's results."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _two_threads():
+    # CI has 2 cores; more threads than cores only adds contention
+    torch.set_num_threads(2)
+
+
+def run_cli(*args: str) -> int:
+    from bitrain.cli import main
+
+    return main([str(a) for a in args])
+
+
+def read_rows(run_dir: Path, split: str | None = None) -> list[dict]:
+    with open(Path(run_dir) / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [r for r in rows if split is None or r["split"] == split]
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(run_dir) / "model.safetensors"))
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs"

@@ -1,0 +1,157 @@
+"""End-to-end behaviour of ``bitrain train``: files, metrics, checkpoints, determinism, resume."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import yaml
+
+from conftest import assert_same_weights, final_weights, read_rows, run_cli
+
+SMALL = ("--epochs", "2", "--batch-size", "64", "--log-interval", "5")
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("small") / "run"
+    assert run_cli("train", "--prefix", run, *SMALL, "--save-frequency", "1", "--write-summary",
+                   "--progress", run.parent / "progress.txt") == 0
+    return run
+
+
+def test_default_run_reaches_97_percent(tmp_path):
+    """`bitrain train` with no options: binary net on digits, >= 97 % validation top-1."""
+    assert run_cli("train", "--prefix", tmp_path / "run") == 0
+    val = read_rows(tmp_path / "run", "val")
+    best = max(float(r["acc1"]) for r in val)
+    assert best >= 0.97, best
+
+
+def test_run_directory_contract(small_run):
+    for name in ("config.yaml", "train.log", "metrics.csv", "model.safetensors", "checkpoints/last.pt",
+                 "checkpoints/best.pt"):
+        assert (small_run / name).is_file(), name
+    numbered = sorted(p.name for p in (small_run / "checkpoints").glob("tiny_resnet_e_1bit_*_acc_*.pt"))
+    assert [n[:26] for n in numbered] == ["tiny_resnet_e_1bit_0000_ac", "tiny_resnet_e_1bit_0001_ac"]
+    log = (small_run / "train.log").read_text()
+    assert "Epoch[0] Batch [5]" in log and "Speed:" in log and "samples/sec" in log
+    assert "[Epoch 1] time cost:" in log and "[Epoch 1] validation: accuracy=" in log
+    assert "top_k_accuracy_5=" in log and "lr=" in log
+    progress = (small_run.parent / "progress.txt").read_text()
+    assert progress.startswith("Epoch ETA: ") and ", Train ETA: " in progress
+
+
+def test_checkpoint_loads_weights_only_and_holds_everything(small_run):
+    ck = torch.load(small_run / "checkpoints" / "last.pt", weights_only=True)
+    assert ck["format"] == "bitrain" and ck["version"] == 1
+    assert {"model", "optimizer", "scaler", "trainer", "rng", "config", "model_args", "checksum"} <= ck.keys()
+    assert ck["trainer"]["epoch"] == 2 and ck["trainer"]["batch"] == 0
+    assert ck["trainer"]["step"] == 2 * (1442 // 64)
+    assert ck["model_args"]["name"] == "tiny_resnet_e"
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ck["model"])
+
+
+def test_metrics_csv_rows_and_exact_validation(small_run):
+    rows = read_rows(small_run)
+    assert set(rows[0]) == {"split", "epoch", "step", "samples", "loss", "acc1", "acc5", "lr", "samples_per_sec",
+                            "epoch_time"}
+    train, val = read_rows(small_run, "train"), read_rows(small_run, "val")
+    assert [r["epoch"] for r in train] == ["0", "1"] and [r["epoch"] for r in val] == ["0", "1"]
+    assert all(0 <= float(r["acc1"]) <= float(r["acc5"]) <= 1 for r in train + val)
+    assert int(train[-1]["samples"]) == 2 * (1442 // 64) * 64
+    # the logged validation top-1 equals an independent count over the whole val split
+    from bitrain.cli import build_model_from_args
+    from bitrain.data import build_data
+
+    ck = torch.load(small_run / "checkpoints" / "last.pt", weights_only=True)
+    model = build_model_from_args(ck["model_args"])
+    model.load_state_dict(ck["model"])
+    model.eval()
+    _, val_loader, info = build_data("digits", batch_size=64)
+    correct = n = 0
+    with torch.no_grad():
+        for x, y in val_loader:
+            correct += int((model(x).argmax(1) == y).sum())
+            n += len(y)
+    assert n == info.num_val == 355
+    assert float(val[-1]["acc1"]) == pytest.approx(correct / n, abs=1e-9)
+
+
+def test_tensorboard_tags_and_samples_as_global_step(small_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(small_run / "tb"), size_guidance={"scalars": 0, "histograms": 0})
+    ea.Reload()
+    tags = set(ea.Tags()["scalars"])
+    for metric in ("accuracy", "top_k_accuracy_5", "loss"):
+        for split in ("batch", "training", "validation"):
+            assert f"{metric}/{split}" in tags
+    assert {"training/lr", "training/epoch", "training/epoch-time"} <= tags
+    steps = [e.step for e in ea.Scalars("accuracy/training")]
+    assert steps == [22 * 64, 44 * 64]  # samples seen, not iterations
+    hist = set(ea.Tags()["histograms"])
+    name = next(iter(h for h in hist if not h.endswith("-grad")))
+    assert f"{name}-grad" in hist
+    assert len(ea.Histograms(name)) == 3  # before training and after each of 2 epochs
+
+
+def test_same_seed_same_weights_and_config_repeats_the_run(small_run, tmp_path):
+    assert run_cli("train", "--prefix", tmp_path / "again", *SMALL) == 0
+    assert_same_weights(final_weights(small_run), final_weights(tmp_path / "again"))
+    assert run_cli("train", "--config", small_run / "config.yaml", "--prefix", tmp_path / "from_yaml") == 0
+    assert_same_weights(final_weights(small_run), final_weights(tmp_path / "from_yaml"))
+
+
+def test_interrupt_at_exits_3_and_resume_is_bit_identical(small_run, tmp_path):
+    run = tmp_path / "interrupted"
+    assert run_cli("train", "--prefix", run, *SMALL, "--interrupt-at", "1") == 3
+    ck = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert ck["trainer"]["epoch"] == 1
+    assert list((run / "checkpoints").glob("tiny_resnet_e_1bit_0000_acc_*.pt"))  # forced numbered save
+    assert not (run / "model.safetensors").exists()
+    assert run_cli("train", "--prefix", run, "--resume", "auto") == 0  # config comes from the checkpoint
+    assert_same_weights(final_weights(small_run), final_weights(run))
+    assert [r["epoch"] for r in read_rows(run, "val")] == ["0", "1"]
+
+
+def test_test_run_trains_one_batch_per_epoch(tmp_path):
+    assert run_cli("train", "--prefix", tmp_path / "t", "--test-run", "--epochs", "3", "--batch-size", "16") == 0
+    train = read_rows(tmp_path / "t", "train")
+    assert [int(r["samples"]) for r in train] == [16, 32, 48]
+
+
+def test_dry_run_prints_summary_and_writes_nothing(tmp_path, capsys):
+    assert run_cli("train", "--dry-run", "--prefix", tmp_path / "d") == 0
+    out = capsys.readouterr().out
+    assert "Combined FLOPs" in out
+    assert not (tmp_path / "d").exists()
+
+
+def test_warmup_lr_is_honoured(tmp_path):
+    run = tmp_path / "w"
+    assert run_cli("train", "--prefix", run, "--epochs", "2", "--batch-size", "64", "--log-interval", "1",
+                   "--warmup-epochs", "1", "--warmup-lr", "0.001", "--lr", "0.01", "--lr-mode", "step") == 0
+    lrs = [float(r["lr"]) for r in read_rows(run, "batch")]
+    # the row after batch b logs the lr used for step b-1: warmup from 0.001 up to 0.01
+    assert lrs[0] == pytest.approx(0.001)
+    assert lrs[10] == pytest.approx(0.001 + 0.009 * 10 / 22)
+    assert lrs[30] == pytest.approx(0.01)
+
+
+def test_run_dir_of_another_run_is_refused(small_run, capsys):
+    before = sorted(p.name for p in small_run.rglob("*"))
+    assert run_cli("train", "--prefix", small_run, "--epochs", "1") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already holds a run" in err[0]
+    assert sorted(p.name for p in small_run.rglob("*")) == before
+
+
+def test_mixup_and_label_smoothing_train(tmp_path):
+    run = tmp_path / "m"
+    assert run_cli("train", "--prefix", run, "--test-run", "--epochs", "2", "--mixup", "--label-smoothing",
+                   "--optimizer", "sgd", "--wd", "1e-4") == 0
+    assert all(math.isfinite(float(r["loss"])) for r in read_rows(run, "train"))
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["mixup"] is True and cfg["label_smoothing"] == 0.1
