@@ -213,10 +213,10 @@ def _forward_weight(layer: nn.Module, scale: float) -> torch.Tensor:
 
 
 def _out_size(hw, conv: nn.Conv2d) -> int:
-    # spatial output positions of a conv on an already padded input
+    # spatial output positions of a QConv2d (padding qpadding) on an hw input
     out = 1
-    for size, k, s, d in zip(hw, conv.kernel_size, conv.stride, conv.dilation):
-        out *= (size - d * (k - 1) - 1) // s + 1
+    for size, p, k, s, d in zip(hw, conv.qpadding, conv.kernel_size, conv.stride, conv.dilation):
+        out *= (size + 2 * p - d * (k - 1) - 1) // s + 1
     return out
 
 
@@ -253,13 +253,7 @@ class QConv2d(nn.Conv2d):
         if self.full_precision:  # exactly nn.Conv2d (zero padding inside the conv kernel)
             return F.conv2d(x, self.weight, self.bias, self.stride, self.qpadding, self.dilation, self.groups)
         x_real = x
-        ph, pw = self.qpadding
-        if self.act._named and self.act.method in _STE_SIGN and x.dim() == 4:
-            x = quant.sign_pad(x, self.act.clip_threshold, ph, pw)  # the hot path: one fused pass
-        else:
-            x = self.act(x)
-            if ph or pw:
-                x = F.pad(x, (pw, pw, ph, ph), value=self.act.pad_value)
+        x = self.act(x)
         # (dot + fan_in) / 2: halve whichever is smaller, the weights or the output
         n_out = x.shape[0] * self.out_channels * _out_size(x.shape[-2:], self)
         half_w = self.apply_offset and self.weight.numel() <= n_out
@@ -267,12 +261,29 @@ class QConv2d(nn.Conv2d):
         b = self.bias
         if half_w:
             b = w.new_full((self.out_channels,), self.fan_in / 2.0) + (0.0 if b is None else b * 0.5)
-        y = F.conv2d(x, w, b, self.stride, 0, self.dilation, self.groups)
+        # The conv pads with zeros inside its kernel (a pre-padded input makes oneDNN much
+        # slower on small maps); the border's pad value enters as a separate tiny term.
+        y = F.conv2d(x, w, b, self.stride, self.qpadding, self.dilation, self.groups)
+        pad_value = self.act.pad_value
+        if pad_value != 0.0 and any(self.qpadding):
+            y = y.add_(self._padding_term(x.shape[-2:], w, pad_value))  # in place: conv's backward does not need y
         if self.apply_offset and not half_w:
-            y = y.add_(self.fan_in).mul_(0.5)  # in place: the conv's backward does not need y
+            y = y.add_(self.fan_in).mul_(0.5)
         if self.approximation == "xnor" and self.bits < 32:
             y = y * self._xnor_k(x_real)
         return y
+
+    def _padding_term(self, hw, w: torch.Tensor, pad_value: float) -> torch.Tensor:
+        # conv(pad(x, v)) = conv(pad(x, 0)) + conv(pad(0, v)); every input channel has the same
+        # border, so the second term only needs the weights summed over input channels:
+        # (out, kh*kw) @ unfolded border mask (kh*kw, H'*W') -> (1, out, H', W'), broadcast
+        # over the batch. A matmul, because a 1-channel conv falls to a slow kernel on the CPU.
+        (h, wd), (ph, pw) = hw, self.qpadding
+        mask = w.new_full((1, 1, h + 2 * ph, wd + 2 * pw), pad_value)
+        mask[:, :, ph:ph + h, pw:pw + wd] = 0.0
+        cols = F.unfold(mask, self.kernel_size, dilation=self.dilation, stride=self.stride)[0]
+        ho = (h + 2 * ph - self.dilation[0] * (self.kernel_size[0] - 1) - 1) // self.stride[0] + 1
+        return (w.sum(1).flatten(1) @ cols).view(1, w.shape[0], ho, -1)
 
     def _xnor_k(self, x: torch.Tensor) -> torch.Tensor:
         # K (N, 1, H', W'): channel-mean |x| averaged over each receptive field (zero padded)

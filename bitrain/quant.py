@@ -126,42 +126,6 @@ class _SteValue(torch.autograd.Function):
         return _cancel(grad, x, ctx.t), None, None
 
 
-class _SignPad(torch.autograd.Function):
-    """det_sign then constant -1 padding, in one pass: the sign is written straight into the
-    interior of the padded buffer and only the border strips are filled; the backward reads
-    the interior of the padded gradient in place (no slice copy)."""
-
-    @staticmethod
-    def forward(ctx, x, t, ph, pw):
-        ctx.save_for_backward(x)
-        ctx.t, ctx.ph, ctx.pw = t, ph, pw
-        n, c, h, w = x.shape
-        out = x.new_empty((n, c, h + 2 * ph, w + 2 * pw))
-        if ph:
-            out[:, :, :ph].fill_(-1.0)
-            out[:, :, h + ph:].fill_(-1.0)
-        if pw:
-            out[:, :, ph:h + ph, :pw].fill_(-1.0)
-            out[:, :, ph:h + ph, w + pw:].fill_(-1.0)
-        torch.copysign(x.new_ones(()), x + 0.0, out=out[:, :, ph:h + ph, pw:w + pw])
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        h, w = x.shape[-2:]
-        inner = grad[:, :, ctx.ph:h + ctx.ph, ctx.pw:w + ctx.pw]
-        return (_cancel(inner, x, ctx.t) if ctx.t != INF else inner.contiguous()), None, None, None
-
-
-def sign_pad(x: torch.Tensor, clip_threshold: float, ph: int, pw: int) -> torch.Tensor:
-    """``F.pad(det_sign(x, t), (pw, pw, ph, ph), value=-1)`` for NCHW x, fused for speed."""
-    if torch.compiler.is_compiling() or (ph == 0 and pw == 0) or x.dim() != 4:
-        y = det_sign(x, clip_threshold)
-        return torch.nn.functional.pad(y, (pw, pw, ph, ph), value=-1.0) if ph or pw else y
-    return _SignPad.apply(x, clip_threshold, ph, pw)
-
-
 class _ScaledSign(torch.autograd.Function):
     """scale * sign(w) with the straight-through gradient scale * g (no cancel: weights)."""
 

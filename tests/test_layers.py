@@ -223,3 +223,21 @@ def test_clip_latent_weights_and_warning_once():
             fresh(torch.randn(1, 2, 3, 3)).sum().backward()
     with pytest.raises(UserError, match="bound"):
         L.clip_latent_weights_(model, 0)
+
+
+@pytest.mark.parametrize("method", ["det_sign", "approx_sign", "ste_heaviside"])
+def test_padding_value_with_groups_dilation_stride_matches_explicit_pad(method):
+    # the layer adds the border's contribution as a separate term; check it against an
+    # explicit pad-then-conv for grouped, dilated, strided, non-square padding
+    conv = QConv2d(4, 6, (3, 2), stride=(2, 1), padding=(2, 1), dilation=(2, 1), groups=2,
+                   activation_method=method, no_offset=True)
+    x = torch.randn(3, 4, 7, 6, requires_grad=True)
+    pad = -1.0 if method != "ste_heaviside" else 0.0
+    assert conv.act.pad_value == pad
+    xq = conv.act(x)
+    ref = F.conv2d(F.pad(xq, (1, 1, 2, 2), value=pad), conv.quantized_weight(), stride=(2, 1), dilation=(2, 1), groups=2)
+    y = conv(x)
+    assert torch.equal(y, ref)
+    (gw_ref,) = torch.autograd.grad(ref.square().sum(), conv.weight)
+    (gw,) = torch.autograd.grad(y.square().sum(), conv.weight)
+    assert torch.allclose(gw, gw_ref)
