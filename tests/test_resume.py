@@ -1,0 +1,185 @@
+"""Exact resume and preemption: mid-epoch checkpoints, resume that continues at the next batch and
+ends bit-identical, and SIGTERM / SIGUSR1 / Ctrl-C on a real ``bitrain train`` process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import assert_same_weights, final_weights, run_cli
+
+from bitrain import checkpoint as ckpt
+from bitrain.loader import DeviceLoader
+from bitrain.trainer import Trainer
+
+# digits: 1,442 train images / 256 = 5 steps per epoch; crop-flip and mixup so that the
+# augmentation and mixup draws are part of what resume must reproduce
+ARGS = ["--cpu", "--epochs", "2", "--batch-size", "256", "--log-interval", "2",
+        "--augmentation", "crop-flip", "--mixup", "--label-smoothing"]
+STEPS_PER_EPOCH = 5
+
+
+@pytest.fixture
+def train_rows(monkeypatch) -> list[list[int]]:
+    """Sample indices of every train batch the loader produces (augment = reading the batch)."""
+    seen: list[list[int]] = []
+    real = DeviceLoader.augment
+
+    def spy(self, rows):
+        seen.append(rows[:, 0].tolist())
+        return real(self, rows)
+
+    monkeypatch.setattr(DeviceLoader, "augment", spy)
+    return seen
+
+
+def _signal_after(monkeypatch, step: int, signum: int = signal.SIGUSR1) -> None:
+    """Deliver ``signum`` to this process right after optimizer step ``step`` (1-based)."""
+    real = Trainer.train_step
+
+    def step_then_signal(self, x, y):
+        out = real(self, x, y)
+        if self.state.step + 1 == step:
+            os.kill(os.getpid(), signum)
+        return out
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_signal)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> tuple[Path, list[list[int]]]:
+    rows: list[list[int]] = []
+    real = DeviceLoader.augment
+    mp = pytest.MonkeyPatch()
+    mp.setattr(DeviceLoader, "augment", lambda self, r: (rows.append(r[:, 0].tolist()), real(self, r))[1])
+    run = tmp_path_factory.mktemp("resume") / "ref"
+    try:
+        assert run_cli("train", *ARGS, "--prefix", run) == 0
+    finally:
+        mp.undo()
+    assert len(rows) == 2 * STEPS_PER_EPOCH
+    return run, rows
+
+
+@pytest.mark.parametrize("stop_step", [3, 7, 5])  # mid epoch 0, mid epoch 1, last batch of epoch 0
+def test_signal_mid_epoch_then_resume_is_bit_identical(reference, tmp_path, monkeypatch, capsys, train_rows, stop_step):
+    ref_dir, ref_rows = reference
+    run = tmp_path / "run"
+    with monkeypatch.context() as m:
+        _signal_after(m, stop_step)
+        assert run_cli("train", *ARGS, "--prefix", run) == 3
+    out = capsys.readouterr().out
+    assert "received SIGUSR1" in out and f"resume with: bitrain train --prefix {run} --resume auto" in out
+    state = ckpt.load_checkpoint(run / "checkpoints" / "last.pt")["trainer"]
+    assert (state["step"], state["epoch"], state["batch"]) == (stop_step, (stop_step - 1) // 5, (stop_step - 1) % 5 + 1)
+    assert train_rows == ref_rows[:stop_step]
+    train_rows.clear()
+
+    assert run_cli("train", *ARGS, "--prefix", run, "--resume", "auto") == 0
+    assert f"step {stop_step}" in capsys.readouterr().out
+    # the resumed run reads exactly the batches that were not trained yet, in the same order
+    assert train_rows == ref_rows[stop_step:]
+    assert_same_weights(final_weights(run), final_weights(ref_dir))
+    ref_last = ckpt.load_checkpoint(ref_dir / "checkpoints" / "last.pt")
+    got_last = ckpt.load_checkpoint(run / "checkpoints" / "last.pt")
+    for key in ("optimizer", "train_metrics"):
+        assert ckpt.checksum({key: got_last[key]}) == ckpt.checksum({key: ref_last[key]}), key
+    assert got_last["trainer"]["best_acc"] == ref_last["trainer"]["best_acc"]
+
+
+def test_checkpoint_interval_and_minutes_save_mid_epoch(tmp_path, monkeypatch):
+    saved: list[tuple[int, int]] = []
+    real = ckpt.save_last
+
+    def spy(folder, payload, also=()):
+        saved.append((payload["trainer"]["epoch"], payload["trainer"]["batch"]))
+        return real(folder, payload, also)
+
+    monkeypatch.setattr(ckpt, "save_last", spy)
+    assert run_cli("train", *ARGS, "--epochs", "1", "--checkpoint-interval", "2", "--prefix", tmp_path / "a") == 0
+    assert saved == [(0, 2), (0, 4), (1, 0)]  # every 2 steps, then the epoch's own checkpoint
+    saved.clear()
+    # minutes: a tiny interval means after every step (time measured since the last save)
+    assert run_cli("train", *ARGS, "--epochs", "1", "--checkpoint-minutes", "1e-9", "--prefix", tmp_path / "b") == 0
+    assert saved == [(0, 1), (0, 2), (0, 3), (0, 4), (0, 5), (1, 0)]
+
+
+# ---------------------------------------------------------------- signals on a real process
+def _start(run: Path) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", CI="1")
+    return subprocess.Popen([sys.executable, "-m", "bitrain", "train", "--cpu", "--epochs", "100", "--batch-size", "64",
+                             "--checkpoint-interval", "1", "--log-interval", "0", "--prefix", str(run)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+
+
+def _wait_training(proc: subprocess.Popen, run: Path, timeout: float = 300) -> None:
+    """Until the first mid-epoch checkpoint exists: the loop is running (handlers installed)."""
+    deadline = time.monotonic() + timeout
+    while not (run / "checkpoints" / "last.pt").exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "training did not start"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
+def test_signal_stops_at_step_boundary_with_exit_3(tmp_path, signum):
+    run = tmp_path / "run"
+    proc = _start(run)
+    _wait_training(proc, run)
+    os.kill(proc.pid, signum)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 3, err
+    name = signal.Signals(signum).name
+    assert f"received {name}: stopped at epoch" in out
+    assert f"resume with: bitrain train --prefix {run} --resume auto" in out
+    assert "Traceback" not in err
+    payload = ckpt.load_checkpoint(run / "checkpoints" / "last.pt")
+    assert payload["trainer"]["step"] >= 1 and payload["trainer"]["epoch"] < 100
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]  # no temp file left
+
+
+def test_second_ctrl_c_raises_at_once_in_process(tmp_path, monkeypatch, capsys):
+    """The first Ctrl-C only sets the flag; a second one, before the step boundary, stops at once."""
+    real = Trainer.train_step
+
+    def double_ctrl_c(self, x, y):
+        out = real(self, x, y)
+        if self.state.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # handled here: sets the flag, training goes on
+            assert self._signals.received == "SIGINT"
+            os.kill(os.getpid(), signal.SIGINT)  # raises KeyboardInterrupt right here
+            raise AssertionError("the second Ctrl-C did not stop the run")
+        return out
+
+    monkeypatch.setattr(Trainer, "train_step", double_ctrl_c)
+    run = tmp_path / "run"
+    assert run_cli("train", *ARGS, "--checkpoint-interval", "1", "--prefix", run) == 130
+    cap = capsys.readouterr()
+    assert "bitrain: interrupted" in cap.err and "resume with" not in cap.out
+    # both presses came inside the third step, before its checkpoint: last.pt is the complete step-2 one
+    assert ckpt.load_checkpoint(run / "checkpoints" / "last.pt")["trainer"]["step"] == 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+def test_two_ctrl_c_on_a_process_never_leave_a_broken_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    proc = _start(run)
+    _wait_training(proc, run)
+    os.kill(proc.pid, signal.SIGINT)
+    time.sleep(0.02)  # two separate presses (identical pending signals merge into one)
+    os.kill(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    # the second press lands before the step boundary (130, at once) or after the save (3)
+    assert proc.returncode in (130, 3), err
+    assert "Traceback" not in err
+    if proc.returncode == 130:
+        assert "bitrain: interrupted" in err
+    for p in (run / "checkpoints").glob("*.pt"):  # whatever was published is complete
+        ckpt.load_checkpoint(p)
+    assert (run / "checkpoints" / "last.pt").is_file()
