@@ -263,22 +263,20 @@ def from_layers(*layers: dict[str, Any]) -> TrainConfig:
     return validate(TrainConfig(**{k: coerce(k, v) for k, v in merged.items()}))
 
 
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"  # package data (pyproject: recipes/*.yaml)
+
+
 def list_recipes() -> list[str]:
     """Names of the recipes packaged in ``bitrain/recipes/`` (``--config NAME`` loads one)."""
-    from importlib.resources import files
-
-    return sorted(p.name[:-5] for p in (files("bitrain") / "recipes").iterdir() if p.name.endswith(".yaml"))
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Option layer from a YAML file, or from a packaged recipe when ``path`` is a recipe name."""
     path = Path(path)
     if not path.is_file() and path.parent == Path(".") and path.suffix in ("", ".yaml"):
-        from importlib.resources import as_file, files
-
         if path.stem in list_recipes():
-            with as_file(files("bitrain") / "recipes" / f"{path.stem}.yaml") as recipe:
-                return load_yaml(recipe)
+            return load_yaml(RECIPES_DIR / f"{path.stem}.yaml")
         raise UserError(f"--config {path} does not exist and is not a recipe{suggest(path.stem, list_recipes())}; "
                         f"recipes: {', '.join(list_recipes())}")
     if not path.is_file():
