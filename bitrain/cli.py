@@ -205,6 +205,8 @@ def cmd_train(argv: Sequence[str]) -> int:
         **({"image_size": cfg.image_size} if cfg.dataset in ("imagenet", "imagefolder") else {}))
     margs = model_args(cfg, info)
     model = build_model_from_args(margs)
+    if payload is not None:  # a checkpoint of another model fails here, before the run dir is touched
+        _load_or_explain(model, payload.get("model", {}), ckpt_path)
     if cfg.dry_run or cfg.plot_network:
         _print_summary(model, info, cfg.plot_network)
         if cfg.dry_run:
