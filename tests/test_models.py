@@ -120,23 +120,24 @@ def test_full_precision_twin_computes_like_float_convs():
 
 
 # published model sizes (MB in these papers = 2**20 bytes); size = binary weights / 8 + float params * 4 bytes
+# tolerance 5 % where the figure is rounded to 0.1 MB, 1 % where it has two decimals
 PUBLISHED = [
-    # name, options, params (M) or None, size MiB, source
-    ("resnet18_e1", {"fp_downsample_sc": True, "pool_downsample_sc": True}, 11.7, 4.0, "ResNetE paper / BMXNet"),
-    ("densenet28", {}, None, 4.0, "BinaryDenseNet paper"),
-    ("meliusnet22", {}, None, 4.0, "MeliusNet paper (3.9)"),
+    # name, options, params (M) or None, size MiB, size tolerance, source
+    ("resnet18_e1", {"fp_downsample_sc": True, "pool_downsample_sc": True}, 11.7, 4.0, 0.05, "BMXNet v2 results"),
+    ("densenet28", {}, None, 4.0, 0.05, "BinaryDenseNet paper"),
+    ("meliusnet22", {}, None, 4.0, 0.05, "MeliusNet paper (3.9)"),
+    ("densenet45", {}, 13.9, 7.35, 0.01, "larq docs binary_densenet45 summary"),
 ]
 
 
-@pytest.mark.parametrize("name,options,params_m,size_mib,source", PUBLISHED)
-def test_sizes_match_published(name, options, params_m, size_mib, source):
+@pytest.mark.parametrize("name,options,params_m,size_mib,tol,source", PUBLISHED)
+def test_sizes_match_published(name, options, params_m, size_mib, tol, source):
     with torch.device("meta"):
         model = build_model(name, num_classes=1000, image_size=224, **options)
     binary, floating = param_counts(model)
     if params_m is not None:
         assert abs((binary + floating) / 1e6 - params_m) / params_m < 0.02
-    # 5 %: the published figures are rounded to 0.1 MB and ignore BN/bias details
-    assert abs(model_size_bytes(model) / 2**20 - size_mib) / size_mib < 0.05
+    assert abs(model_size_bytes(model) / 2**20 - size_mib) / size_mib < tol
 
 
 def test_resnet_e18_binary_downsample_is_smaller():
