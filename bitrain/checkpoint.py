@@ -160,7 +160,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def find_resumable(folder: str | Path) -> tuple[Path, dict] | None:
-    """Newest good checkpoint in ``folder`` (by training step); corrupt ones are skipped with a warning."""
+    """Newest good checkpoint in ``folder``: last.pt when it loads, else the good one with the most
+    training steps; corrupt or truncated ones are skipped with a warning."""
     folder = Path(folder)
     if not folder.is_dir():
         return None
@@ -176,6 +177,8 @@ def find_resumable(folder: str | Path) -> tuple[Path, dict] | None:
         except UserError as e:
             warnings.warn(f"skipping {e}", stacklevel=2)
             continue
+        if p.name == LAST:  # written after every other checkpoint of the run: the newest when good,
+            return p, payload  # so a long run's numbered files are not all read and checksummed
         step = int(payload.get("trainer", {}).get("step", -1))
         if best is None or step > best[0]:
             best = (step, p, payload)
