@@ -5,14 +5,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-import pytest
 import torch
-
-
-@pytest.fixture(autouse=True)
-def _two_threads():
-    # CI has 2 cores; more threads than cores only adds contention
-    torch.set_num_threads(2)
 
 
 def run_cli(*args: str) -> int:
