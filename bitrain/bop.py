@@ -131,20 +131,32 @@ def _sign(x: torch.Tensor) -> torch.Tensor:
 
 def build_bop(model: nn.Module, inner: str | Callable[..., torch.optim.Optimizer], lr: float,
               threshold: float = 1e-8, gamma: float = 1e-4, inner_groups: list[dict] | None = None,
-              **inner_kwargs) -> Bop:
+              momentum: float | None = None, wd: float = 0.0, **inner_kwargs) -> Bop:
     """Bop on ``binary_parameters(model)``, ``inner`` (name or optimizer class/factory) on the rest.
 
-    ``inner`` names: sgd, nag, adam, adamw, radam. ``inner_groups`` (optional) are parameter
-    groups for the inner optimizer (e.g. no weight decay for BatchNorm); by default all
-    non-binary parameters that require grad form one group. ``inner_kwargs`` go to the inner
-    optimizer (momentum, weight_decay, betas, ...).
+    ``inner`` names: sgd, nag, adam, adamw, radam. ``momentum`` goes to sgd/nag only (as in
+    BMXNet, the Adam family ignores it). ``inner_groups`` (optional) are the inner optimizer's
+    parameter groups; by default two groups of the non-binary parameters that require grad:
+    weights with weight decay ``wd``, BatchNorm parameters and biases without (BMXNet's rule).
+    Other ``inner_kwargs`` go to the inner optimizer (betas, eps, dampening, ...).
     """
     if isinstance(inner, str):
         if inner not in INNER_OPTIMIZERS:
             raise UserError(f"Bop inner optimizer {inner!r} is unknown; valid: {', '.join(INNER_OPTIMIZERS)}")
+        if momentum is not None and inner in ("sgd", "nag"):
+            inner_kwargs["momentum"] = momentum
         inner = INNER_OPTIMIZERS[inner]
+    elif momentum is not None:
+        inner_kwargs["momentum"] = momentum
     binary = binary_parameters(model)
     ids = {id(p) for p in binary}
     if inner_groups is None:
-        inner_groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in ids]}]
+        decay, no_decay = [], []
+        for module in model.modules():
+            for p in module.parameters(recurse=False):
+                if p.requires_grad and id(p) not in ids:
+                    bn = isinstance(module, nn.modules.batchnorm._NormBase)
+                    (no_decay if bn or p.ndim <= 1 else decay).append(p)
+        inner_groups = [g for g in ({"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0})
+                        if g["params"]]
     return Bop(binary, inner(inner_groups, lr=lr, **inner_kwargs), threshold=threshold, gamma=gamma)

@@ -241,6 +241,7 @@ class QConv2d(nn.Conv2d):
         if isinstance(padding, str):
             raise UserError(f"QConv2d: padding={padding!r}; give an int or (h, w) pair")
         self.qpadding = (padding, padding) if isinstance(padding, int) else tuple(padding)
+        self._border_cols: dict = {}  # cache of _padding_term's unfolded border mask
         kh, kw = self.kernel_size
         _setup(self, bits, bits_a, weight_quantization, activation_method, clip_threshold, approximation,
                no_offset, fan_in=in_channels // groups * kh * kw)
@@ -279,9 +280,14 @@ class QConv2d(nn.Conv2d):
         # (out, kh*kw) @ unfolded border mask (kh*kw, H'*W') -> (1, out, H', W'), broadcast
         # over the batch. A matmul, because a 1-channel conv falls to a slow kernel on the CPU.
         (h, wd), (ph, pw) = hw, self.qpadding
-        mask = w.new_full((1, 1, h + 2 * ph, wd + 2 * pw), pad_value)
-        mask[:, :, ph:ph + h, pw:pw + wd] = 0.0
-        cols = F.unfold(mask, self.kernel_size, dilation=self.dilation, stride=self.stride)[0]
+        key = (h, wd, pad_value, w.dtype, w.device)
+        cols = None if torch.compiler.is_compiling() else self._border_cols.get(key)
+        if cols is None:  # the unfolded border mask depends on the input size only: cache it
+            mask = w.new_full((1, 1, h + 2 * ph, wd + 2 * pw), pad_value)
+            mask[:, :, ph:ph + h, pw:pw + wd] = 0.0
+            cols = F.unfold(mask, self.kernel_size, dilation=self.dilation, stride=self.stride)[0]
+            if not torch.compiler.is_compiling():
+                self._border_cols = {key: cols}  # one entry: a model sees one size at a time
         ho = (h + 2 * ph - self.dilation[0] * (self.kernel_size[0] - 1) - 1) // self.stride[0] + 1
         return (w.sum(1).flatten(1) @ cols).view(1, w.shape[0], ho, -1)
 

@@ -68,7 +68,7 @@ def test_one_optimizer_with_all_groups_and_lr_drives_inner():
     m = _model()
     opt = build_bop(m, "adam", lr=1e-2, threshold=1e-6, gamma=1e-2)
     assert isinstance(opt, torch.optim.Optimizer)
-    assert len(opt.param_groups) == 2 and opt.param_groups[0]["bop"]
+    assert len(opt.param_groups) == 3 and opt.param_groups[0]["bop"]
     n_all = sum(len(g["params"]) for g in opt.param_groups)
     assert n_all == len(list(m.parameters()))
     for g in opt.param_groups:
@@ -106,6 +106,18 @@ def test_state_dict_resume_is_bit_identical():
     for i in s1["state"]:
         for k in s1["state"][i]:
             assert torch.equal(torch.as_tensor(s1["state"][i][k]), torch.as_tensor(s2["state"][i][k]))
+
+
+def test_bmxnet_groups_and_keywords_of_the_optimizer_factory():
+    m = _model()
+    opt = build_bop(m, "adam", lr=1e-3, momentum=0.9, wd=5e-4)  # what bitrain.optim passes
+    decay, no_decay = opt.param_groups[1], opt.param_groups[2]
+    assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0.0
+    assert {id(p) for p in decay["params"]} == {id(m[0].weight), id(m[6].weight)}
+    assert {id(p) for p in no_decay["params"]} == {id(p) for p in (m[1].weight, m[1].bias, m[3].weight,
+                                                                   m[3].bias, m[6].bias)}
+    sgd = build_bop(_model(), "nag", lr=0.1, momentum=0.8)
+    assert sgd.inner.param_groups[0]["momentum"] == 0.8 and sgd.inner.param_groups[0]["nesterov"]
 
 
 def test_inner_by_callable_and_errors():

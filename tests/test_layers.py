@@ -241,3 +241,17 @@ def test_padding_value_with_groups_dilation_stride_matches_explicit_pad(method):
     (gw_ref,) = torch.autograd.grad(ref.square().sum(), conv.weight)
     (gw,) = torch.autograd.grad(y.square().sum(), conv.weight)
     assert torch.allclose(gw, gw_ref)
+
+
+@pytest.mark.slow
+def test_inductor_compiled_binary_block_matches_eager():
+    torch._dynamo.reset()
+    m = nn.Sequential(nn.BatchNorm2d(4), QConv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), QConv2d(4, 4, 1))
+    L.clip_latent_weights_(m)
+    x = torch.randn(2, 4, 6, 6, requires_grad=True)
+    y = m(x)
+    (gx,) = torch.autograd.grad(y.square().sum(), x)
+    x2 = x.detach().clone().requires_grad_()
+    yc = torch.compile(m, fullgraph=False)(x2)
+    (gxc,) = torch.autograd.grad(yc.square().sum(), x2)
+    assert torch.allclose(y, yc, atol=1e-5) and torch.allclose(gx, gxc, atol=1e-4)
