@@ -32,3 +32,30 @@ def test_api_page_runs(tmp_path, monkeypatch, capsys):
     assert ns["trainer2"].state.epoch == 3
     assert (run_dir / "tb").is_dir() and any((run_dir / "tb").iterdir())
     assert ns["toy_result"]["val"]["samples"] == 128
+
+
+def test_migration_table_flags_are_accepted():
+    """Every BMXNet flag in docs/migration.md's option table is a `bitrain train` flag, except the
+    ones the page says are not accepted (so the guide and the parser cannot drift apart)."""
+    import argparse
+
+    from bitrain.cli import add_train_args
+
+    text = (DOC.parent / "migration.md").read_text(encoding="utf-8")
+    table = text.split("## Every option", 1)[1].split("\n## ", 1)[0]
+    parser = argparse.ArgumentParser()
+    add_train_args(parser)
+    known = {s for a in parser._actions for s in a.option_strings}
+    checked = 0
+    for line in table.splitlines():
+        if not line.startswith("| `-"):
+            continue
+        first, bitrain_col = line.split("|")[1], line.split("|")[2]
+        flags = re.findall(r"`(--?[a-z][a-z0-9-]*)", first)
+        if "not accepted" in line or bitrain_col.strip() == "—":
+            assert not set(flags) & known, line
+            continue
+        for flag in flags:
+            assert flag in known, f"{flag} is in the migration table but not a bitrain train flag"
+            checked += 1
+    assert checked >= 60
