@@ -42,6 +42,8 @@ def _next_up(t: float, dtype: torch.dtype) -> float:
     if key not in _NEXT_UP:
         if dtype == torch.float64:
             _NEXT_UP[key] = math.nextafter(t, INF)
+        elif t >= torch.finfo(torch.float32).max:
+            _NEXT_UP[key] = INF
         else:  # float32: comparisons happen in float32, so step one float32 ulp above fl32(t)
             (i,) = struct.unpack("<I", struct.pack("<f", t))
             _NEXT_UP[key] = struct.unpack("<f", struct.pack("<I", i + 1))[0]
@@ -359,19 +361,6 @@ class ScheduledQuantizer(torch.nn.Module):
         self.set_epoch(self.epoch + 1)
 
 
-class _SteIdentity(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, value, t):
-        ctx.save_for_backward(x)
-        ctx.t = t
-        return value
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return _cancel(grad, x, ctx.t), None, None
-
-
 class ProgressiveSign(ScheduledQuantizer):
     """bitorch's progressive sign: hardtanh(x / (1 - temperature)) in training, sign in eval.
 
@@ -391,7 +380,7 @@ class ProgressiveSign(ScheduledQuantizer):
         if not self.training:
             return det_sign(x, self.clip_threshold)
         width = (1.0 - self.temperature()).clamp(min=1e-7).to(x.dtype)
-        return _SteIdentity.apply(x, torch.nn.functional.hardtanh(x.detach() / width), self.clip_threshold)
+        return _SteValue.apply(x, torch.nn.functional.hardtanh(x.detach() / width), self.clip_threshold)
 
 
 class QuantizerScheduler(ScheduledQuantizer):
