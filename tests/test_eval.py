@@ -130,3 +130,42 @@ def test_progress_bar_only_on_a_terminal(monkeypatch):
 def test_split_is_checked_in_the_api(run):
     with pytest.raises(UserError, match="--split"):
         evaluate_file(run, split="test")
+
+
+def _image_tree(root, per_class: int = 5, size: int = 20):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", per_class), ("val", 2)):
+        for c, level in (("dark", 60), ("light", 190)):
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                a = np.clip(level + rng.integers(-40, 40, (size, size + 4 * i, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(a).save(root / split / c / f"{i}.png")
+    return root
+
+
+def test_image_folder_train_split_is_whole_and_unaugmented(tmp_path, capsys):
+    tree = _image_tree(tmp_path / "tree")
+    run = tmp_path / "run"
+    assert run_cli("train", "--dataset", "imagefolder", "--data-dir", tree, "--image-size", "16",
+                   "--model", "tiny_resnet_e", "--batch-size", "4", "--epochs", "1", "--test-run", "-j", "0",
+                   "--cpu", "--log-interval", "0", "--prefix", run) == 0
+    model, _, _ = load_model(run / "checkpoints" / "last.pt")
+    r1 = evaluate_file(run, split="train", batch_size=3, num_workers=0, device="cpu")
+    r2 = evaluate_file(run, split="train", batch_size=10, num_workers=0, device="cpu")
+    assert r1["samples"] == r2["samples"] == 10  # 10 train images, none dropped
+    assert r1["loss"] == pytest.approx(r2["loss"], rel=1e-6)  # fixed transform: batch size does not matter
+    # by hand: the val transform (resize short side to ceil(16 / 0.875) = 19, centre crop 16) of every file
+    from bitrain.imagefolder import IMAGENET_MEAN, IMAGENET_STD, transform
+
+    files = sorted((tree / "train").rglob("*.png"))
+    x = torch.stack([torch.tensor(transform(str(f), 16, "none", None)).permute(2, 0, 1) for f in files]).float()
+    x = (x / 255 - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    y = torch.tensor([0 if f.parent.name == "dark" else 1 for f in files])
+    with torch.no_grad():
+        loss = F.cross_entropy(model(x), y).item()
+    assert r1["loss"] == pytest.approx(loss, rel=1e-4)
+    val = evaluate_file(run, num_workers=0, device="cpu")
+    assert val["samples"] == 4 and val["dataset"] == "imagefolder"
