@@ -261,7 +261,8 @@ class QConv2d(nn.Conv2d):
         w = _forward_weight(self, 0.5 if half_w else 1.0)
         b = self.bias
         if half_w:
-            b = w.new_full((self.out_channels,), self.fan_in / 2.0) + (0.0 if b is None else b * 0.5)
+            half_fan_in = w.new_full((self.out_channels,), self.fan_in / 2.0)
+            b = half_fan_in if b is None else half_fan_in + b * 0.5
         # The conv pads with zeros inside its kernel (a pre-padded input makes oneDNN much
         # slower on small maps); the border's pad value enters as a separate tiny term.
         y = F.conv2d(x, w, b, self.stride, self.qpadding, self.dilation, self.groups)

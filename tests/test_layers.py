@@ -255,3 +255,13 @@ def test_inductor_compiled_binary_block_matches_eager():
     yc = torch.compile(m, fullgraph=False)(x2)
     (gxc,) = torch.autograd.grad(yc.square().sum(), x2)
     assert torch.allclose(y, yc, atol=1e-5) and torch.allclose(gx, gxc, atol=1e-4)
+
+
+@pytest.mark.parametrize("c,hw", [(2, 5), (16, 2)])  # offset folded into the weights / applied to the output
+def test_offset_with_bias_is_dot_plus_bias_plus_fan_in_over_two(c, hw):
+    conv = QConv2d(c, c, 3, padding=1, bias=True)
+    nn.init.normal_(conv.bias)
+    x = _pm1(1, c, hw, hw)
+    dot = F.conv2d(F.pad(x, (1,) * 4, value=-1.0), conv.quantized_weight())
+    ref = (dot + conv.bias.view(1, -1, 1, 1) + conv.fan_in) / 2
+    assert torch.allclose(conv(x), ref, atol=1e-5)
