@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -185,8 +184,6 @@ def _setup(layer: nn.Module, bits, bits_a, weight_quantization, activation_metho
     binary = layer.bits == 1 and layer.weight_quantization in quant.PLUS_MINUS_ONE
     layer.apply_offset = binary and layer.approximation == "" and not layer.no_offset
     layer.full_precision = layer.bits == 32 and layer.bits_a == 32 and layer.act.is_identity
-    if layer.bits == 1:
-        layer.weight.register_post_accumulate_grad_hook(_latent_weight_hook)
 
 
 def _quantized_weight(layer: nn.Module) -> torch.Tensor:
@@ -346,9 +343,6 @@ class QLinear(nn.Linear):
 
 # --- latent weights ----------------------------------------------------------------------------
 
-_WARNED = [False]
-
-
 def binary_layers(model: nn.Module) -> list[nn.Module]:
     """QConv2d / QLinear modules of ``model`` with 1-bit weights."""
     return [m for m in model.modules() if isinstance(m, (QConv2d, QLinear)) and m.bits == 1]
@@ -377,16 +371,15 @@ def clip_latent_weights_(model: nn.Module, bound: float = 1.0) -> int:
     return len(layers)
 
 
-def _latent_weight_hook(param: torch.Tensor) -> None:
-    # runs after a gradient is accumulated into a binary layer's weight; the second one
-    # without clip_latent_weights_ / Bop means a step went by with unbounded latent weights
-    if _WARNED[0] or getattr(param, "_bitrain_bounded", False):
-        return
-    param._bitrain_unclipped = getattr(param, "_bitrain_unclipped", 0) + 1
-    if param._bitrain_unclipped >= 2:
-        _WARNED[0] = True
-        warnings.warn(
-            "binary layer latent weights are trained without clipping and can grow without bound; "
-            "call bitrain.layers.clip_latent_weights_(model) after optimizer.step() or use Bop",
-            stacklevel=2,
-        )
+def latent_weight_warning(model: nn.Module) -> str | None:
+    """larq's warning as text, or None: 1-bit layers whose latent weights nothing bounds.
+
+    The trainer shows it once at the start of training (no per-step hook on the hot path);
+    ``clip_latent_weights_`` and Bop mark the weights they keep bounded.
+    """
+    unbounded = [m for m in binary_layers(model) if not getattr(m.weight, "_bitrain_bounded", False)]
+    if not unbounded:
+        return None
+    return (f"note: {len(unbounded)} binary layer(s) train latent weights that nothing bounds (larq's warning); "
+            "--clip-latent-weights 1.0 (clip_latent_weights_) or --optimizer bop keeps them in range")
+

@@ -25,7 +25,9 @@ import torch.nn.functional as F
 from bitrain import checkpoint as ckpt
 from bitrain import dist
 from bitrain.callbacks import Callback
+from bitrain.layers import clip_latent_weights_, latent_weight_warning
 from bitrain.metrics import EpochMetrics
+from bitrain.quant import set_quantizer_epoch
 
 
 class TrainerStop(Exception):
@@ -205,10 +207,14 @@ class Trainer:
                                     "steps_per_epoch": self.steps_per_epoch, "global_batch": self.global_batch})
         if s.step == 0:
             self._emit("on_histograms", self.model, s.samples)
+        note = None if self.latent_weight_clip else latent_weight_warning(self.model)
+        if note:
+            self._emit("on_message", note)
         val: dict[str, float] = {}
         with self._signals:
             while s.epoch < self.epochs:
                 self._emit("on_epoch_start", s.epoch)
+                set_quantizer_epoch(self.model, s.epoch)  # scheduled quantizers: a function of the epoch
                 train, epoch_time = self._train_epoch()
                 val = self.evaluate()
                 epoch = s.epoch
@@ -280,8 +286,6 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if self.latent_weight_clip:
-            from bitrain.layers import clip_latent_weights_
-
             clip_latent_weights_(self.model, self.latent_weight_clip)
         loss = loss.detach()
         self.train_metrics.update(logits.detach(), y, loss.float() * y.shape[0])
