@@ -150,7 +150,7 @@ class ProgressETA(Callback):
     """Live progress bar with ETA on a terminal, and/or BMXNet's ``--progress FILE``
     ("Epoch ETA: X, Train ETA: Y", overwritten in place)."""
 
-    def __init__(self, progress_file: str | Path | None = None, live: bool = False) -> None:
+    def __init__(self, progress_file: str | Path | None = None, live: bool = False, console: Any = None) -> None:
         self.path = Path(progress_file) if progress_file else None
         self.bar = None
         self.console = None
@@ -158,7 +158,7 @@ class ProgressETA(Callback):
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-            self.console = Console()
+            self.console = console or Console()
             self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                 TimeRemainingColumn(), console=self.console, transient=True)
         self.epochs = 1

@@ -416,7 +416,10 @@ class Trainer:
         from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
 
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
-        return profile(activities=acts, schedule=schedule(wait=1, warmup=1, active=self.profile_steps),
+        # skip the first (slow) step and warm up on the second when the epoch is long enough
+        skip = 1 if self.steps_per_epoch >= self.profile_steps + 2 else 0
+        active = max(1, min(self.profile_steps, self.steps_per_epoch - 2 * skip))
+        return profile(activities=acts, schedule=schedule(wait=skip, warmup=skip, active=active),
                        on_trace_ready=tensorboard_trace_handler(str(self.run_dir / "profile")))
 
     def _log_batch(self, lr: float, speed: float) -> None:

@@ -155,3 +155,35 @@ def test_mixup_and_label_smoothing_train(tmp_path):
     assert all(math.isfinite(float(r["loss"])) for r in read_rows(run, "train"))
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     assert cfg["mixup"] is True and cfg["label_smoothing"] == 0.1
+
+
+def test_profile_writes_a_trace(tmp_path):
+    run = tmp_path / "p"
+    assert run_cli("train", "--prefix", run, "--test-run", "--epochs", "1", "--profile") == 0
+    traces = list((run / "profile").glob("*.json*"))
+    assert traces and traces[0].stat().st_size > 1000
+
+
+def test_live_progress_bar_on_a_terminal(tmp_path):
+    """On a terminal the progress bar shows; log lines still reach train.log."""
+    import io
+
+    from rich.console import Console
+
+    from bitrain.callbacks import ConsoleLogger, ProgressETA
+
+    bar = ProgressETA(tmp_path / "eta.txt", live=True,
+                      console=Console(file=io.StringIO(), force_terminal=True, width=100))
+    log = ConsoleLogger(tmp_path / "train.log", console=bar.console)
+    bar.on_fit_start({"epochs": 2, "start_epoch": 0})
+    bar.on_epoch_start(0)
+    for b in range(5):
+        bar.on_step(0, b, 5)
+    log.on_message("hello")
+    bar.bar.refresh()
+    screen = bar.console.file.getvalue()
+    bar.close()
+    log.close()
+    assert "Epoch 1/2" in screen and "5/5" in screen and "hello" in screen
+    assert "hello" in (tmp_path / "train.log").read_text()
+    assert (tmp_path / "eta.txt").read_text().startswith("Epoch ETA: ")
