@@ -177,7 +177,10 @@ def prepare_run_dir(run_dir: Path, cfg: C.TrainConfig, resuming: bool) -> None:
 
 
 def cmd_train(argv: Sequence[str]) -> int:
-    """``bitrain train``: the whole run. Returns the exit code."""
+    """``bitrain train``: train a model (BMXNet v2 options; bitrain train --help lists them)
+
+    Returns the exit code.
+    """
     cfg, payload, ckpt_path = resolve_config(argv)
     import torch
 
@@ -379,6 +382,12 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
 }
 
 
+def _summary_line(fn: Callable) -> str:
+    """'``bitrain eval CHECKPOINT``: top-1 ...' -> 'top-1 ...' for the command list."""
+    first = (fn.__doc__ or "").strip().splitlines()[0]
+    return first.split("``:", 1)[-1].strip().rstrip(".")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``bitrain`` command; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -387,7 +396,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             argv = ["train"]
         else:
             print(f"usage: {PROG} {{{','.join(COMMANDS)}}} ...\n\n" + "\n".join(
-                f"  {name:<8} {(fn.__doc__ or '').strip().splitlines()[0]}" for name, fn in COMMANDS.items()))
+                f"  {name:<8} {_summary_line(fn)}" for name, fn in COMMANDS.items()))
             return 0
     if argv[0].startswith("-"):  # a BMXNet command line: image_classification.py --model ...
         argv = ["train", *argv]
