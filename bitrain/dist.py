@@ -26,11 +26,12 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_from_env(device_type: str = "cpu", timeout_s: float = 300.0) -> DistInfo:
+def init_from_env(device_type: str = "cpu", timeout_s: float = 300.0, device: torch.device | None = None) -> DistInfo:
     """Join the process group torchrun describes in RANK/WORLD_SIZE/LOCAL_RANK (no-op without it).
 
     gloo on the CPU, nccl on CUDA. The timeout makes a rank that lost its peers fail with an error
-    instead of hanging for the default 30 minutes.
+    instead of hanging for the default 30 minutes. ``device``: this rank's CUDA device when it is
+    not cuda:LOCAL_RANK (``--gpus 2,3``).
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
@@ -40,8 +41,9 @@ def init_from_env(device_type: str = "cpu", timeout_s: float = 300.0) -> DistInf
         backend = "nccl" if device_type == "cuda" else "gloo"
         kwargs = {}
         if device_type == "cuda":
-            torch.cuda.set_device(info.local_rank)
-            kwargs["device_id"] = torch.device("cuda", info.local_rank)
+            cuda = device if device is not None and device.index is not None else torch.device("cuda", info.local_rank)
+            torch.cuda.set_device(cuda)
+            kwargs["device_id"] = cuda
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
     return info
 
