@@ -197,7 +197,7 @@ def cmd_train(argv: Sequence[str]) -> int:
 
         return launch_ranks(list(argv), nproc=len(C.parse_ints("gpus", cfg.gpus)))
     device = select_device(cfg)
-    info_d = dist.init_from_env(device.type)
+    info_d = dist.init_from_env(device.type, device=device)
     torch.manual_seed(cfg.seed + info_d.rank)
     amp = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
     train_loader, val_loader, info = build_data(
