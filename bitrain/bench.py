@@ -178,9 +178,11 @@ def lightning_runner(model: nn.Module, optimizer: torch.optim.Optimizer, loader:
 
 
 def measure(runners: Sequence[Runner], *, steps: int, rounds: int, warmup: int, batch_size: int,
-            device: torch.device) -> dict[str, list[float]]:
+            device: torch.device, clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
     """Samples/sec of every runner per round; rounds interleave the runners (A, B, A, B, ...)
-    after one warm-up call each (compilation, allocator, caches)."""
+    after one warm-up call each (compilation, allocator, caches). ``clock``: wall time, or
+    ``time.process_time`` (CPU seconds of this process: on a shared CPU, time spent preempted by
+    other processes is left out)."""
     for r in runners:
         r.run(warmup)
     _sync(device)
@@ -188,10 +190,10 @@ def measure(runners: Sequence[Runner], *, steps: int, rounds: int, warmup: int, 
     for _ in range(rounds):
         for r in runners:
             _sync(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             own = r.run(steps)
             _sync(device)
-            seconds = own if own is not None else time.perf_counter() - t0
+            seconds = own if own is not None else clock() - t0
             speeds[r.name].append(steps * batch_size / seconds)
     return speeds
 
@@ -218,6 +220,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=0.01, help="learning rate (default 0.01)")
     p.add_argument("--log-interval", type=int, default=50, help="batches between loss reads (default 50)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--clock", default="wall", choices=("wall", "cpu"),
+                   help="wall time, or this process's CPU time (steadier on a shared CPU; use with --threads 1)")
     p.add_argument("--seed", type=int, default=123)
     return p
 
@@ -275,13 +279,21 @@ def main(argv: Sequence[str]) -> int:
           f"x{info.image_size}, batch {ns.batch_size}, {ns.dtype}{', channels_last' if ns.channels_last else ''}"
           f"{', compiled' if ns.compile else ''}, {where}; {ns.rounds} rounds x {ns.steps} steps after "
           f"{ns.warmup} warm-up steps{'' if lit else '; Lightning not installed'}", flush=True)
+    clock = time.process_time if ns.clock == "cpu" else time.perf_counter
+    if ns.clock == "cpu" and device.type != "cpu":
+        raise UserError("--clock cpu measures CPU time: use it with --device cpu")
     speeds = measure(runners, steps=ns.steps, rounds=ns.rounds, warmup=ns.warmup, batch_size=ns.batch_size,
-                     device=device)
-    med = {name: statistics.median(v) for name, v in speeds.items()}
+                     device=device, clock=clock)
     for name, v in speeds.items():
-        print(f"{name:<13} {med[name]:10.1f} samples/sec (median of {len(v)}; min {min(v):.1f}, max {max(v):.1f})")
-    print(f"ratio trainer/hand-written: {med['trainer'] / med['hand-written']:.2f}")
-    if "lightning" in med:
-        print(f"ratio trainer/lightning: {med['trainer'] / med['lightning']:.2f}")
-        print(f"ratio lightning/hand-written: {med['lightning'] / med['hand-written']:.2f}")
+        print(f"{name:<13} {statistics.median(v):10.1f} samples/sec "
+              f"(median of {len(v)}; min {min(v):.1f}, max {max(v):.1f})")
+    for a, b in (("trainer", "hand-written"), ("trainer", "lightning"), ("lightning", "hand-written")):
+        if a in speeds and b in speeds:
+            print(f"ratio {a}/{b}: {paired_ratio(speeds[a], speeds[b]):.2f}")
     return 0
+
+
+def paired_ratio(a: Sequence[float], b: Sequence[float]) -> float:
+    """Median over rounds of a[i] / b[i]: each round's two runs are neighbours in time, so a
+    change of the machine's load between rounds cancels out."""
+    return statistics.median(x / y for x, y in zip(a, b))
