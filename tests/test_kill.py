@@ -9,8 +9,8 @@ the number of kills; 20 by default). Three kinds of moment:
 - ``write``: as soon as a checkpoint temp file appears (a write is in progress).
 
 The runs are tiny (digits, 2 epochs of 11 steps, a checkpoint after every step); process start-up
-is the main cost, so the kills are chained: one run dir is killed again and again until a resume
-runs to the end, then the next chain starts.
+is the main cost, so the kills are chained: one run dir is killed again and again (10 times, or
+until a resume runs to the end first), then resumed to its end and compared; then the next chain.
 """
 
 from __future__ import annotations
@@ -27,10 +27,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import bitrain
+
 from bitrain.checkpoint import load_checkpoint
 
 SEED = int(os.environ.get("BITRAIN_KILL_SEED", "20240611"))
 KILLS = int(os.environ.get("BITRAIN_KILL_POINTS", "20"))
+PER_CHAIN = 10  # kills before a chain is resumed to its end and compared (each chain: one more training)
 ARGS = ["train", "--cpu", "--epochs", "2", "--batch-size", "128", "--checkpoint-interval", "1",
         "--save-frequency", "1", "--log-interval", "4", "--resume", "auto"]
 TIMEOUT = 600  # seconds per process: the CI machine may be shared and slow
@@ -39,11 +42,13 @@ TIMEOUT = 600  # seconds per process: the CI machine may be shared and slow
 def _env() -> dict[str, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore", CI="1")
     env.pop("WORLD_SIZE", None)
+    # the bitrain this test imported (a PYTHONPATH given by the caller still comes first)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(Path(bitrain.__file__).parents[1])]))
     return env
 
 
 def _spawn(run_dir: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "bitrain", *ARGS, "--prefix", str(run_dir)],
+    return subprocess.Popen([sys.executable, "-m", "bitrain", *ARGS, "--prefix", str(run_dir)], cwd=run_dir.parent,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env())
 
 
@@ -138,24 +143,32 @@ def test_sigkill_anywhere_resumes_bit_identical(tmp_path: Path) -> None:
     ref = load_file(str(ref_dir / "model.safetensors"))
 
     rng = random.Random(SEED)
-    chain, run, kills, compared, kinds = 0, tmp_path / "chain0", 0, 0, {}
+    chain, run, kills, in_chain, compared, kinds = 0, tmp_path / "chain0", 0, 0, 0, {}
     had_ckpt = False
+
+    def end_chain(proc: subprocess.Popen) -> None:
+        nonlocal chain, run, in_chain, compared, had_ckpt
+        _finish(proc)
+        _check_readable(run / "checkpoints", had_ckpt)
+        _same_weights(run, ref)
+        compared += 1
+        chain, in_chain, had_ckpt = chain + 1, 0, False
+        run = tmp_path / f"chain{chain}"
+
     for kind, arg, delay in _plan(rng, KILLS):
-        while True:
+        for attempt in range(2):
             proc = _spawn(run)
             if _kill_when(proc, run / "checkpoints", kind, arg, delay):
-                kills += 1
+                kills, in_chain = kills + 1, in_chain + 1
                 kinds[kind] = kinds.get(kind, 0) + 1
                 had_ckpt = _check_readable(run / "checkpoints", had_ckpt) or had_ckpt
                 break
-            _finish(proc)  # ended before the kill moment: this chain is done, compare it
-            _same_weights(run, ref)
-            compared += 1
-            chain, had_ckpt = chain + 1, False
-            run = tmp_path / f"chain{chain}"
-    _finish(_spawn(run))  # the last chain runs to its end
-    _check_readable(run / "checkpoints", had_ckpt)
-    _same_weights(run, ref)
-    compared += 1
+            end_chain(proc)  # it ended before the kill moment: the chain is done
+        else:  # a fresh chain always has the moment: it never came
+            pytest.fail(f"kill moment {kind} {arg} never came in a whole run (no checkpoint write seen?)")
+        if in_chain == PER_CHAIN:
+            end_chain(_spawn(run))  # resume this chain to its end, compare, start the next
+    if in_chain:
+        end_chain(_spawn(run))
     print(f"kill harness: seed {SEED}, {kills} kills {kinds}, {compared} resumed runs compared")
-    assert kills == KILLS and compared >= 1
+    assert kills == KILLS and compared >= KILLS // PER_CHAIN
