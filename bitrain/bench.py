@@ -135,6 +135,10 @@ def lightning_runner(model: nn.Module, optimizer: torch.optim.Optimizer, loader:
             import pytorch_lightning as L  # type: ignore[no-redef]
         except ImportError:
             return None
+    import logging
+
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)  # its per-fit banners would bury the figures
 
     class Module(L.LightningModule):
         def __init__(self) -> None:
