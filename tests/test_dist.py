@@ -191,3 +191,23 @@ def test_sigterm_stops_every_rank_at_the_same_step_with_one_checkpoint(tmp_path)
     ({1: -9}, 1), ({}, 0)])
 def test_run_exit_code_from_rank_exit_codes(codes, expected):
     assert exit_code_of(codes) == expected
+
+
+def test_sync_batchnorm_conversion_keeps_parameters_keys_and_single_process_output():
+    from bitrain.dist import AllReduceBatchNorm, convert_sync_batchnorm
+    from bitrain.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("tiny_resnet_e", num_classes=10, in_channels=1, image_size=8, bits=32, bits_a=32)
+    params_before = list(model.parameters())
+    keys_before = list(model.state_dict())
+    x = torch.randn(16, 1, 8, 8)
+    ref = model(x)
+    converted = convert_sync_batchnorm(model, "cpu")
+    assert converted is model
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert bns and all(isinstance(m, AllReduceBatchNorm) for m in bns)
+    # the very same Parameter objects: an optimizer built before the conversion keeps training them
+    assert all(a is b for a, b in zip(params_before, model.parameters()))
+    assert list(model.state_dict()) == keys_before
+    torch.testing.assert_close(model(x), ref)  # no process group: plain BatchNorm
