@@ -92,6 +92,30 @@ def test_save_last_keeps_previous_and_publishes_extras_first(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.prev.pt", "last.pt"]
 
 
+def test_death_just_before_last_moves_loses_nothing(tmp_path, monkeypatch):
+    """The process dies after best.pt was published but before last.pt moved on: the old last.pt
+    is intact and complete, and the leftover temp file is cleaned at the next start."""
+    ckpt.save_last(tmp_path, _payload(1, 1.0))
+    real_replace = os.replace
+
+    def die_at_last(src, dst):
+        if Path(dst).name == ckpt.LAST:
+            raise SystemExit("killed")  # not an OSError: nothing in save_last may tidy up
+        real_replace(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "replace", die_at_last)
+    with pytest.raises(SystemExit):
+        ckpt.save_last(tmp_path, _payload(2, 2.0), also=[tmp_path / "best.pt"])
+    monkeypatch.undo()
+    assert ckpt.load_checkpoint(tmp_path / "best.pt")["trainer"]["step"] == 2
+    assert ckpt.load_checkpoint(tmp_path / "last.pt")["trainer"]["step"] == 1
+    assert ckpt.load_checkpoint(tmp_path / "last.prev.pt")["trainer"]["step"] == 1
+    assert [p.name for p in tmp_path.glob(".last.pt.new-*")]
+    ckpt.clean_stale_temp_files(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.prev.pt", "last.pt"]
+    assert ckpt.find_resumable(tmp_path)[0].name == "last.pt"
+
+
 class _FullDisk:
     """A file whose writes stop after ``room`` bytes with ENOSPC, like a full disk."""
 

@@ -116,11 +116,19 @@ def _finish(proc: subprocess.Popen) -> None:
     assert proc.returncode == 0, f"exit {proc.returncode}: {err.decode()[-2000:]}"
 
 
-def _same_weights(run: Path, ref: dict[str, torch.Tensor]) -> None:
+def _same_result(run: Path, ref_dir: Path, ref: dict[str, torch.Tensor]) -> None:
+    """Final weights bit-identical; best and numbered checkpoints all there, at the same points."""
     got = load_file(str(run / "model.safetensors"))
     assert got.keys() == ref.keys()
     diff = [k for k in ref if not torch.equal(got[k], ref[k])]
     assert not diff, f"{run.name}: tensors differ from the uninterrupted run: {diff[:5]}"
+    names = [p.name for p in _published(run / "checkpoints") if p.name != "last.prev.pt"]
+    assert names == [p.name for p in _published(ref_dir / "checkpoints") if p.name != "last.prev.pt"]
+    for name in names:
+        a = load_checkpoint(run / "checkpoints" / name)
+        b = load_checkpoint(ref_dir / "checkpoints" / name)
+        assert (a["trainer"]["step"], a["trainer"]["best_acc"]) == (b["trainer"]["step"], b["trainer"]["best_acc"]), name
+        assert all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"]), name
 
 
 def _plan(rng: random.Random, n: int) -> list[tuple[str, float, float]]:
@@ -150,7 +158,7 @@ def test_sigkill_anywhere_resumes_bit_identical(tmp_path: Path) -> None:
         nonlocal chain, run, in_chain, compared, had_ckpt
         _finish(proc)
         _check_readable(run / "checkpoints", had_ckpt)
-        _same_weights(run, ref)
+        _same_result(run, ref_dir, ref)
         compared += 1
         chain, in_chain, had_ckpt = chain + 1, 0, False
         run = tmp_path / f"chain{chain}"
