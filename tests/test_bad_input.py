@@ -149,3 +149,11 @@ def test_unknown_command_and_real_process_output(tmp_path):
         lines = p.stderr.strip().splitlines()
         assert len(lines) == 1 and needle in lines[0] and "Traceback" not in p.stderr
         assert not (tmp_path / "runs").exists()
+
+
+def test_prefix_that_cannot_be_created_exits_2(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    code = run_cli("train", "--cpu", "--test-run", "--epochs", "1", "--prefix", blocker / "run")
+    _one_line_error(capsys, code, f"--prefix {blocker / 'run'} is not writable")
+    assert blocker.read_text() == "not a folder"
