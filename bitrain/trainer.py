@@ -382,8 +382,8 @@ class Trainer:
 
     def _stop_requested(self) -> bool:
         flag = self._signals.received is not None
-        if self.dist.enabled:  # agree across ranks, at log intervals only (one small all-reduce)
-            if self.log_interval and self.state.batch % self.log_interval:
+        if self.dist.enabled:  # agree across ranks every log interval (one small all-reduce), not every step
+            if self.state.batch % (self.log_interval or 50):
                 return False
             flag = dist.broadcast_flag(flag, self.device)
             if flag and self._signals.received is None:
