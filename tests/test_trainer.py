@@ -187,3 +187,16 @@ def test_live_progress_bar_on_a_terminal(tmp_path):
     assert "Epoch 1/2" in screen and "5/5" in screen and "hello" in screen
     assert "hello" in (tmp_path / "train.log").read_text()
     assert (tmp_path / "eta.txt").read_text().startswith("Epoch ETA: ")
+
+
+def test_bop_run_resumes_bit_identical(tmp_path):
+    """larq's Bop through the CLI: binary weights flip, the rest by Adam; resume is exact."""
+    args = ("--epochs", "3", "--batch-size", "64", "--optimizer", "bop", "--log-interval", "0")
+    assert run_cli("train", "--prefix", tmp_path / "full", *args) == 0
+    assert run_cli("train", "--prefix", tmp_path / "cut", *args, "--interrupt-at", "2") == 3
+    assert run_cli("train", "--prefix", tmp_path / "cut", "--resume", "auto") == 0
+    full = final_weights(tmp_path / "full")
+    assert_same_weights(full, final_weights(tmp_path / "cut"))
+    binary = full["2.body.0.weight"]  # a QConv2d's latent weights: Bop keeps them at exactly +-1
+    assert set(binary.unique().tolist()) <= {-1.0, 1.0}
+    assert max(float(r["acc1"]) for r in read_rows(tmp_path / "full", "val")) > 0.9
