@@ -39,6 +39,12 @@ class Callback:
     def on_fit_end(self, result: dict[str, Any]) -> None: ...
     def close(self) -> None: ...
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to continue this callback's output (saved in checkpoints)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
 
 def _fmt_metrics(row: dict[str, Any]) -> str:
     return "\t".join(f"{METRIC_NAMES[k]}={row[k]:.6f}" for k in ("acc1", "acc5", "loss") if row.get(k) is not None)
@@ -107,6 +113,16 @@ class CSVLogger(Callback):
         self.writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in CSV_COLUMNS})
         self.file.flush()
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"bytes": self.file.tell()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        # rows written after the checkpoint (a run killed mid-epoch) are cut, so the resumed run
+        # does not log them twice
+        if self.file.tell() > state["bytes"]:
+            self.file.truncate(state["bytes"])
+            self.file.seek(0, os.SEEK_END)
+
     def close(self) -> None:
         self.file.close()
 
@@ -117,11 +133,26 @@ class TensorBoardLogger(Callback):
     def __init__(self, log_dir: str | Path, histograms: bool = False) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(log_dir))
+        self.log_dir = str(log_dir)
+        self.writer = SummaryWriter(self.log_dir)
         self.histograms = histograms
+        self.last_step = -1  # the largest global_step written
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_step": self.last_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        # TensorBoard hides events at or after purge_step written before this restart: what a
+        # killed run logged after its checkpoint does not show twice
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer.close()
+        self.last_step = state["last_step"]
+        self.writer = SummaryWriter(self.log_dir, purge_step=self.last_step + 1)
 
     def on_row(self, row: dict[str, Any]) -> None:
         split, step = TB_SPLIT[row["split"]], row["samples"]
+        self.last_step = max(self.last_step, step)
         for key in ("acc1", "acc5", "loss"):
             if row.get(key) is not None:
                 self.writer.add_scalar(f"{METRIC_NAMES[key]}/{split}", row[key], global_step=step)
@@ -129,6 +160,7 @@ class TensorBoardLogger(Callback):
             self.writer.add_scalar("training/lr", row["lr"], global_step=step)
 
     def on_epoch_end(self, epoch: int, epoch_time: float, samples: int) -> None:
+        self.last_step = max(self.last_step, samples)
         self.writer.add_scalar("training/epoch", epoch, global_step=samples)
         self.writer.add_scalar("training/epoch-time", epoch_time, global_step=samples)
         self.writer.flush()

@@ -330,6 +330,7 @@ class Trainer:
             "trainer": dataclasses.asdict(self.state),
             "train_metrics": self.train_metrics.state_dict(),
             "rng": self._gather_rng(),
+            "callbacks": {type(cb).__name__: cb.state_dict() for cb in self.callbacks},
             **self.checkpoint_extra,
         }
 
@@ -342,6 +343,10 @@ class Trainer:
         self.state = TrainState(**payload["trainer"])
         if "train_metrics" in payload:
             self.train_metrics.load_state_dict(payload["train_metrics"])
+        for cb in self.callbacks:
+            state = payload.get("callbacks", {}).get(type(cb).__name__)
+            if state:
+                cb.load_state_dict(state)
         rng = payload.get("rng", {})
         per_rank = rng.get("ranks")
         if per_rank:

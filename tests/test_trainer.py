@@ -200,3 +200,24 @@ def test_bop_run_resumes_bit_identical(tmp_path):
     binary = full["2.body.0.weight"]  # a QConv2d's latent weights: Bop keeps them at exactly +-1
     assert set(binary.unique().tolist()) <= {-1.0, 1.0}
     assert max(float(r["acc1"]) for r in read_rows(tmp_path / "full", "val")) > 0.9
+
+
+def test_resume_cuts_what_was_logged_after_the_checkpoint(small_run, tmp_path):
+    """A run killed after its checkpoint logged more rows and events; the resumed run shows each once."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    run = tmp_path / "cut"
+    assert run_cli("train", "--prefix", run, *SMALL, "--interrupt-at", "1") == 3
+    with open(run / "metrics.csv", "a") as f:  # what the killed process wrote after last.pt
+        f.write("batch,1,27,1728,9.9,0.1,0.2,0.01,100.0,\n")
+    w = SummaryWriter(str(run / "tb"))
+    w.add_scalar("accuracy/batch", 0.123, global_step=1728)
+    w.close()
+    assert run_cli("train", "--prefix", run, "--resume", "auto") == 0
+    rows = read_rows(run)
+    assert [(r["split"], r["step"]) for r in rows] == [(r["split"], r["step"]) for r in read_rows(small_run)]
+    ea = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0})
+    ea.Reload()
+    steps = [e.step for e in ea.Scalars("accuracy/batch")]
+    assert len(steps) == len(set(steps)) and 0.123 not in [round(e.value, 3) for e in ea.Scalars("accuracy/batch")]
