@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 import warnings
@@ -390,6 +391,7 @@ def _summary_line(fn: Callable) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``bitrain`` command; returns the exit code."""
+    as_program = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         if not argv:
@@ -415,3 +417,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except SystemExit as e:  # argparse --help
         return int(e.code or 0) if not isinstance(e.code, str) else 2
+    finally:
+        if as_program:  # the process ends now: a late Ctrl-C during shutdown must not print a traceback
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
