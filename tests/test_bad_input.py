@@ -11,7 +11,13 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 
+import bitrain
 from bitrain import checkpoint as ckpt
+
+
+def _pythonpath() -> str:
+    """The bitrain this test imported, for the child process (a PYTHONPATH given by the caller first)."""
+    return os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(Path(bitrain.__file__).parents[1])]))
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
@@ -139,7 +145,8 @@ def test_resume_auto_with_nothing_to_resume_starts_fresh(tmp_path, capsys):
 
 def test_unknown_command_and_real_process_output(tmp_path):
     """Through a real process: exit 2, one stderr line, no traceback."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
+               PYTHONPATH=_pythonpath())
     for argv, needle in ((["trian"], "unknown command 'trian'; did you mean 'train'?"),
                          (["train", "--lr-mod", "cosine"], "did you mean '--lr-mode'?"),
                          (["train", "--cpu", "--resume", str(tmp_path / "x.pt")], "does not exist")):

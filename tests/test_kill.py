@@ -39,11 +39,15 @@ ARGS = ["train", "--cpu", "--epochs", "2", "--batch-size", "128", "--checkpoint-
 TIMEOUT = 600  # seconds per process: the CI machine may be shared and slow
 
 
+def _pythonpath() -> str:
+    """The bitrain this test imported, for the child process (a PYTHONPATH given by the caller first)."""
+    return os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(Path(bitrain.__file__).parents[1])]))
+
+
 def _env() -> dict[str, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore", CI="1")
     env.pop("WORLD_SIZE", None)
-    # the bitrain this test imported (a PYTHONPATH given by the caller still comes first)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(Path(bitrain.__file__).parents[1])]))
+    env["PYTHONPATH"] = _pythonpath()
     return env
 
 
