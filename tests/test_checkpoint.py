@@ -4,7 +4,6 @@ would run on unpickling, checkpoints of another model, non-finite loss."""
 from __future__ import annotations
 
 import errno
-import io
 import os
 import pickle
 import warnings

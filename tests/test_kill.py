@@ -25,10 +25,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import read_rows
 from safetensors.torch import load_file
 
 import bitrain
-
 from bitrain.checkpoint import load_checkpoint
 
 SEED = int(os.environ.get("BITRAIN_KILL_SEED", "20240611"))
@@ -126,6 +126,9 @@ def _same_result(run: Path, ref_dir: Path, ref: dict[str, torch.Tensor]) -> None
     assert got.keys() == ref.keys()
     diff = [k for k in ref if not torch.equal(got[k], ref[k])]
     assert not diff, f"{run.name}: tensors differ from the uninterrupted run: {diff[:5]}"
+    timing = ("samples_per_sec", "epoch_time")  # the only columns a kill may change
+    rows = [[v for k, v in r.items() if k not in timing] for r in read_rows(run)]
+    assert rows == [[v for k, v in r.items() if k not in timing] for r in read_rows(ref_dir)], "metrics.csv differs"
     names = [p.name for p in _published(run / "checkpoints") if p.name != "last.prev.pt"]
     assert names == [p.name for p in _published(ref_dir / "checkpoints") if p.name != "last.prev.pt"]
     for name in names:

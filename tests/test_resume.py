@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import assert_same_weights, final_weights, run_cli
 
 import bitrain
