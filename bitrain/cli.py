@@ -252,7 +252,7 @@ def cmd_train(argv: Sequence[str]) -> int:
         checkpoint_extra={"config": cfg.to_dict(include_run_control=False), "model_args": margs,
                           "data": {"dataset": info.name, "mean": list(info.mean), "std": list(info.std),
                                    "image_size": info.image_size, "num_classes": info.num_classes}})
-    say = (lambda text: trainer._emit("on_message", text))
+    say = trainer.message
     if payload is not None:
         _load_or_explain(trainer, payload, ckpt_path)
         s = trainer.state

@@ -153,3 +153,27 @@ def wrap_ddp(model: nn.Module, device: torch.device, sync_bn: bool = False) -> n
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def rng_state() -> dict:
+    """This process's torch (and CUDA) generator states."""
+    state: dict = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def gather_rng_states() -> list[dict]:
+    """Every rank's RNG state, in rank order (a collective under DDP; in-process exchange, no file)."""
+    mine = rng_state()
+    if not (dist.is_available() and dist.is_initialized()):
+        return [mine]
+    states: list = [None] * dist.get_world_size()
+    dist.all_gather_object(states, mine)
+    return states

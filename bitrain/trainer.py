@@ -11,8 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +25,8 @@ from bitrain import dist
 from bitrain.callbacks import Callback
 from bitrain.layers import clip_latent_weights_, latent_weight_warning
 from bitrain.metrics import EpochMetrics
+from bitrain.mixup import mix_inputs, mixed_cross_entropy, mixup_params
+from bitrain.preempt import StopFlag
 from bitrain.quant import set_quantizer_epoch
 
 
@@ -60,45 +60,6 @@ class TrainState:
     epoch_elapsed: float = 0.0  # seconds already spent in ``epoch`` before a mid-epoch resume
     epoch_times: list[float] = field(default_factory=list)
     nonfinite_skipped: int = 0
-
-
-class _SignalFlag:
-    """SIGTERM / SIGUSR1 / first Ctrl-C set a flag (the loop stops at the next step boundary);
-    a second Ctrl-C raises KeyboardInterrupt at once. Nothing heavy runs in the handler."""
-
-    SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None), signal.SIGINT) if s)
-
-    def __init__(self) -> None:
-        self.received: str | None = None
-        self._old: dict = {}
-
-    def _handle(self, signum, frame) -> None:
-        if self.received is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.received = signal.Signals(signum).name
-
-    def __enter__(self) -> "_SignalFlag":
-        if threading.current_thread() is threading.main_thread():
-            for s in self.SIGNALS:
-                self._old[s] = signal.signal(s, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for s, h in self._old.items():
-            signal.signal(s, h)
-
-
-def rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 @torch.no_grad()
@@ -197,7 +158,7 @@ class Trainer:
         self.val_metrics = EpochMetrics(self.device)
         # first step whose loss was non-finite (inf = none); a device tensor: no sync per step
         self._first_bad = torch.full((), math.inf, device=self.device, dtype=torch.float64)
-        self._signals = _SignalFlag()
+        self._signals = StopFlag()
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict[str, Any]:
@@ -270,7 +231,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         mix = self._mixup_params(y)
         if mix is not None:
-            x = mix[0] * x + (1 - mix[0]) * x[mix[1]]
+            x = mix_inputs(x, *mix)
         with self._autocast():
             logits = self.net(x)
             loss = self._loss(logits, y, mix)
@@ -295,21 +256,14 @@ class Trainer:
 
     def _loss(self, logits: torch.Tensor, y: torch.Tensor, mix: tuple[float, torch.Tensor] | None) -> torch.Tensor:
         logits = logits.float()
-        loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
         if mix is None:
-            return loss
-        # the loss on mixed one-hot targets is the same mix of the two hard-label losses
-        lam, perm = mix
-        return lam * loss + (1 - lam) * F.cross_entropy(logits, y[perm], label_smoothing=self.label_smoothing)
+            return F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        return mixed_cross_entropy(logits, y, *mix, label_smoothing=self.label_smoothing)
 
     def _mixup_params(self, y: torch.Tensor) -> tuple[float, torch.Tensor] | None:
         if not self.mixup_alpha or (self.mixup_off_epoch and self.state.epoch >= self.mixup_off_epoch):
             return None
-        # a pure function of (seed, step, rank): resume does not change it
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.state.step) * 1_009 + self.dist.rank)
-        lam = _beta(self.mixup_alpha, g)
-        perm = torch.randperm(y.shape[0], generator=g).to(y.device)
-        return lam, perm
+        return mixup_params(self.seed, self.state.step, self.dist.rank, y.shape[0], self.mixup_alpha)
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict[str, float]:
@@ -329,7 +283,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "trainer": dataclasses.asdict(self.state),
             "train_metrics": self.train_metrics.state_dict(),
-            "rng": self._gather_rng(),
+            "rng": {"ranks": dist.gather_rng_states()},
             "callbacks": {type(cb).__name__: cb.state_dict() for cb in self.callbacks},
             **self.checkpoint_extra,
         }
@@ -350,17 +304,7 @@ class Trainer:
         rng = payload.get("rng", {})
         per_rank = rng.get("ranks")
         if per_rank:
-            set_rng_state(per_rank[self.dist.rank % len(per_rank)])
-
-    def _gather_rng(self) -> dict[str, Any]:
-        mine = rng_state()
-        if not self.dist.enabled:
-            return {"ranks": [mine]}
-        import torch.distributed as tdist
-
-        states = [None] * self.dist.world_size
-        tdist.all_gather_object(states, mine)  # in-process exchange, not a file
-        return {"ranks": states}
+            dist.set_rng_state(per_rank[self.dist.rank % len(per_rank)])
 
     def _save_last(self, also: Sequence[str] = ()) -> None:
         self._check_finite()
@@ -449,12 +393,11 @@ class Trainer:
         rest = times[1:] if len(times) > 1 else times
         return sum(rest) / len(rest) if rest else float("nan")
 
+    def message(self, text: str) -> None:
+        """A line for the console and the log file (rank 0)."""
+        self._emit("on_message", text)
+
     def _emit(self, event: str, *args) -> None:
         for cb in self.callbacks:
             getattr(cb, event)(*args)
 
-
-def _beta(alpha: float, g: torch.Generator) -> float:
-    """A Beta(alpha, alpha) draw from generator ``g`` (ratio of two Gamma draws)."""
-    a = torch._standard_gamma(torch.full((2,), float(alpha)), generator=g)
-    return float(a[0] / a.sum())
