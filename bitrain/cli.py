@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 
 from bitrain import config as C
 from bitrain.errors import UserError
+from bitrain.rundir import default_run_dir, prepare_run_dir, save_final_weights
 
 PROG = "bitrain"
 
@@ -155,28 +156,6 @@ def build_model_from_args(args: dict[str, Any]):
     return build_model(args.pop("name"), **args)
 
 
-def default_run_dir(cfg: C.TrainConfig) -> Path:
-    return Path("runs") / f"{cfg.model}-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def prepare_run_dir(run_dir: Path, cfg: C.TrainConfig, resuming: bool) -> None:
-    """Refuse a folder that holds another run unless resuming or --overwrite; nothing is deleted silently."""
-    import shutil
-
-    cfg_file = run_dir / "config.yaml"
-    if cfg_file.exists() and not resuming:
-        if not cfg.overwrite:
-            import yaml
-
-            other = (yaml.safe_load(cfg_file.read_text()) or {}).get("model", "?")
-            raise UserError(f"--prefix {run_dir} already holds a run (model {other}); continue it with "
-                            "--resume auto, or pass --overwrite to start over there")
-        for name in ("checkpoints", "tb", "metrics.csv", cfg.log, "model.safetensors", "profile"):
-            target = run_dir / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
-
-
 def cmd_train(argv: Sequence[str]) -> int:
     """``bitrain train``: train a model (BMXNet v2 options; bitrain train --help lists them)
 
@@ -216,10 +195,11 @@ def cmd_train(argv: Sequence[str]) -> int:
         if cfg.dry_run:
             return 0
 
-    run_dir = Path(cfg.prefix) if cfg.prefix else default_run_dir(cfg)
+    run_dir = Path(cfg.prefix) if cfg.prefix else default_run_dir(cfg.model, cfg.dataset)
     if info_d.is_main:
         try:  # --resume with nothing to resume yet (e.g. killed before the first checkpoint) starts fresh there
-            prepare_run_dir(run_dir, cfg, resuming=payload is not None or cfg.resume is not None)
+            prepare_run_dir(run_dir, resuming=payload is not None or cfg.resume is not None,
+                            overwrite=cfg.overwrite, log_name=cfg.log)
             ckpt.clean_stale_temp_files(run_dir / "checkpoints")
             C.dump_yaml(cfg, run_dir / "config.yaml")
         except OSError as e:
@@ -277,7 +257,7 @@ def cmd_train(argv: Sequence[str]) -> int:
         print(f"{PROG}: error: {e.strerror}", file=sys.stderr)
         return 1
     if info_d.is_main:
-        _save_final(model, run_dir / "model.safetensors", margs)
+        save_final_weights(model, run_dir / "model.safetensors", margs)
         say(f"[Done] average epoch time (first epoch left out): {result['avg_epoch_time']:.3f}s")
         say(f"[Done] best validation top-1: {result['best_acc']:.4f}; run dir: {run_dir}")
     _close(callbacks)
@@ -292,18 +272,6 @@ def _load_or_explain(trainer: Any, payload: dict, path: Path | None) -> None:
         first = str(e).strip().splitlines()
         detail = " ".join(line.strip() for line in first[:3])[:400]
         raise UserError(f"checkpoint {path} does not match this model/config: {detail}") from None
-
-
-def _save_final(model: Any, path: Path, margs: dict) -> None:
-    """The final weights as safetensors (no pickle), with the model's build arguments as metadata."""
-    import json
-
-    from safetensors.torch import save_file
-
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"model_args": json.dumps(margs)})
-    os.replace(tmp, path)
 
 
 def _print_summary(model: Any, info: Any, plot_prefix: str | None) -> None:
