@@ -82,7 +82,8 @@ def _check_clip(value: float) -> float:
 
 def _check_name(value, option: str):
     if isinstance(value, str) and value not in quant.ALL_NAMES:
-        raise UserError(f"{option} {value!r} is unknown; valid: {', '.join(sorted(quant.ALL_NAMES))}")
+        flag = "--" + option.replace("_", "-")  # the CLI flag and the keyword name both, for either user
+        raise UserError(f"{flag} ({option}) {value!r} is unknown; valid: {', '.join(sorted(quant.ALL_NAMES))}")
     return value
 
 
