@@ -25,6 +25,7 @@ from bitrain import dist
 from bitrain.callbacks import Callback
 from bitrain.layers import clip_latent_weights_, latent_weight_warning
 from bitrain.metrics import EpochMetrics
+from bitrain.optim import build_optimizer
 from bitrain.mixup import mix_inputs, mixed_cross_entropy, mixup_params
 from bitrain.preempt import StopFlag
 from bitrain.quant import set_quantizer_epoch
@@ -88,20 +89,22 @@ def evaluate(model: nn.Module, loader: Iterable, *, device: torch.device | str =
 class Trainer:
     """Train ``model`` with ``optimizer`` on ``train_loader``, validating on ``val_loader``.
 
-    Loaders follow bitrain's loader protocol: ``set_epoch(epoch, start)``, ``len()``,
+    ``optimizer`` is an optimizer or a name (sgd, nag, adam, radam, adamw, bop: built with BMXNet's
+    no-decay groups). Loaders follow bitrain's loader protocol: ``set_epoch(epoch, start)``, ``len()``,
     ``batch_size``, ``num_samples``, and yield ``(x, y)`` already on ``device``.
-    ``schedule`` maps the optimizer step to the learning rate. Files go to ``run_dir`` (rank 0).
+    ``schedule`` maps the optimizer step to the learning rate (without one, the lr stays). Files go to ``run_dir`` (rank 0).
     """
 
     def __init__(
         self,
         model: nn.Module,
-        optimizer: torch.optim.Optimizer,
+        optimizer: torch.optim.Optimizer | str,
         train_loader: Any,
         val_loader: Any = None,
         *,
         epochs: int,
         schedule: Callable[[int], float] | None = None,
+        lr: float = 0.01,
         run_dir: str | Path | None = None,
         callbacks: Sequence[Callback] = (),
         device: torch.device | str = "cpu",
@@ -135,6 +138,8 @@ class Trainer:
         self.net = dist.wrap_ddp(self.model, self.device, sync_bn=sync_bn)  # what forward runs
         if compile:
             self.net = torch.compile(self.net)
+        if isinstance(optimizer, str):  # a name: BMXNet's parameter groups, lr from the schedule or ``lr``
+            optimizer = build_optimizer(self.model, optimizer, lr=schedule(0) if schedule else lr)
         self.optimizer, self.train_loader, self.val_loader = optimizer, train_loader, val_loader
         self.epochs, self.schedule = epochs, schedule
         self.run_dir = Path(run_dir) if run_dir is not None else None

@@ -221,3 +221,18 @@ def test_resume_cuts_what_was_logged_after_the_checkpoint(small_run, tmp_path):
     ea.Reload()
     steps = [e.step for e in ea.Scalars("accuracy/batch")]
     assert len(steps) == len(set(steps)) and 0.123 not in [round(e.value, 3) for e in ea.Scalars("accuracy/batch")]
+
+
+def test_python_api_with_an_optimizer_name(tmp_path):
+    """Trainer(model, "adam", ...) with the bitrain loaders: trains, writes last.pt, no CLI involved."""
+    from bitrain import Trainer, build_data, build_model
+
+    train, val, info = build_data("digits", batch_size=64)
+    model = build_model("tiny_resnet_e", num_classes=info.num_classes, in_channels=info.in_channels,
+                        image_size=info.image_size)
+    trainer = Trainer(model, "adam", train, val, epochs=3, lr=0.01, run_dir=tmp_path)
+    assert isinstance(trainer.optimizer, torch.optim.Adam)
+    assert [g["weight_decay"] for g in trainer.optimizer.param_groups] == [0.0, 0.0]
+    result = trainer.fit()
+    assert result["best_acc"] > 0.8 and trainer.state.step == 3 * len(train)
+    assert (tmp_path / "checkpoints" / "last.pt").is_file()
