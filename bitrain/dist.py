@@ -177,3 +177,14 @@ def gather_rng_states() -> list[dict]:
     states: list = [None] * dist.get_world_size()
     dist.all_gather_object(states, mine)
     return states
+
+
+def sync_buffers(model: nn.Module) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics) to every rank.
+
+    DDP broadcasts them at the start of each forward, but every rank then updates its own with its
+    own batch: before validation, all ranks must evaluate the same model that rank 0 saves.
+    """
+    if dist.is_available() and dist.is_initialized():
+        for b in model.buffers():
+            dist.broadcast(b, src=0)

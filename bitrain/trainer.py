@@ -276,6 +276,7 @@ class Trainer:
         if self.val_loader is None:
             return {}
         self.val_loader.set_epoch(0)
+        dist.sync_buffers(self.model)  # every rank validates the model rank 0 saves
         return evaluate(self.model, self.val_loader, device=self.device, amp_dtype=self.amp_dtype,
                         max_batches=1 if self.test_run else None, metrics=self.val_metrics)
 

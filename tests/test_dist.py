@@ -211,3 +211,26 @@ def test_sync_batchnorm_conversion_keeps_parameters_keys_and_single_process_outp
     assert all(a is b for a, b in zip(params_before, model.parameters()))
     assert list(model.state_dict()) == keys_before
     torch.testing.assert_close(model(x), ref)  # no process group: plain BatchNorm
+
+
+def test_without_sync_bn_every_rank_validates_rank_0s_model(tmp_path, probe):
+    """No --sync-bn: each rank updates its own BatchNorm statistics, so before validating the ranks
+    take rank 0's; the logged val top-1 is then exactly that of the saved model on all 355 images."""
+    from bitrain.cli import build_model_from_args
+    from bitrain.data import build_data
+
+    run = tmp_path / "run"
+    _ok(_run([*TORCHRUN, probe, "train", "--cpu", "--epochs", "2", "--batch-size", "32", "--log-interval", "0",
+              "--prefix", run], tmp_path))
+    from safetensors.torch import load_file
+
+    r0, r1 = load_file(str(run / "rank0.safetensors")), load_file(str(run / "rank1.safetensors"))
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)  # running statistics included
+    ck = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    model = build_model_from_args(ck["model_args"])
+    model.load_state_dict(ck["model"])
+    model.eval()
+    _, val, _ = build_data("digits", batch_size=100)
+    with torch.no_grad():
+        correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in val)
+    assert float(read_rows(run, "val")[-1]["acc1"]) == pytest.approx(correct / 355, abs=1e-9)
