@@ -24,8 +24,7 @@ import torch
 from PIL import Image
 
 from bitrain.errors import UserError
-from bitrain.loader import (check_batch_size, epoch_permutation, normalize_affine, normalize_batch,
-                            train_batch_slice, train_batches_per_epoch, val_shard)
+from bitrain.loader import EpochShards, epoch_permutation, normalize_affine, normalize_batch, train_batch_slice
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".webp", ".tif", ".tiff")
 # BMXNet's ImageNet mean/std (pixel units 123.68 ... / 58.393 ...) in [0, 1] units.
@@ -211,47 +210,25 @@ class _EpochBatches:
         return len(self.batches)
 
 
-class ImageFolderLoader:
+class ImageFolderLoader(EpochShards):
     """The Loader protocol (see bitrain.data) over an ImageFolderDataset, decoded by CPU workers."""
 
     def __init__(self, dataset: ImageFolderDataset, *, batch_size: int, device: torch.device,
                  seed: int, rank: int, world_size: int, num_workers: int,
                  dtype: torch.dtype, channels_last: bool) -> None:
-        n, self.train = len(dataset), dataset.train
-        if self.train:
-            check_batch_size(batch_size, n, world_size)
-            self._len = train_batches_per_epoch(n, batch_size, world_size)
-        else:
-            if batch_size < 1:
-                raise UserError(f"--batch-size must be >= 1, got {batch_size}")
-            self._lo, self._hi = val_shard(n, rank, world_size)
-            self._len = -(-(self._hi - self._lo) // batch_size)
-        self.dataset, self.batch_size, self.device = dataset, batch_size, device
+        self._init_shards(len(dataset), batch_size=batch_size, train=dataset.train, rank=rank,
+                          world_size=world_size)
+        self.dataset, self.device = dataset, device
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.dtype, self.channels_last = dtype, channels_last
         self.scale, self.shift = normalize_affine(IMAGENET_MEAN, IMAGENET_STD, device)
         self.num_skipped = 0  # corrupt-image replacements so far (every occurrence)
         self.skipped_files: set[str] = set()
-        self._epoch, self._start = 0, 0
         self._sampler = _EpochBatches()
         self._loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=self._sampler, num_workers=num_workers, collate_fn=_collate,
             pin_memory=device.type == "cuda", worker_init_fn=_worker_init,
             persistent_workers=num_workers > 0)
-
-    def __len__(self) -> int:
-        return self._len
-
-    @property
-    def num_samples(self) -> int:
-        """Samples one full epoch yields on this rank."""
-        return self._len * self.batch_size if self.train else self._hi - self._lo
-
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        """Select the epoch; the next iter() yields its batches start .. len-1."""
-        if not 0 <= start <= self._len:
-            raise ValueError(f"start batch {start} outside 0..{self._len}")
-        self._epoch, self._start = int(epoch), int(start)
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """Sample indices of this rank's batches in `epoch` (train: shuffled; val: fixed)."""

@@ -93,7 +93,39 @@ def normalize_batch(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
     return out if dtype == torch.float32 else out.to(dtype)
 
 
-class DeviceLoader:
+class EpochShards:
+    """The Loader protocol's bookkeeping, shared by the loaders: this rank's batches per epoch,
+    its samples, and ``set_epoch(epoch, start)``. Train: every rank the same number of full
+    batches (tail dropped); val: this rank's contiguous shard, last partial batch kept."""
+
+    def _init_shards(self, n: int, *, batch_size: int, train: bool, rank: int, world_size: int) -> None:
+        if train:
+            check_batch_size(batch_size, n, world_size)
+            self._len = train_batches_per_epoch(n, batch_size, world_size)
+        else:
+            if batch_size < 1:
+                raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+            self._lo, self._hi = val_shard(n, rank, world_size)
+            self._len = -(-(self._hi - self._lo) // batch_size)
+        self.batch_size, self.train = batch_size, train
+        self._epoch, self._start = 0, 0
+
+    def __len__(self) -> int:
+        return self._len
+
+    @property
+    def num_samples(self) -> int:
+        """Samples one full epoch yields on this rank."""
+        return self._len * self.batch_size if self.train else self._hi - self._lo
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Select the epoch; the next iter() yields its batches start .. len-1."""
+        if not 0 <= start <= self._len:
+            raise ValueError(f"start batch {start} outside 0..{self._len}")
+        self._epoch, self._start = int(epoch), int(start)
+
+
+class DeviceLoader(EpochShards):
     """Batches of an in-memory data set kept on the device (see the module docstring).
 
     images: uint8 (N, C, H, W) on the device; labels: int64 (N,) on the same device.
@@ -114,13 +146,10 @@ class DeviceLoader:
             raise UserError(f"rank {rank} is outside world size {world_size}")
         if len(mean) != images.shape[1] or len(std) != images.shape[1]:
             raise ValueError(f"mean/std need {images.shape[1]} channels, got {len(mean)}/{len(std)}")
-        if train:
-            check_batch_size(batch_size, images.shape[0], world_size)
-        elif batch_size < 1:
-            raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+        self._init_shards(images.shape[0], batch_size=batch_size, train=train, rank=rank, world_size=world_size)
         self.labels = labels.to(torch.int64)
         self.device = images.device
-        self.batch_size, self.train, self.seed = batch_size, train, seed
+        self.seed = seed
         self.rank, self.world_size = rank, world_size
         self.pad, self.flip = (pad, flip) if train else (0, False)
         self.dtype, self.channels_last = dtype, channels_last
@@ -134,28 +163,7 @@ class DeviceLoader:
             p = self.pad
             self.images = F.pad(images, (p, p, p, p))
             self._windows = self.images.unfold(2, h, 1).unfold(3, w, 1)
-        self._epoch, self._start = 0, 0
         self._plan: tuple[int, torch.Tensor] | None = None  # (epoch, (N, 4) device plan)
-        if train:
-            self._len = train_batches_per_epoch(n, batch_size, world_size)
-        else:
-            lo, hi = val_shard(n, rank, world_size)
-            self._lo, self._hi = lo, hi
-            self._len = -(-(hi - lo) // batch_size)
-
-    def __len__(self) -> int:
-        return self._len
-
-    @property
-    def num_samples(self) -> int:
-        """Samples one full epoch yields on this rank."""
-        return self._len * self.batch_size if self.train else self._hi - self._lo
-
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        """Select the epoch; the next iter() yields its batches start .. len-1."""
-        if not 0 <= start <= self._len:
-            raise ValueError(f"start batch {start} outside 0..{self._len}")
-        self._epoch, self._start = int(epoch), int(start)
 
     def epoch_plan(self, epoch: int) -> torch.Tensor:
         """(N, 4) int64 on the device: per epoch position (sample index, dy, dx, flip)."""
