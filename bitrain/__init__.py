@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "Trainer": "bitrain.trainer",
-    "TrainState": "bitrain.trainer",
+    "TrainState": "bitrain.state",
     "evaluate": "bitrain.trainer",
     "Interrupted": "bitrain.trainer",
     "NonFiniteLoss": "bitrain.trainer",

@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -29,38 +28,9 @@ from bitrain.optim import build_optimizer
 from bitrain.mixup import mix_inputs, mixed_cross_entropy, mixup_params
 from bitrain.preempt import StopFlag
 from bitrain.quant import set_quantizer_epoch
+from bitrain.state import Interrupted, NonFiniteLoss, TrainerStop, TrainState
 
-
-class TrainerStop(Exception):
-    """Base of the ways fit() ends early; ``exit_code`` is what the CLI returns."""
-
-    exit_code = 1
-
-
-class Interrupted(TrainerStop):
-    """--interrupt-at, SIGTERM/SIGUSR1/Ctrl-C: a resumable checkpoint was written."""
-
-    exit_code = 3
-
-
-class NonFiniteLoss(TrainerStop):
-    """The loss became NaN/inf; the last good checkpoint is kept."""
-
-    exit_code = 1
-
-
-@dataclass
-class TrainState:
-    """Everything resume needs besides module/optimizer/scaler tensors (nanoGPT's loop_state)."""
-
-    epoch: int = 0           # epoch in progress, or the next one to start
-    batch: int = 0           # batches of ``epoch`` already trained (0 = at its start)
-    step: int = 0            # optimizer steps over the whole run: the schedule's input
-    samples: int = 0         # samples seen over the run, all ranks: TensorBoard's x axis
-    best_acc: float = -1.0   # best validation top-1 so far
-    epoch_elapsed: float = 0.0  # seconds already spent in ``epoch`` before a mid-epoch resume
-    epoch_times: list[float] = field(default_factory=list)
-    nonfinite_skipped: int = 0
+__all__ = ["Trainer", "TrainState", "TrainerStop", "Interrupted", "NonFiniteLoss", "evaluate"]
 
 
 @torch.no_grad()

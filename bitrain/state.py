@@ -1,0 +1,37 @@
+"""The loop's position (``TrainState``) and the ways ``fit()`` ends early, with their exit codes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class TrainerStop(Exception):
+    """Base of the ways fit() ends early; ``exit_code`` is what the CLI returns."""
+
+    exit_code = 1
+
+
+class Interrupted(TrainerStop):
+    """--interrupt-at, SIGTERM/SIGUSR1/Ctrl-C: a resumable checkpoint was written."""
+
+    exit_code = 3
+
+
+class NonFiniteLoss(TrainerStop):
+    """The loss became NaN/inf; the last good checkpoint is kept."""
+
+    exit_code = 1
+
+
+@dataclass
+class TrainState:
+    """Everything resume needs besides module/optimizer/scaler tensors (nanoGPT's loop_state)."""
+
+    epoch: int = 0           # epoch in progress, or the next one to start
+    batch: int = 0           # batches of ``epoch`` already trained (0 = at its start)
+    step: int = 0            # optimizer steps over the whole run: the schedule's input
+    samples: int = 0         # samples seen over the run, all ranks: TensorBoard's x axis
+    best_acc: float = -1.0   # best validation top-1 so far
+    epoch_elapsed: float = 0.0  # seconds already spent in ``epoch`` before a mid-epoch resume
+    epoch_times: list[float] = field(default_factory=list)
+    nonfinite_skipped: int = 0
