@@ -12,14 +12,16 @@ import argparse
 import os
 import signal
 import sys
-import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from bitrain import config as C
 from bitrain.errors import UserError
 from bitrain.rundir import default_run_dir, prepare_run_dir, save_final_weights
+
+if TYPE_CHECKING:
+    import torch
 
 PROG = "bitrain"
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -26,8 +25,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
+from bitrain.checkpoint import atomic_write_bytes
 from bitrain.errors import UserError
 from bitrain.layers import QConv2d, QLinear
 from bitrain.quant import get_quantizer
@@ -267,9 +267,8 @@ def export_packed(model: nn.Module, out_path: str | Path, *, model_args: dict,
                 "model_args": _json(model_args, "model_args"), "layers": _json(layers, "layer settings"),
                 "meta": json.dumps(meta or {}, sort_keys=True, default=str)}
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, out_path)  # never leave a half-written export under the final name
+    # never leave a half-written export under the final name
+    atomic_write_bytes(out_path, save(tensors, metadata=metadata))
     return {"path": str(out_path), "bytes": out_path.stat().st_size, "packed_layers": len(layers),
             "float_state_bytes": float_state_bytes}
 

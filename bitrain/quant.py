@@ -333,7 +333,7 @@ def get_quantizer(identifier: str | Quantizer | None, bits: int = 1, kind: str =
 
 
 # the epoch-scheduled quantizers live in their own module; re-exported here for get-by-module use
-from bitrain.quant_schedule import (  # noqa: E402  (needs the names above)
+from bitrain.quant_schedule import (  # noqa: E402,F401  (needs the names above; re-exported)
     ProgressiveSign,
     QuantizerScheduler,
     ScheduledQuantizer,

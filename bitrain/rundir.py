@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any
 
 import torch.nn as nn
 
+from bitrain.checkpoint import atomic_write_bytes
 from bitrain.errors import UserError
 
 #: what a fresh run writes; --overwrite removes exactly these (and nothing else) from a used folder
@@ -41,9 +41,7 @@ def prepare_run_dir(run_dir: Path, *, resuming: bool, overwrite: bool, log_name:
 
 def save_final_weights(model: nn.Module, path: Path, model_args: dict[str, Any]) -> None:
     """The final weights as safetensors (no pickle), with the model's build arguments as metadata."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"model_args": json.dumps(model_args)})
-    os.replace(tmp, path)
+    atomic_write_bytes(path, save(tensors, metadata={"model_args": json.dumps(model_args)}))
