@@ -4,7 +4,8 @@ require weights bit-identical to an uninterrupted run and no unreadable checkpoi
 Kill moments come from a seeded RNG (``BITRAIN_KILL_SEED`` changes the seed, ``BITRAIN_KILL_POINTS``
 the number of kills; 20 by default). Three kinds of moment:
 
-- ``time``:  a random delay after the process starts (often during start-up, before any checkpoint);
+- ``time``:  a random delay after the process starts, 5-80 % of the reference run's wall time
+  (often during start-up, before any checkpoint);
 - ``saved``: right after the n-th checkpoint of this process was published, plus a random delay;
 - ``write``: as soon as a checkpoint temp file appears (a write is in progress).
 
@@ -142,8 +143,8 @@ def _plan(rng: random.Random, n: int) -> list[tuple[str, float, float]]:
     kinds = rng.choices(["time", "saved", "write"], weights=[2, 4, 4], k=n)
     plan = []
     for kind in kinds:
-        if kind == "time":
-            plan.append(("time", rng.uniform(0.5, 6.0), 0.0))
+        if kind == "time":  # a fraction of the reference run's wall time: the moment always comes
+            plan.append(("time", rng.uniform(0.05, 0.8), 0.0))
         elif kind == "saved":
             plan.append(("saved", rng.randint(1, 4), rng.uniform(0.0, 0.05)))
         else:
@@ -154,7 +155,9 @@ def _plan(rng: random.Random, n: int) -> list[tuple[str, float, float]]:
 @pytest.mark.timeout(1200)
 def test_sigkill_anywhere_resumes_bit_identical(tmp_path: Path) -> None:
     ref_dir = tmp_path / "ref"
+    t0 = time.monotonic()
     _finish(_spawn(ref_dir))
+    ref_seconds = time.monotonic() - t0  # scales the "time" kill points to this machine's speed
     ref = load_file(str(ref_dir / "model.safetensors"))
 
     rng = random.Random(SEED)
@@ -173,14 +176,15 @@ def test_sigkill_anywhere_resumes_bit_identical(tmp_path: Path) -> None:
     for kind, arg, delay in _plan(rng, KILLS):
         for attempt in range(2):
             proc = _spawn(run)
-            if _kill_when(proc, run / "checkpoints", kind, arg, delay):
+            moment = arg * ref_seconds if kind == "time" else arg
+            if _kill_when(proc, run / "checkpoints", kind, moment, delay):
                 kills, in_chain = kills + 1, in_chain + 1
                 kinds[kind] = kinds.get(kind, 0) + 1
                 had_ckpt = _check_readable(run / "checkpoints", had_ckpt) or had_ckpt
                 break
             end_chain(proc)  # it ended before the kill moment: the chain is done
         else:  # a fresh chain always has the moment: it never came
-            pytest.fail(f"kill moment {kind} {arg} never came in a whole run (no checkpoint write seen?)")
+            pytest.fail(f"kill moment {kind} {moment} never came in a whole run (no checkpoint write seen?)")
         if in_chain == PER_CHAIN:
             end_chain(_spawn(run))  # resume this chain to its end, compare, start the next
     if in_chain:
