@@ -203,9 +203,9 @@ def measure(runners: Sequence[Runner], *, steps: int, rounds: int, warmup: int, 
 
 
 def _parser() -> argparse.ArgumentParser:
-    from bitrain.cli import _Parser
+    from bitrain.cli import ArgParser
 
-    p = _Parser(prog="bitrain bench", description=__doc__.split("\n\n")[0])
+    p = ArgParser(prog="bitrain bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="tiny_resnet_e", help="model name (default: tiny_resnet_e)")
     p.add_argument("--dataset", default="digits", choices=("digits", "dummy"),
                    help="digits (8x8, 1 channel) or dummy (3 x image-size x image-size)")

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 PROG = "bitrain"
 
 
-class _Parser(argparse.ArgumentParser):
+class ArgParser(argparse.ArgumentParser):
     """argparse that reports a usage error on one line, with a did-you-mean for unknown flags.
     Abbreviations are off: a typo such as --lr-mod must not silently mean --lr-mode."""
 
@@ -81,7 +81,7 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
 def resolve_config(argv: Sequence[str]) -> tuple[C.TrainConfig, dict | None, Path | None]:
     """argv -> (config, resumed checkpoint payload or None, its path). Precedence: defaults <
     data-set defaults < resumed checkpoint's config < --config YAML < explicit flags."""
-    p = _Parser(prog=f"{PROG} train", argument_default=argparse.SUPPRESS,
+    p = ArgParser(prog=f"{PROG} train", argument_default=argparse.SUPPRESS,
                 description="Train an image classifier (BMXNet v2 options).")
     add_train_args(p)
     ns = p.parse_args(list(argv))
@@ -290,30 +290,6 @@ def _close(callbacks: list) -> None:
         cb.close()
 
 
-def cmd_models(argv: Sequence[str]) -> int:
-    """``bitrain models``: the zoo as a table."""
-    _Parser(prog=f"{PROG} models", description="The model zoo: parameters (1000 classes, 3 channels, "
-            "default input size) and the share of them in 1-bit layers.").parse_args(list(argv))
-    import torch
-
-    from bitrain.layers import binary_layers
-    from bitrain.models import build_model, list_models, model_info
-
-    print(f"{'name':<18} {'family':<10} {'input':>5} {'params':>9} {'binary':>7}")
-    for name in list_models():
-        mi = model_info(name)
-        try:
-            with torch.device("meta"):  # shapes only: no memory, no init cost
-                model = build_model(name, num_classes=1000, in_channels=3, image_size=mi.image_size)
-        except UserError:  # the *_flex models need --block-config: no fixed size
-            print(f"{name:<18} {mi.family:<10} {mi.image_size:>5} {'(flex)':>9} {'-':>7}")
-            continue
-        total = sum(p.numel() for p in model.parameters())
-        binary = sum(m.weight.numel() for m in binary_layers(model))
-        print(f"{name:<18} {mi.family:<10} {mi.image_size:>5} {total / 1e6:>8.2f}M {100 * binary / total:>6.1f}%")
-    return 0
-
-
 def cmd_summary(argv: Sequence[str]) -> int:
     """``bitrain summary --model NAME [train flags]``: params, bits, memory, MACs, compression
 
@@ -337,7 +313,7 @@ def cmd_summary(argv: Sequence[str]) -> int:
 
 def cmd_export(argv: Sequence[str]) -> int:
     """``bitrain export CHECKPOINT OUT.safetensors``: the packed 1-bit model."""
-    p = _Parser(prog=f"{PROG} export", description="Pack a checkpoint's binary weights 8 per byte (safetensors).")
+    p = ArgParser(prog=f"{PROG} export", description="Pack a checkpoint's binary weights 8 per byte (safetensors).")
     p.add_argument("checkpoint")
     p.add_argument("out")
     ns = p.parse_args(list(argv))
@@ -362,7 +338,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "train": cmd_train,
     "eval": _lazy("evaluate", "``bitrain eval CHECKPOINT``: top-1, top-5 and loss on the validation set"),
     "summary": cmd_summary,
-    "models": cmd_models,
+    "models": _lazy("models.table", "``bitrain models``: the zoo as a table"),
     "export": cmd_export,
     "plot": _lazy("plot", "``bitrain plot RUN_DIR...``: loss, top-1 and lr curves as a PNG"),
     "bench": _lazy("bench", "``bitrain bench``: trainer vs hand-written loop (vs Lightning), as a ratio"),
@@ -398,6 +374,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `bitrain models | head`: the reader left; not an error of ours
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush does not fail too
+        return 0
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

@@ -207,9 +207,9 @@ def evaluate_file(path: str | Path, *, dataset: str | None = None, data_dir: str
 
 def main(argv: Sequence[str]) -> int:
     """``bitrain eval CHECKPOINT [--dataset D] [--data-dir DIR] [--split val|train] [--batch-size N]``."""
-    from bitrain.cli import _Parser
+    from bitrain.cli import ArgParser
 
-    p = _Parser(prog="bitrain eval", description="Top-1, top-5 and loss of a checkpoint, a run's "
+    p = ArgParser(prog="bitrain eval", description="Top-1, top-5 and loss of a checkpoint, a run's "
                 "model.safetensors, a packed export or a run directory, on the validation (or train) split.")
     p.add_argument("checkpoint", help="checkpoint .pt, model.safetensors, packed export, or run directory")
     p.add_argument("--dataset", help="data set (default: the one the model was trained on)")

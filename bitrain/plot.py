@@ -124,9 +124,9 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path | None = None) -> 
 
 def main(argv: Sequence[str]) -> int:
     """``bitrain plot RUN_DIR [RUN_DIR ...] [--out FILE.png]``: write the PNG and print its path."""
-    from bitrain.cli import _Parser
+    from bitrain.cli import ArgParser
 
-    p = _Parser(prog="bitrain plot", description="Loss, top-1 and lr against epoch from each run's "
+    p = ArgParser(prog="bitrain plot", description="Loss, top-1 and lr against epoch from each run's "
                 "metrics.csv; several runs are overlaid.")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directory (holding metrics.csv)")
     p.add_argument("--out", help=f"PNG to write (default: FIRST_RUN_DIR/{DEFAULT_NAME})")

@@ -41,3 +41,13 @@ def test_summary_for_a_dataset_builds_for_its_input(capsys):
     assert run_cli("summary", "--dataset", "digits") == 0
     out = capsys.readouterr().out
     assert "Total params                      77,866" in out  # tiny_resnet_e, 1 channel, 10 classes
+
+
+def test_output_into_a_closed_pipe_is_not_an_error():
+    """`bitrain models | head -1`: the reader leaves early; no traceback, exit 0."""
+    import subprocess
+    import sys
+
+    p = subprocess.run(f"{sys.executable} -m bitrain models | head -1", shell=True, capture_output=True, text=True,
+                       timeout=120)
+    assert p.stdout.startswith("name") and "Traceback" not in p.stderr and "BrokenPipe" not in p.stderr
