@@ -151,7 +151,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"checkpoint {path} is unreadable or unsafe ({reason[:200]})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise UserError(f"{path} is not a bitrain checkpoint")
+        raise UserError(f"{path} is not a bitrain checkpoint (no 'format': 'bitrain', 'model', 'model_args')")
     if payload.get("version", 0) > VERSION:
         raise UserError(f"checkpoint {path} has version {payload['version']}; this bitrain reads up to {VERSION}")
     if "checksum" in payload and checksum(payload) != payload["checksum"]:
@@ -192,3 +192,23 @@ def clean_stale_temp_files(folder: str | Path) -> None:
         for p in folder.glob(".*.pt*"):
             if ".tmp-" in p.name or ".new-" in p.name:
                 p.unlink(missing_ok=True)
+
+
+def load_model(path: str | Path) -> tuple["torch.nn.Module", dict]:
+    """(the checkpoint's model rebuilt from its ``model_args`` with its weights, in eval mode; the payload).
+
+    Mismatched weights and missing entries are UserErrors naming the file.
+    """
+    payload = load_checkpoint(path)
+    if "model_args" not in payload or "model" not in payload:
+        raise UserError(f"checkpoint {path} has no 'model_args'/'model': it was not written by bitrain train")
+    from bitrain.models import build_model  # imported here: checkpoint stays a leaf module
+
+    args = dict(payload["model_args"])
+    model = build_model(**args)
+    try:
+        model.load_state_dict(payload["model"])
+    except RuntimeError as e:
+        raise UserError(f"checkpoint {path}: weights do not fit model {args.get('name')!r} "
+                        f"({str(e).splitlines()[0][:200]})") from None
+    return model.eval(), payload

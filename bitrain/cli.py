@@ -152,10 +152,10 @@ def model_args(cfg: C.TrainConfig, info: Any) -> dict[str, Any]:
 
 
 def build_model_from_args(args: dict[str, Any]):
+    """``build_model(**model_args)``: a checkpoint's ``model_args`` hold ``name`` and every keyword."""
     from bitrain.models import build_model
 
-    args = dict(args)
-    return build_model(args.pop("name"), **args)
+    return build_model(**args)
 
 
 def cmd_train(argv: Sequence[str]) -> int:

@@ -60,21 +60,12 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any], dict[str, A
     path = resolve_source(path)
     if path.suffix == ".safetensors":
         return _load_safetensors(path)
-    from bitrain.checkpoint import load_checkpoint
-    from bitrain.models import build_model
+    from bitrain.checkpoint import load_model as load_checkpoint_model
 
-    payload = load_checkpoint(path)
-    if "model_args" not in payload or "model" not in payload:
-        raise UserError(f"checkpoint {path} has no 'model_args'/'model': it was not written by bitrain train")
+    model, payload = load_checkpoint_model(path)
     args = dict(payload["model_args"])
-    model = build_model(**args)
-    try:
-        model.load_state_dict(payload["model"])
-    except RuntimeError as e:
-        raise UserError(f"checkpoint {path}: weights do not fit model {args.get('name')!r} "
-                        f"({str(e).splitlines()[0][:200]})") from None
     config = dict(payload.get("config") or {})
-    return model.eval(), args, config
+    return model, args, config
 
 
 def _load_safetensors(path: Path) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:

@@ -332,27 +332,11 @@ def load_packed(path: str | Path, model_factory: Callable[..., nn.Module] | None
 
 def export_checkpoint(ckpt_path: str | Path, out_path: str | Path) -> dict[str, Any]:
     """Load a bitrain checkpoint (``weights_only``), rebuild its model and write the packed export."""
-    ckpt_path = Path(ckpt_path)
-    if not ckpt_path.is_file():
-        raise UserError(f"checkpoint {ckpt_path} does not exist")
-    try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"checkpoint {ckpt_path} cannot be read safely ({type(e).__name__}: {e})") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
-        raise UserError(f"checkpoint {ckpt_path} lacks 'model' and 'model_args'; is it a bitrain checkpoint?")
-    if "checksum" in ckpt:
-        from bitrain.checkpoint import checksum
-        if checksum(ckpt) != ckpt["checksum"]:
-            raise UserError(f"checkpoint {ckpt_path} is corrupt (checksum mismatch)")
-    from bitrain.models import build_model
+    from bitrain.checkpoint import load_model
 
+    ckpt_path = Path(ckpt_path)
+    model, ckpt = load_model(ckpt_path)
     args = dict(ckpt["model_args"])
-    model = build_model(**args)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise UserError(f"checkpoint {ckpt_path}: state does not fit model {args.get('name')!r}: {e}") from None
     meta = {"checkpoint": ckpt_path.name, "trainer": ckpt.get("trainer", {})}
     return export_packed(model, out_path, model_args=args, meta=meta)
 
