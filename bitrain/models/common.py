@@ -50,6 +50,22 @@ def make_stem(variant: str, in_channels: int, channels: int) -> list[nn.Module]:
     return layers + [nn.BatchNorm2d(channels), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1)]
 
 
+def resnet_features(stages: list[nn.Module], *, in_channels: int, channels: Sequence[int], version: int,
+                    initial_layers: str) -> nn.Sequential:
+    """BMXNet's ResNet body around the stages (binary ResNet and ResNetE alike): input BatchNorm
+    (no affine: BMXNet's input normaliser), stem, [BN after the stem: v1 with a pooled stem],
+    the stages, [BN: v2], ReLU. ``channels``: stem width, then stage widths."""
+    feats: list[nn.Module] = [nn.BatchNorm2d(in_channels, affine=False)]
+    feats += make_stem(initial_layers, in_channels, channels[0])
+    if version == 1 and initial_layers != "thumbnail":
+        feats.append(nn.BatchNorm2d(channels[0]))
+    feats += stages
+    if version == 2:
+        feats.append(nn.BatchNorm2d(channels[-1]))
+    feats.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*feats)
+
+
 def head(channels: int, num_classes: int) -> list[nn.Module]:
     """Global average pool + full-precision classifier; adaptive, so any final map size works."""
     return [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes)]

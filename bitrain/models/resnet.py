@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from bitrain.layers import QConv2d
 from bitrain.models import register
-from bitrain.models.common import head, make_stem
+from bitrain.models.common import head, resnet_features
 
 
 def _body(kind: str, c_in: int, c_out: int, stride: int, last_bn: bool) -> list[nn.Module]:
@@ -62,19 +62,14 @@ class BinaryResNet(nn.Module):
                  in_channels: int, initial_layers: str):
         super().__init__()
         block = BlockV1 if version == 1 else BlockV2
-        feats: list[nn.Module] = [nn.BatchNorm2d(in_channels, affine=False)]  # BMXNet's input normaliser
-        feats += make_stem(initial_layers, in_channels, channels[0])
-        if version == 1 and initial_layers != "thumbnail":
-            feats.append(nn.BatchNorm2d(channels[0]))
+        stages: list[nn.Module] = []
         for i, n in enumerate(layers):
             stride = 1 if i == 0 else 2
             stage = [block(kind, channels[i], channels[i + 1], stride)]
             stage += [block(kind, channels[i + 1], channels[i + 1], 1) for _ in range(n - 1)]
-            feats.append(nn.Sequential(*stage))
-        if version == 2:
-            feats.append(nn.BatchNorm2d(channels[-1]))
-        feats.append(nn.ReLU(inplace=True))
-        self.features = nn.Sequential(*feats)
+            stages.append(nn.Sequential(*stage))
+        self.features = resnet_features(stages, in_channels=in_channels, channels=channels, version=version,
+                                        initial_layers=initial_layers)
         self.output = nn.Sequential(*head(channels[-1], num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

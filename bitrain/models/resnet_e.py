@@ -17,7 +17,7 @@ import torch.nn as nn
 from bitrain.errors import UserError
 from bitrain.layers import QConv2d
 from bitrain.models import register
-from bitrain.models.common import check_groups, head, make_stem, shortcut_pool, sliced_add
+from bitrain.models.common import check_groups, head, resnet_features, shortcut_pool, sliced_add
 
 
 def _downsample(c_in: int, c_out: int, stride: int, fp: bool, pool: bool, groups: int) -> list[nn.Module]:
@@ -72,10 +72,7 @@ class ResNetE(nn.Module):
         for i in range(len(layers)):
             check_groups("--downsample-sc-groups", downsample_sc_groups, channels[i], channels[i + 1])
         opts = dict(fp=fp_downsample_sc, pool=pool_downsample_sc, groups=downsample_sc_groups)
-        feats: list[nn.Module] = [nn.BatchNorm2d(in_channels, affine=False)]  # BMXNet's input normaliser
-        feats += make_stem(initial_layers, in_channels, channels[0])
-        if version == 1 and initial_layers != "thumbnail":
-            feats.append(nn.BatchNorm2d(channels[0]))
+        stages: list[nn.Module] = []
         for i, n in enumerate(layers):
             c_in, c_out, stride = channels[i], channels[i + 1], 1 if i == 0 else 2
             convs = 2 * n  # two single-conv blocks per ResNet block
@@ -86,11 +83,9 @@ class ResNetE(nn.Module):
                 stage = [BlockE(version, c_in, c_out, stride, **opts)]
                 stage += [BlockE(version, c_out, c_out, 1, slices=slices, write_on=k % slices, **opts)
                           for k in range((convs - 1) * slices)]
-            feats.append(nn.Sequential(*stage))
-        if version == 2:
-            feats.append(nn.BatchNorm2d(channels[-1]))
-        feats.append(nn.ReLU(inplace=True))
-        self.features = nn.Sequential(*feats)
+            stages.append(nn.Sequential(*stage))
+        self.features = resnet_features(stages, in_channels=in_channels, channels=channels, version=version,
+                                        initial_layers=initial_layers)
         self.output = nn.Sequential(*head(channels[-1], num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
