@@ -241,30 +241,30 @@ def cmd_train(argv: Sequence[str]) -> int:
         say(f"resumed from {ckpt_path}: epoch {s.epoch}, batch {s.batch}, step {s.step}")
     say(f"bitrain: training {cfg.model} ({cfg.bits}-bit weights, {cfg.bits_a}-bit activations) on {info.name} "
         f"({info.num_train} train / {info.num_val} val) on {device}, world size {info_d.world_size}; run dir {run_dir}")
+    interrupted = False
     try:
         result = trainer.fit()
+        if info_d.is_main:
+            save_final_weights(model, run_dir / "model.safetensors", margs)
+            say(f"[Done] average epoch time (first epoch left out): {result['avg_epoch_time']:.3f}s")
+            say(f"[Done] best validation top-1: {result['best_acc']:.4f}; run dir: {run_dir}")
+        return 0
     except TrainerStop as stop:
         say(str(stop))
-        if stop.exit_code == 3:
+        interrupted = stop.exit_code == 3
+        if interrupted:
             say(f"checkpoint saved; resume with: bitrain train --prefix {run_dir} --resume auto")
-        _close(callbacks)
-        if stop.exit_code == 3:  # ranks leave together: torchrun stops the others when the first exits non-zero
-            dist.barrier()
-        dist.cleanup()
-        print(f"{PROG}: {stop}", file=sys.stderr) if stop.exit_code != 3 else None
+        else:
+            print(f"{PROG}: {stop}", file=sys.stderr)
         return stop.exit_code
     except ckpt.CheckpointWriteError as e:  # disk full / read-only: one line, the previous checkpoint kept
-        _close(callbacks)
-        dist.cleanup()
         print(f"{PROG}: error: {e.strerror}", file=sys.stderr)
         return 1
-    if info_d.is_main:
-        save_final_weights(model, run_dir / "model.safetensors", margs)
-        say(f"[Done] average epoch time (first epoch left out): {result['avg_epoch_time']:.3f}s")
-        say(f"[Done] best validation top-1: {result['best_acc']:.4f}; run dir: {run_dir}")
-    _close(callbacks)
-    dist.cleanup()
-    return 0
+    finally:
+        _close(callbacks)
+        if interrupted:  # ranks leave together: torchrun stops the others when the first exits non-zero
+            dist.barrier()
+        dist.cleanup()
 
 
 def _load_or_explain(trainer: Any, payload: dict, path: Path | None) -> None:
