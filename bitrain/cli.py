@@ -12,12 +12,14 @@ import argparse
 import os
 import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from bitrain import config as C
 from bitrain.errors import UserError
+from bitrain.preempt import ProcessInterrupt
 from bitrain.rundir import default_run_dir, prepare_run_dir, save_final_weights
 
 if TYPE_CHECKING:
@@ -352,9 +354,30 @@ def _summary_line(fn: Callable) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``bitrain`` command; returns the exit code."""
-    as_program = argv is None
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Entry point of the ``bitrain`` command; returns the exit code.
+
+    Called without ``argv`` it is the program: Ctrl-C then goes through a
+    :class:`~bitrain.preempt.ProcessInterrupt`, which raises at most once, so however often the
+    user presses while a run stops, the process exits with 3 (stopped and saved) or 130, never
+    with a traceback.
+    """
+    if argv is not None or threading.current_thread() is not threading.main_thread():
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    interrupt = ProcessInterrupt()
+    signal.signal(signal.SIGINT, interrupt)
+    try:
+        try:
+            return _main(sys.argv[1:])
+        finally:  # the process ends now: later presses must not reach the OS default (death by SIGINT)
+            interrupt.fired = True
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except KeyboardInterrupt:  # the one KeyboardInterrupt arrived outside _main's own handler
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         if not argv:
             argv = ["train"]
@@ -383,6 +406,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except SystemExit as e:  # argparse --help
         return int(e.code or 0) if not isinstance(e.code, str) else 2
-    finally:
-        if as_program:  # the process ends now: a late Ctrl-C during shutdown must not print a traceback
-            signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -3,6 +3,11 @@
 The handler only records the signal; the training loop stops at the next step boundary, writes a
 checkpoint outside the handler and exits with code 3. A second Ctrl-C raises KeyboardInterrupt at
 once (the checkpoint write in progress is atomic, so nothing half-written is published).
+
+As a program, ``bitrain`` installs a :class:`ProcessInterrupt` first: it raises KeyboardInterrupt at
+most once in the process's life, so a user pressing Ctrl-C again and again while the run stops can
+never raise a second one inside the handler of the first (which would escape as a traceback and
+kill the process by SIGINT instead of exiting 130 or 3).
 """
 
 from __future__ import annotations
@@ -22,6 +27,9 @@ class StopFlag:
 
     def _handle(self, signum, frame) -> None:
         if self.received is not None and signum == signal.SIGINT:
+            old = self._old.get(signum)
+            if callable(old):  # Python's default_int_handler, or a ProcessInterrupt: it decides
+                return old(signum, frame)
             raise KeyboardInterrupt
         self.received = signal.Signals(signum).name
 
@@ -35,3 +43,21 @@ class StopFlag:
         for s, h in self._old.items():
             signal.signal(s, h)
         self._old.clear()
+
+
+class ProcessInterrupt:
+    """SIGINT handler for the whole process: the first Ctrl-C raises KeyboardInterrupt, later ones do nothing.
+
+    Signal handlers run between any two bytecodes, including inside ``except KeyboardInterrupt``
+    blocks and ``finally`` clauses, so with Python's default handler no code path can be made safe
+    against a user who keeps pressing. With this one, catching the first KeyboardInterrupt is enough.
+    """
+
+    def __init__(self) -> None:
+        self.fired = False
+
+    def __call__(self, signum, frame) -> None:
+        if self.fired:
+            return
+        self.fired = True  # set before raising: a press arriving inside this handler returns here
+        raise KeyboardInterrupt

@@ -174,6 +174,48 @@ def test_second_ctrl_c_raises_at_once_in_process(tmp_path, monkeypatch, capsys):
     assert signal.getsignal(signal.SIGINT) is before  # handlers restored
 
 
+def test_process_interrupt_raises_once_and_stop_flag_defers_to_it():
+    from bitrain.preempt import ProcessInterrupt, StopFlag
+
+    gate = ProcessInterrupt()
+    with pytest.raises(KeyboardInterrupt):
+        gate(signal.SIGINT, None)
+    gate(signal.SIGINT, None)  # every later press: nothing
+    fresh = ProcessInterrupt()
+    flag = StopFlag()
+    flag._old[signal.SIGINT] = fresh  # as installed by `bitrain` the program
+    flag._handle(signal.SIGINT, None)
+    assert flag.received == "SIGINT" and not fresh.fired  # first press: only the flag
+    with pytest.raises(KeyboardInterrupt):
+        flag._handle(signal.SIGINT, None)  # second: the process-wide handler raises its one exception
+    flag._handle(signal.SIGINT, None)  # third: swallowed, not a KeyboardInterrupt inside the first's handler
+    assert fresh.fired
+
+
+def test_program_ctrl_c_inside_the_interrupt_handler_does_not_escape(monkeypatch):
+    """Presses keep coming while the command handles the first one: the program still returns its code."""
+    from bitrain import cli
+
+    def command(argv):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs here at the latest
+            raise AssertionError("the first Ctrl-C did not raise")
+        except KeyboardInterrupt:
+            os.kill(os.getpid(), signal.SIGINT)  # with Python's default handler: a second exception here
+            time.sleep(0.05)
+            return 3
+
+    before = signal.getsignal(signal.SIGINT)
+    monkeypatch.setitem(cli.COMMANDS, "press", command)
+    monkeypatch.setattr(sys, "argv", ["bitrain", "press"])
+    try:
+        assert cli.main() == 3
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN  # and at exit, a press cannot kill it
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 def test_two_ctrl_c_on_a_process_never_leave_a_broken_checkpoint(tmp_path):
     run = tmp_path / "run"
     proc = _start(run)
