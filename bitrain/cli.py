@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 import threading
 import warnings
@@ -19,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from bitrain import config as C
 from bitrain.errors import UserError
-from bitrain.preempt import ProcessInterrupt
+from bitrain.preempt import run_program
 from bitrain.rundir import default_run_dir, prepare_run_dir, save_final_weights
 
 if TYPE_CHECKING:
@@ -354,27 +353,11 @@ def _summary_line(fn: Callable) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``bitrain`` command; returns the exit code.
-
-    Called without ``argv`` it is the program: Ctrl-C then goes through a
-    :class:`~bitrain.preempt.ProcessInterrupt`, which raises at most once, so however often the
-    user presses while a run stops, the process exits with 3 (stopped and saved) or 130, never
-    with a traceback.
-    """
+    """Entry point of the ``bitrain`` command; returns the exit code. Without ``argv`` it is the
+    program, and Ctrl-C goes through :func:`~bitrain.preempt.run_program` (3 or 130, never a traceback)."""
     if argv is not None or threading.current_thread() is not threading.main_thread():
         return _main(list(sys.argv[1:] if argv is None else argv))
-    interrupt = ProcessInterrupt()
-    signal.signal(signal.SIGINT, interrupt)
-    try:
-        try:
-            return _main(sys.argv[1:])
-        finally:  # the process ends now: later presses must not reach the OS default (death by SIGINT)
-            interrupt.fired = True
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-    except KeyboardInterrupt:  # the one KeyboardInterrupt arrived outside _main's own handler
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+    return run_program(lambda: _main(sys.argv[1:]), interrupted=f"{PROG}: interrupted")
 
 
 def _main(argv: list[str]) -> int:

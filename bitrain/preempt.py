@@ -13,7 +13,9 @@ kill the process by SIGINT instead of exiting 130 or 3).
 from __future__ import annotations
 
 import signal
+import sys
 import threading
+from typing import Callable
 
 STOP_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None), signal.SIGINT) if s)
 
@@ -61,3 +63,24 @@ class ProcessInterrupt:
             return
         self.fired = True  # set before raising: a press arriving inside this handler returns here
         raise KeyboardInterrupt
+
+
+def run_program(main: Callable[[], int], interrupted: str) -> int:
+    """Run the process's main function with a :class:`ProcessInterrupt` for SIGINT; its exit code.
+
+    The one KeyboardInterrupt, if ``main`` does not handle it, prints ``interrupted`` and gives 130.
+    When ``main`` returns, SIGINT is ignored: a press during interpreter shutdown would otherwise
+    meet the OS default (death by SIGINT) once Python has reset its handlers.
+    """
+    interrupt = ProcessInterrupt()
+    signal.signal(signal.SIGINT, interrupt)
+    try:
+        try:
+            return main()
+        finally:
+            interrupt.fired = True
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except KeyboardInterrupt:  # raised outside main's own handler, or main has none
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        print(interrupted, file=sys.stderr)
+        return 130

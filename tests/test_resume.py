@@ -216,6 +216,24 @@ def test_program_ctrl_c_inside_the_interrupt_handler_does_not_escape(monkeypatch
         signal.signal(signal.SIGINT, before)
 
 
+def test_run_program_turns_an_unhandled_ctrl_c_into_130(capsys):
+    from bitrain.preempt import run_program
+
+    def main():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)
+        return 0
+
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        assert run_program(main, interrupted="bitrain: interrupted") == 130
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        os.kill(os.getpid(), signal.SIGINT)  # after the program: ignored
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert capsys.readouterr().err == "bitrain: interrupted\n"
+
+
 def test_two_ctrl_c_on_a_process_never_leave_a_broken_checkpoint(tmp_path):
     run = tmp_path / "run"
     proc = _start(run)
