@@ -355,9 +355,10 @@ def _summary_line(fn: Callable) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``bitrain`` command; returns the exit code. Without ``argv`` it is the
     program, and Ctrl-C goes through :func:`~bitrain.preempt.run_program` (3 or 130, never a traceback)."""
+    args = list(sys.argv[1:] if argv is None else argv)
     if argv is not None or threading.current_thread() is not threading.main_thread():
-        return _main(list(sys.argv[1:] if argv is None else argv))
-    return run_program(lambda: _main(sys.argv[1:]), interrupted=f"{PROG}: interrupted")
+        return _main(args)
+    return run_program(lambda: _main(args), interrupted=f"{PROG}: interrupted")
 
 
 def _main(argv: list[str]) -> int:

@@ -81,6 +81,6 @@ def run_program(main: Callable[[], int], interrupted: str) -> int:
             interrupt.fired = True
             signal.signal(signal.SIGINT, signal.SIG_IGN)
     except KeyboardInterrupt:  # raised outside main's own handler, or main has none
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # again: the press may have cut the finally short
         print(interrupted, file=sys.stderr)
         return 130

@@ -307,9 +307,11 @@ class Trainer:
 
     def _stop_requested(self) -> bool:
         flag = self._signals.received is not None
-        if self.dist.enabled:  # agree across ranks (one small all-reduce) every log interval and at the
-            batch = self.state.batch  # epoch's last batch, not every step: an epoch shorter than the
-            if batch % (self.log_interval or 50) and batch < self.steps_per_epoch:  # interval still stops
+        if self.dist.enabled:
+            # the ranks agree (one small all-reduce) every log interval, not every step, and at the
+            # epoch's last batch, so an epoch shorter than the interval still stops
+            batch = self.state.batch
+            if batch % (self.log_interval or 50) and batch < self.steps_per_epoch:
                 return False
             flag = dist.broadcast_flag(flag, self.device)
             if flag and self._signals.received is None:
