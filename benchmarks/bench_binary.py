@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bitrain.layers import QConv2d, binary_layer_config, clip_latent_weights_
+from bitrain.binary.layers import QConv2d, binary_layer_config, clip_latent_weights_
 
 
 class _BlockE(nn.Module):

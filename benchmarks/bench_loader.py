@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bitrain.imagefolder import build_imagefolder
-from bitrain.loader import DeviceLoader
+from bitrain.data.imagefolder import build_imagefolder
+from bitrain.data.loader import DeviceLoader
 
 
 def _sync(device: torch.device) -> None:

@@ -13,7 +13,7 @@ from conftest import read_rows, run_cli
 
 from bitrain.data import build_data
 from bitrain.models import build_model
-from bitrain.trainer import Trainer
+from bitrain.train.trainer import Trainer
 
 BATCH = 64  # digits: 1442 train samples -> 22 steps per epoch
 

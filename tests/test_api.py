@@ -39,7 +39,7 @@ def test_migration_table_flags_are_accepted():
     ones the page says are not accepted (so the guide and the parser cannot drift apart)."""
     import argparse
 
-    from bitrain.cli import add_train_args
+    from bitrain.cli.train import add_train_args
 
     text = (DOC.parent / "migration.md").read_text(encoding="utf-8")
     table = text.split("## Every option", 1)[1].split("\n## ", 1)[0]

@@ -12,7 +12,7 @@ import pytest
 from conftest import run_cli
 
 import bitrain
-from bitrain import checkpoint as ckpt
+from bitrain.train import checkpoint as ckpt
 
 
 def _pythonpath() -> str:

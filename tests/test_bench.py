@@ -9,11 +9,11 @@ import re
 import pytest
 import torch
 
-from bitrain import bench
+from bitrain.cli import bench
 from bitrain.cli import main
 from bitrain.data import build_data
 from bitrain.models import build_model
-from bitrain.optim import build_optimizer
+from bitrain.train.optim import build_optimizer
 
 TINY = ["--steps", "2", "--rounds", "2", "--warmup", "1", "--batch-size", "16", "--threads", "1"]
 

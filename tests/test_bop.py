@@ -9,9 +9,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bitrain.bop import Bop, binary_parameters, build_bop
+from bitrain.binary.bop import Bop, binary_parameters, build_bop
 from bitrain.errors import UserError
-from bitrain.layers import QConv2d, QLinear
+from bitrain.binary.layers import QConv2d, QLinear
 
 
 def _model():
@@ -110,7 +110,7 @@ def test_state_dict_resume_is_bit_identical():
 
 def test_bmxnet_groups_and_keywords_of_the_optimizer_factory():
     m = _model()
-    opt = build_bop(m, "adam", lr=1e-3, momentum=0.9, wd=5e-4)  # what bitrain.optim passes
+    opt = build_bop(m, "adam", lr=1e-3, momentum=0.9, wd=5e-4)  # what bitrain.train.optim passes
     decay, no_decay = opt.param_groups[1], opt.param_groups[2]
     assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0.0
     assert {id(p) for p in decay["params"]} == {id(m[0].weight), id(m[6].weight)}

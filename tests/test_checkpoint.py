@@ -13,7 +13,8 @@ import pytest
 import torch
 from conftest import run_cli
 
-from bitrain import checkpoint as ckpt
+from bitrain import files
+from bitrain.train import checkpoint as ckpt
 from bitrain.errors import UserError
 
 SMALL = ["--cpu", "--epochs", "1", "--batch-size", "256", "--log-interval", "0"]
@@ -140,7 +141,7 @@ class _FullDisk:
 
 def _disk_full(monkeypatch, room: int = 1000) -> None:
     real_open = open
-    monkeypatch.setattr(ckpt, "open", lambda *a, **k: _FullDisk(real_open(*a, **k), room), raising=False)
+    monkeypatch.setattr(files, "open", lambda *a, **k: _FullDisk(real_open(*a, **k), room), raising=False)
 
 
 def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -161,7 +162,7 @@ def test_read_only_folder_during_save_keeps_the_previous_checkpoint(tmp_path, mo
     def read_only(*args, **kwargs):  # chmod does not stop root, so the failure is injected
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
 
-    monkeypatch.setattr(ckpt, "open", read_only, raising=False)
+    monkeypatch.setattr(files, "open", read_only, raising=False)
     with pytest.raises(ckpt.CheckpointWriteError, match="Read-only file system"):
         ckpt.save_last(tmp_path, _payload(2, 2.0))
     assert ckpt.load_checkpoint(tmp_path / "last.pt")["trainer"]["step"] == 1

@@ -1,7 +1,7 @@
 import pytest
 import yaml
 
-from bitrain import config as C
+from bitrain.cli import config as C
 from bitrain.errors import UserError
 
 

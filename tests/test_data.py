@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from bitrain.data import DATASETS, build_data, load_digits_split, make_dummy
-from bitrain.datasets import load_cifar, load_mnist
-from bitrain.datasets.mnist import FILES as MNIST_FILES
+from bitrain.data import load_cifar, load_mnist
+from bitrain.data.mnist import FILES as MNIST_FILES
 from bitrain.errors import UserError
 
 

@@ -1,5 +1,5 @@
 """Data parallel on the CPU: real multi-process runs (gloo, 2 ranks) through torch.distributed.run
-and through ``bitrain train --cpu --gpus 0,1`` (bitrain.launch), each as a subprocess with a timeout.
+and through ``bitrain train --cpu --gpus 0,1`` (bitrain.cli.launch), each as a subprocess with a timeout.
 
 The parity runs are full precision (--bits 32 --bits-a 32) with --sync-bn: with BatchNorm, 2 ranks
 at batch B only equal 1 rank at 2B when the batch statistics are taken over both ranks, and a
@@ -22,7 +22,7 @@ import pytest
 import torch
 from conftest import final_weights, read_rows
 
-from bitrain.launch import exit_code_of
+from bitrain.cli.launch import exit_code_of
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +36,7 @@ TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "
 PROBE = textwrap.dedent("""
     import os, sys
     from safetensors.torch import save_file
-    import bitrain.trainer as T
+    import bitrain.train.trainer as T
 
     fit, step = T.Trainer.fit, T.Trainer.train_step
 
@@ -196,7 +196,7 @@ def test_run_exit_code_from_rank_exit_codes(codes, expected):
 
 
 def test_sync_batchnorm_conversion_keeps_parameters_keys_and_single_process_output():
-    from bitrain.dist import AllReduceBatchNorm, convert_sync_batchnorm
+    from bitrain.train.dist import AllReduceBatchNorm, convert_sync_batchnorm
     from bitrain.models import build_model
 
     torch.manual_seed(0)
@@ -218,7 +218,7 @@ def test_sync_batchnorm_conversion_keeps_parameters_keys_and_single_process_outp
 def test_without_sync_bn_every_rank_validates_rank_0s_model(tmp_path, probe):
     """No --sync-bn: each rank updates its own BatchNorm statistics, so before validating the ranks
     take rank 0's; the logged val top-1 is then exactly that of the saved model on all 355 images."""
-    from bitrain.cli import build_model_from_args
+    from bitrain.models import build_model
     from bitrain.data import build_data
 
     run = tmp_path / "run"
@@ -229,7 +229,7 @@ def test_without_sync_bn_every_rank_validates_rank_0s_model(tmp_path, probe):
     r0, r1 = load_file(str(run / "rank0.safetensors")), load_file(str(run / "rank1.safetensors"))
     assert all(torch.equal(r0[k], r1[k]) for k in r0)  # running statistics included
     ck = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
-    model = build_model_from_args(ck["model_args"])
+    model = build_model(**ck["model_args"])
     model.load_state_dict(ck["model"])
     model.eval()
     _, val, _ = build_data("digits", batch_size=100)

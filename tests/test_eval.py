@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from bitrain.errors import UserError
-from bitrain.evaluate import evaluate_file, load_model
+from bitrain.cli.eval import evaluate_file
+from bitrain.cli.reader import load_model
 from conftest import read_rows, run_cli
 
 # dummy 1x12x12, 10 classes: 64 train / 16 val images; one val batch of 16 in --test-run is the whole val set
@@ -52,7 +53,7 @@ def test_eval_reproduces_the_trainers_validation_row(run):
 
 @pytest.mark.parametrize("split,n,index", [("val", N_VAL, 1), ("train", N_TRAIN, 0)])
 def test_eval_matches_a_hand_written_pass(run, split, n, index):
-    model, margs, config = load_model(run / "checkpoints" / "last.pt")
+    model, margs, config, *_ = load_model(run / "checkpoints" / "last.pt")
     assert margs["name"] == "tiny_resnet_e" and config["dataset"] == "dummy"
     want = _hand_metrics(model, index, n)
     # batch 48 does not divide 64: the train split is read whole, in order, without augmentation
@@ -116,14 +117,16 @@ def test_errors_exit_2_with_one_line(run, tmp_path, capsys):
 
 
 def test_progress_bar_only_on_a_terminal(monkeypatch):
-    from bitrain import evaluate as ev
+    from bitrain.console import progress
 
     loader = [(torch.zeros(1), torch.zeros(1))] * 3
     monkeypatch.setattr(sys.stdout, "isatty", lambda: False, raising=False)
-    assert ev._progress(loader, "eval") is loader
+    assert progress(loader, "eval") is loader
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True, raising=False)
+    monkeypatch.setenv("CI", "true")
+    assert progress(loader, "eval") is loader  # a CI log gets no bar either
     monkeypatch.delenv("CI", raising=False)
-    wrapped = ev._progress(loader, "eval")
+    wrapped = progress(loader, "eval")
     assert wrapped is not loader and len(list(wrapped)) == 3
 
 
@@ -152,13 +155,13 @@ def test_image_folder_train_split_is_whole_and_unaugmented(tmp_path, capsys):
     assert run_cli("train", "--dataset", "imagefolder", "--data-dir", tree, "--image-size", "16",
                    "--model", "tiny_resnet_e", "--batch-size", "4", "--epochs", "1", "--test-run", "-j", "0",
                    "--cpu", "--log-interval", "0", "--prefix", run) == 0
-    model, _, _ = load_model(run / "checkpoints" / "last.pt")
+    model, *_ = load_model(run / "checkpoints" / "last.pt")
     r1 = evaluate_file(run, split="train", batch_size=3, num_workers=0, device="cpu")
     r2 = evaluate_file(run, split="train", batch_size=10, num_workers=0, device="cpu")
     assert r1["samples"] == r2["samples"] == 10  # 10 train images, none dropped
     assert r1["loss"] == pytest.approx(r2["loss"], rel=1e-6)  # fixed transform: batch size does not matter
     # by hand: the val transform (resize short side to ceil(16 / 0.875) = 19, centre crop 16) of every file
-    from bitrain.imagefolder import IMAGENET_MEAN, IMAGENET_STD, transform
+    from bitrain.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD, transform
 
     files = sorted((tree / "train").rglob("*.png"))
     x = torch.stack([torch.tensor(transform(str(f), 16, "none", None)).permute(2, 0, 1) for f in files]).float()

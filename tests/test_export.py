@@ -1,4 +1,4 @@
-"""bitrain.export: bit packing, xnor-popcount arithmetic, packed export == float-latent model."""
+"""bitrain.binary.export: bit packing, xnor-popcount arithmetic, packed export == float-latent model."""
 
 from __future__ import annotations
 
@@ -10,9 +10,12 @@ import torch
 import torch.nn as nn
 
 from bitrain.errors import UserError
-from bitrain.export import (PackedQLayer, _popcount, cmd_export, export_checkpoint, export_packed, load_packed,
-                            pack_signs, read_metadata, unpack_signs, xnor_dot)
-from bitrain.layers import QConv2d, QLinear
+from bitrain.binary.export import (PackedQLayer, _popcount, export_packed, pack_signs, read_metadata, unpack_signs,
+                                   xnor_dot)
+from bitrain.cli.export import export_checkpoint
+from bitrain.cli.reader import load_packed
+from conftest import run_cli
+from bitrain.binary.layers import QConv2d, QLinear
 
 
 def _randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -102,7 +105,7 @@ def test_popcount_and_xnor_dot():
     # xnor_dot on packed +-1 operands == the float matmul, fan_in not a multiple of 64 (or of 8)
     x = torch.randint(0, 2, (37, 131), generator=g).bool()
     w = torch.randint(0, 2, (11, 131), generator=g).bool()
-    from bitrain.export import _words
+    from bitrain.binary.export import _words
     dot = xnor_dot(_words(pack_signs(x)), _words(pack_signs(w)), 131, chunk=64)
     assert torch.equal(dot, ((x.float() * 2 - 1) @ (w.float() * 2 - 1).T).long())
 
@@ -236,7 +239,8 @@ def test_bad_files_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="model_args"):
         export_checkpoint(tmp_path / "ckpt.pt", tmp_path / "out.safetensors")
     with pytest.raises(UserError, match="does not exist"):
-        cmd_export(str(tmp_path / "nope.pt"), str(tmp_path / "out.safetensors"))
+        export_checkpoint(tmp_path / "nope.pt", tmp_path / "out.safetensors")
+    assert run_cli("export", tmp_path / "nope.pt", tmp_path / "out.safetensors") == 2
 
 
 @pytest.mark.parametrize("name", ["tiny_resnet_e", "lenet"])
@@ -249,7 +253,7 @@ def test_export_checkpoint_of_zoo_model(tmp_path, capsys, name):
     torch.save({"format": "bitrain", "version": 1, "model": model.state_dict(), "model_args": args},
                tmp_path / "last.pt")
     out = tmp_path / "model-1bit.safetensors"
-    assert cmd_export(str(tmp_path / "last.pt"), str(out)) == 0
+    assert run_cli("export", tmp_path / "last.pt", out) == 0
     assert "packed 1-bit layers" in capsys.readouterr().out
     assert read_metadata(out)["model_args"] == args
     loaded = load_packed(out)  # rebuilt through build_model
@@ -260,7 +264,7 @@ def test_export_checkpoint_of_zoo_model(tmp_path, capsys, name):
     # plain 1-bit layers: integer counts on both sides, so the logits are bit-identical
     assert torch.equal(got, expected)
     # a flipped tensor byte is caught by the checkpoint's checksum
-    from bitrain.checkpoint import checksum
+    from bitrain.train.checkpoint import checksum
     payload = torch.load(tmp_path / "last.pt", weights_only=True)
     payload["checksum"] = checksum(payload)
     next(iter(payload["model"].values())).view(-1)[0] += 1

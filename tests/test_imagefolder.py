@@ -13,7 +13,7 @@ from PIL import Image
 
 from bitrain.data import build_data
 from bitrain.errors import UserError
-from bitrain.imagefolder import (IMAGENET_MEAN, IMAGENET_STD, color_jitter, pca_lighting,
+from bitrain.data.imagefolder import (IMAGENET_MEAN, IMAGENET_STD, color_jitter, pca_lighting,
                                  random_resized_crop_box, scan_split, transform)
 
 CLASSES = ("ant", "bee", "cow")

@@ -30,7 +30,7 @@ from conftest import read_rows
 from safetensors.torch import load_file
 
 import bitrain
-from bitrain.checkpoint import load_checkpoint
+from bitrain.train.checkpoint import load_checkpoint
 
 SEED = int(os.environ.get("BITRAIN_KILL_SEED", "20240611"))
 KILLS = int(os.environ.get("BITRAIN_KILL_POINTS", "20"))

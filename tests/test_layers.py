@@ -8,9 +8,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bitrain import layers as L
+from bitrain.binary import layers as L
 from bitrain.errors import UserError
-from bitrain.layers import QActivation, QConv2d, QLinear, binary_layer_config, get_layer_config
+from bitrain.binary.layers import QActivation, QConv2d, QLinear, binary_layer_config, get_layer_config
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bitrain.errors import UserError
-from bitrain.loader import DeviceLoader, epoch_permutation, mix_seed, val_shard
+from bitrain.data.loader import DeviceLoader, epoch_permutation, mix_seed, val_shard
 
 
 def _indexed(n: int, c: int = 1, s: int = 4) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,6 +1,6 @@
 import torch
 
-from bitrain.metrics import EpochMetrics
+from bitrain.train.metrics import EpochMetrics
 
 
 def test_exact_over_all_samples_not_mean_of_batch_means():

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bitrain.errors import UserError
-from bitrain.layers import QConv2d, QLinear
+from bitrain.binary.layers import QConv2d, QLinear
 from bitrain.models import MODELS, build_model, list_models, model_info, register
 from bitrain.models.common import param_counts, model_size_bytes
 

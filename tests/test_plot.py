@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from bitrain.errors import UserError
-from bitrain.plot import DEFAULT_NAME, DPI, FIGSIZE, read_metrics
+from bitrain.cli.plot import DEFAULT_NAME, DPI, FIGSIZE, read_metrics
 from conftest import run_cli
 
 HEADER = "split,epoch,step,samples,loss,acc1,acc5,lr,samples_per_sec,epoch_time\n"
@@ -101,7 +101,7 @@ def test_errors(tmp_path, capsys, monkeypatch):
 
 
 def test_api_raises_user_error(tmp_path):
-    from bitrain.plot import plot_runs
+    from bitrain.cli.plot import plot_runs
 
     with pytest.raises(UserError):
         plot_runs([])

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from bitrain import quant
+from bitrain.binary import quantizers as quant
+from bitrain.binary import schedule
 from bitrain.errors import UserError
 
 T = 0.7  # a gradient-cancel threshold that is not a float32 edge case of its own
@@ -163,7 +164,7 @@ def test_registry_and_errors():
 
 
 def test_progressive_sign_schedule_and_eval_sign():
-    p = quant.ProgressiveSign(epochs=10)
+    p = schedule.ProgressiveSign(epochs=10)
     x = torch.tensor([-0.5, -0.01, 0.0, 0.01, 0.5], requires_grad=True)
     y0 = p(x)
     assert torch.allclose(y0, x.detach())  # temperature 0: hardtanh(x), identity on [-1, 1]
@@ -183,18 +184,18 @@ def test_progressive_sign_schedule_and_eval_sign():
 
 
 def test_quantizer_scheduler_identity_to_sign_and_set_quantizer_epoch():
-    s = quant.QuantizerScheduler(epochs=4)
+    s = schedule.QuantizerScheduler(epochs=4)
     model = torch.nn.Sequential(torch.nn.Identity(), s)
     x = torch.tensor([-0.5, 0.25, 2.0])
     assert torch.allclose(s(x), x)
-    assert quant.set_quantizer_epoch(model, 1) == 1
+    assert schedule.set_quantizer_epoch(model, 1) == 1
     assert torch.allclose(s(x), 0.75 * x + 0.25 * torch.tensor([-1.0, 1.0, 1.0]))
-    quant.set_quantizer_epoch(model, 4)
+    schedule.set_quantizer_epoch(model, 4)
     assert s(x).tolist() == [-1.0, 1.0, 1.0]
-    quant.set_quantizer_epoch(model, 9)  # clamped at the end of the schedule
+    schedule.set_quantizer_epoch(model, 9)  # clamped at the end of the schedule
     assert s(x).tolist() == [-1.0, 1.0, 1.0]
     with pytest.raises(UserError, match="epochs"):
-        quant.QuantizerScheduler(epochs=0)
+        schedule.QuantizerScheduler(epochs=0)
 
 
 def test_compiled_forward_backward_matches_eager():

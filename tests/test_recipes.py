@@ -9,7 +9,7 @@ import re
 import pytest
 import yaml
 
-from bitrain.config import FIELDS, RECIPES_DIR, list_recipes, load_yaml
+from bitrain.cli.config import FIELDS, RECIPES_DIR, list_recipes, load_yaml
 from conftest import run_cli
 
 # recipe -> (command-line overrides that shrink it to seconds on a CPU, the published top-1 in %)

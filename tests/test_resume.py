@@ -14,9 +14,9 @@ import pytest
 from conftest import assert_same_weights, final_weights, run_cli
 
 import bitrain
-from bitrain import checkpoint as ckpt
-from bitrain.loader import DeviceLoader
-from bitrain.trainer import Trainer
+from bitrain.train import checkpoint as ckpt
+from bitrain.data.loader import DeviceLoader
+from bitrain.train.trainer import Trainer
 
 # digits: 1,442 train images / 256 = 5 steps per epoch; crop-flip and mixup so that the
 # augmentation and mixup draws are part of what resume must reproduce
@@ -175,7 +175,7 @@ def test_second_ctrl_c_raises_at_once_in_process(tmp_path, monkeypatch, capsys):
 
 
 def test_process_interrupt_raises_once_and_stop_flag_defers_to_it():
-    from bitrain.preempt import ProcessInterrupt, StopFlag
+    from bitrain.train.preempt import ProcessInterrupt, StopFlag
 
     gate = ProcessInterrupt()
     with pytest.raises(KeyboardInterrupt):
@@ -217,7 +217,7 @@ def test_program_ctrl_c_inside_the_interrupt_handler_does_not_escape(monkeypatch
 
 
 def test_run_program_turns_an_unhandled_ctrl_c_into_130(capsys):
-    from bitrain.preempt import run_program
+    from bitrain.train.preempt import run_program
 
     def main():
         os.kill(os.getpid(), signal.SIGINT)

@@ -2,7 +2,7 @@
 import pytest
 
 from bitrain.errors import UserError
-from bitrain.schedules import lr_at, make_schedule
+from bitrain.train.schedules import lr_at, make_schedule
 
 BASE = dict(lr=0.1, steps_per_epoch=10, epochs=10)
 

@@ -1,4 +1,4 @@
-"""bitrain.summary: hand-counted figures on a small mixed-precision model."""
+"""bitrain.binary.summary: hand-counted figures on a small mixed-precision model."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from bitrain.layers import QConv2d
-from bitrain.summary import cmd_summary, network_dot, plot_network, summarize
+from bitrain.binary.layers import QConv2d
+from bitrain.binary.summary import network_dot, plot_network, summarize
 
 
 class Tiny(nn.Module):
@@ -87,7 +87,7 @@ def test_format_and_dict():
     for needle in ("q2", "QConv2d", "4x4", "Total params", "786", "664 bytes", "Compression ratio", "4.73",
                    "Combined FLOPs", "3,552", "73.00 % binary"):
         assert needle in text, needle
-    assert text == cmd_summary(Tiny(), (1, 8, 8))
+    assert text == summarize(Tiny(), (1, 8, 8)).format()  # deterministic
     d = json.loads(json.dumps(s.to_dict()))  # JSON-ready
     assert d["totals"]["params"] == 786
     assert d["totals"]["macs_binary"] == 9216
@@ -115,7 +115,7 @@ def test_shared_module_counts_every_call():
 
 
 def test_k_bit_weights_take_k_over_32_of_a_float():
-    from bitrain.layers import QLinear
+    from bitrain.binary.layers import QLinear
 
     m = nn.Sequential(QLinear(8, 6, bits=4, bits_a=4), QLinear(6, 3, bits=1, bits_a=32, bias=True))
     s = summarize(m, (8,))

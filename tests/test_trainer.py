@@ -62,11 +62,11 @@ def test_metrics_csv_rows_and_exact_validation(small_run):
     assert all(0 <= float(r["acc1"]) <= float(r["acc5"]) <= 1 for r in train + val)
     assert int(train[-1]["samples"]) == 2 * (1442 // 64) * 64
     # the logged validation top-1 equals an independent count over the whole val split
-    from bitrain.cli import build_model_from_args
+    from bitrain.models import build_model
     from bitrain.data import build_data
 
     ck = torch.load(small_run / "checkpoints" / "last.pt", weights_only=True)
-    model = build_model_from_args(ck["model_args"])
+    model = build_model(**ck["model_args"])
     model.load_state_dict(ck["model"])
     model.eval()
     _, val_loader, info = build_data("digits", batch_size=64)
@@ -170,7 +170,7 @@ def test_live_progress_bar_on_a_terminal(tmp_path):
 
     from rich.console import Console
 
-    from bitrain.callbacks import ConsoleLogger, ProgressETA
+    from bitrain.train.callbacks import ConsoleLogger, ProgressETA
 
     bar = ProgressETA(tmp_path / "eta.txt", live=True,
                       console=Console(file=io.StringIO(), force_terminal=True, width=100))

@@ -10,9 +10,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bitrain.errors import UserError
+from bitrain.names import INITIALIZATIONS, STEMS
 
-STEMS = ("imagenet", "grouped_stem", "thumbnail")
-INITIALIZATIONS = ("gaussian", "default", "msraprelu_avg", "msraprelu_in")
 THUMBNAIL_BELOW = 50  # px: inputs smaller than this get the one-conv stem (BMXNet's cifar/mnist rule)
 
 

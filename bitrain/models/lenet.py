@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch.nn as nn
 
 from bitrain.errors import UserError
-from bitrain.layers import QConv2d, QLinear
-from bitrain.models import register
+from bitrain.binary.layers import QConv2d, QLinear
+from bitrain.models._registry import register
 
 CHANNELS, HIDDEN = 64, 1000
 

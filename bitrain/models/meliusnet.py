@@ -12,8 +12,8 @@ import torch
 import torch.nn as nn
 
 from bitrain.errors import UserError
-from bitrain.layers import QConv2d
-from bitrain.models import register
+from bitrain.binary.layers import QConv2d
+from bitrain.models._registry import register
 from bitrain.models.common import parse_ints, sliced_add
 from bitrain.models.densenet import DOWNSAMPLE, DenseLayer, DenseNetBase, _densenet
 

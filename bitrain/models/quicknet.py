@@ -11,8 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bitrain.layers import QConv2d
-from bitrain.models import register
+from bitrain.binary.layers import QConv2d
+from bitrain.models._registry import register
 from bitrain.models.common import head, make_stem, padded_same_maxpool
 
 

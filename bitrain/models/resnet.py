@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from bitrain.layers import QConv2d
-from bitrain.models import register
+from bitrain.binary.layers import QConv2d
+from bitrain.models._registry import register
 from bitrain.models.common import head, resnet_features
 
 

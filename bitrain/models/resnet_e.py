@@ -15,8 +15,8 @@ import torch
 import torch.nn as nn
 
 from bitrain.errors import UserError
-from bitrain.layers import QConv2d
-from bitrain.models import register
+from bitrain.binary.layers import QConv2d
+from bitrain.models._registry import register
 from bitrain.models.common import check_groups, head, resnet_features, shortcut_pool, sliced_add
 
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from bitrain.layers import QConv2d
+from bitrain.binary.layers import QConv2d
+from bitrain.models._registry import register
 
 
 class BasicBlockE(nn.Module):
@@ -29,6 +30,7 @@ class BasicBlockE(nn.Module):
         return self.body(x) + self.shortcut(x)
 
 
+@register("tiny_resnet_e", family="small", image_size=8)
 def tiny_resnet_e(*, num_classes: int, in_channels: int, image_size: int, initial_layers: str = "thumbnail",
                   width: int = 32) -> nn.Module:
     """Stem 3x3 -> 2 blocks at ``width`` -> 2 blocks at 2*width (stride 2) -> pool -> linear."""
@@ -40,9 +42,3 @@ def tiny_resnet_e(*, num_classes: int, in_channels: int, image_size: int, initia
         BasicBlockE(w, 2 * w, stride), BasicBlockE(2 * w, 2 * w),
         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * w, num_classes),
     )
-
-
-tiny_resnet_e.family = "small"  # type: ignore[attr-defined]
-tiny_resnet_e.default_image_size = 8  # type: ignore[attr-defined]
-
-MODELS = {"tiny_resnet_e": tiny_resnet_e}

@@ -1,0 +1,31 @@
+"""``bitrain export``: a checkpoint's binary weights packed 8 per byte (safetensors)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+from bitrain.cli.args import PROG, ArgParser
+
+
+def export_checkpoint(ckpt_path: str | Path, out_path: str | Path) -> dict[str, Any]:
+    """Load a bitrain checkpoint (``weights_only``), rebuild its model and write the packed export."""
+    from bitrain.binary.export import export_packed
+    from bitrain.cli.reader import load_model
+
+    loaded = load_model(ckpt_path)
+    meta = {"checkpoint": Path(ckpt_path).name, "trainer": loaded.meta}
+    return export_packed(loaded.model, out_path, model_args=loaded.model_args, meta=meta)
+
+
+def main(argv: Sequence[str]) -> int:
+    """``bitrain export CHECKPOINT OUT.safetensors``: write the packed 1-bit model and print its size."""
+    p = ArgParser(prog=f"{PROG} export", description="Pack a checkpoint's binary weights 8 per byte (safetensors).")
+    p.add_argument("checkpoint")
+    p.add_argument("out")
+    ns = p.parse_args(list(argv))
+    info = export_checkpoint(ns.checkpoint, ns.out)
+    ratio = info["float_state_bytes"] / info["bytes"]
+    print(f"exported {info['packed_layers']} packed 1-bit layers to {info['path']}: {info['bytes']:,} bytes "
+          f"({ratio:.1f}x smaller than the {info['float_state_bytes']:,} bytes of float state)")
+    return 0

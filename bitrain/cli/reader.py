@@ -1,0 +1,110 @@
+"""One reader for everything bitrain writes: a model, its ``build_model`` kwargs and its training config.
+
+Accepts a training checkpoint (``*.pt``: weights-only load, checksum verified), a run's final float
+weights (``model.safetensors``), a packed 1-bit export (``bitrain export``), or a run directory
+(its ``checkpoints/best.pt``, else ``last.pt``, else ``model.safetensors``). ``bitrain eval``,
+``bitrain export`` and the Python API (``bitrain.load_model``, ``bitrain.load_packed``) all read here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
+
+import torch.nn as nn
+
+from bitrain.binary import export as packed
+from bitrain.errors import UserError
+from bitrain.models import build_model
+from bitrain.train.checkpoint import load_checkpoint
+
+
+class LoadedModel(NamedTuple):
+    model: nn.Module  # in eval mode
+    model_args: dict[str, Any]  # the exact kwargs of build_model, ``name`` included
+    config: dict[str, Any]  # the training config it came with, or {}
+    meta: dict[str, Any]  # the checkpoint's trainer state / the export's meta, or {}
+    source: Path  # the file read (a run directory resolved to one of its files)
+
+
+def resolve_source(path: str | Path) -> Path:
+    """A file as given; a run directory -> its best.pt, else last.pt, else model.safetensors."""
+    path = Path(path)
+    if path.is_dir():
+        for candidate in ("checkpoints/best.pt", "checkpoints/last.pt", "model.safetensors"):
+            if (path / candidate).is_file():
+                return path / candidate
+        raise UserError(f"{path} is a folder without checkpoints/best.pt, checkpoints/last.pt or "
+                        "model.safetensors; pass a checkpoint file")
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    return path
+
+
+def load_model(path: str | Path) -> LoadedModel:
+    """The model stored in ``path`` (any file bitrain writes, or a run directory), rebuilt from its
+    ``model_args`` with its weights, in eval mode. Anything that does not fit is a UserError naming the file."""
+    source = resolve_source(path)
+    if source.suffix != ".safetensors":
+        payload = load_checkpoint(source)
+        if "model_args" not in payload or "model" not in payload:
+            raise UserError(f"checkpoint {source} has no 'model_args'/'model': it was not written by bitrain train")
+        args = dict(payload["model_args"])
+        model = _with_weights(build_model(**args), payload["model"], source, args)
+        return LoadedModel(model, args, dict(payload.get("config") or {}), dict(payload.get("trainer") or {}), source)
+    raw = _safetensors_metadata(source)
+    config = _run_config(source)
+    if raw.get("format") == packed.FORMAT:
+        meta = packed.read_metadata(source)
+        extra = meta.get("meta") or {}
+        config = {**config, **(extra.get("config") or {})}  # an export that records its data wins
+        return LoadedModel(packed.load_packed(source, build_model), dict(meta["model_args"]), config, extra, source)
+    if "model_args" not in raw:
+        raise UserError(f"{source} has no bitrain metadata (model_args); it is neither a run's "
+                        "model.safetensors nor a packed export")
+    from safetensors.torch import load_file
+
+    args = json.loads(raw["model_args"])
+    return LoadedModel(_with_weights(build_model(**args), load_file(str(source)), source, args), args, config, {},
+                       source)
+
+
+def load_packed(path: str | Path, model_factory: Callable[..., nn.Module] | None = None) -> nn.Module:
+    """The model of a packed export with its 1-bit layers as ``PackedQLayer`` (eval mode), rebuilt with
+    the zoo's ``build_model(**model_args)`` or ``model_factory(**model_args)`` for a model outside it."""
+    return packed.load_packed(path, model_factory or build_model)
+
+
+def _with_weights(model: nn.Module, state: dict, path: Path, args: dict) -> nn.Module:
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(f"{path}: weights do not fit model {args.get('name')!r} "
+                        f"({str(e).splitlines()[0][:200]})") from None
+    return model.eval()
+
+
+def _safetensors_metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except Exception as e:  # not a safetensors file at all
+        raise UserError(f"{path} is not a safetensors file ({str(e)[:200]})") from None
+
+
+def _run_config(path: Path) -> dict[str, Any]:
+    """config.yaml of the run a file belongs to (same folder, or the folder above checkpoints/)."""
+    import yaml
+
+    for folder in (path.parent, path.parent.parent):
+        cfg = folder / "config.yaml"
+        if cfg.is_file():
+            try:
+                data = yaml.safe_load(cfg.read_text(encoding="utf-8"))
+            except yaml.YAMLError:
+                return {}
+            return data if isinstance(data, dict) else {}
+    return {}
