@@ -54,7 +54,7 @@ def test_bfloat16_autocast_computes_in_bf16_and_keeps_float32_weights(digits):
     model = _model()
     seen = _capture_conv_dtypes(model)
     before = [p.detach().clone() for p in model.parameters()]
-    t = _trainer(digits, model, amp_dtype=torch.bfloat16, epochs=3, test_run=True)
+    t = _trainer(digits, model, dtype=torch.bfloat16, epochs=3, test_run=True)
     out = t.fit()
     assert len(seen) == 3 and set(seen) == {torch.bfloat16}
     assert all(p.dtype == torch.float32 for p in model.parameters())
@@ -66,7 +66,7 @@ def test_bfloat16_autocast_computes_in_bf16_and_keeps_float32_weights(digits):
 def test_float16_autocast_uses_a_grad_scaler_saved_in_the_checkpoint(digits, tmp_path):
     model = _model()
     seen = _capture_conv_dtypes(model)
-    t = _trainer(digits, model, amp_dtype=torch.float16, run_dir=tmp_path, epochs=3, test_run=True)
+    t = _trainer(digits, model, dtype=torch.float16, run_dir=tmp_path, epochs=3, test_run=True)
     out = t.fit()
     assert len(seen) == 3 and set(seen) == {torch.float16}
     assert t.scaler.is_enabled()
@@ -77,7 +77,7 @@ def test_float16_autocast_uses_a_grad_scaler_saved_in_the_checkpoint(digits, tmp
 
 
 def test_float16_grad_scaler_skips_a_step_with_overflowing_gradients(digits):
-    t = _trainer(digits, amp_dtype=torch.float16)
+    t = _trainer(digits, dtype=torch.float16)
     digits[0].set_epoch(0)
     batches = iter(digits[0])
     t.train_step(*next(batches))  # a normal step initialises the scale
@@ -147,7 +147,7 @@ class _SyncCounter:
 @pytest.mark.parametrize("amp_dtype", [None, torch.bfloat16])
 def test_no_host_sync_in_the_step_loop_except_at_log_intervals(digits, monkeypatch, amp_dtype):
     interval = 5
-    t = _trainer(digits, epochs=1, log_interval=interval, amp_dtype=amp_dtype)
+    t = _trainer(digits, epochs=1, log_interval=interval, dtype=amp_dtype)
     counter = _SyncCounter(t, monkeypatch)
     t.fit()
     steps = t.steps_per_epoch

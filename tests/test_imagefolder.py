@@ -106,22 +106,116 @@ def test_two_rank_shards(tmp_path):
     assert sum(len(y) for _, y in vals[0]) + sum(len(y) for _, y in vals[1]) == 9
 
 
-def test_corrupt_images_are_replaced_warned_and_counted(tmp_path):
+def test_corrupt_images_are_replaced_named_once_and_counted(tmp_path, capsys):
     root = make_tree(tmp_path)
     bad = root / "train" / "bee" / "00.jpg"  # sample 6; sample 7 (bee/01) replaces it
     bad.write_bytes(b"\xff\xd8 truncated jpeg")
     tr, _, _ = build_data("imagefolder", data_dir=str(root), batch_size=18, num_workers=0,
                           augmentation="none", image_size=8)
-    with pytest.warns(UserWarning, match=r"skipping unreadable image .*bee/00.jpg"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a line on stderr, not a Python warning with a source line
         x, y = next(iter(tr))
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"skipping unreadable image {bad} (")
+    assert err[0].endswith("; using the next file in its place")
     assert x.shape[0] == 18 and tr.num_skipped == 1 and tr.skipped_files == {str(bad)}
     order = tr.epoch_batches(0)[0]
     pos_bad, pos_next = order.index(6), order.index(7)
     assert torch.equal(x[pos_bad], x[pos_next]) and y[pos_bad] == y[pos_next] == 1
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # warned once per file; still counted
-        list(tr)
+    list(tr)
+    assert capsys.readouterr().err == ""  # named once per file; still counted
     assert tr.num_skipped == 2
+
+
+def _corrupt_val(root: Path) -> Path:
+    bad = root / "val" / "bee" / "01.jpg"  # val sample 4 of 9
+    bad.write_bytes(b"\xff\xd8 truncated jpeg")
+    return bad
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_corrupt_val_image_is_left_out_and_counted(tmp_path, capsys, workers):
+    root = make_tree(tmp_path)
+    _, va_ok, _ = build_data("imagefolder", data_dir=str(root), batch_size=4, num_workers=0, image_size=8)
+    clean = _epoch(va_ok, 0)
+    bad = _corrupt_val(root)
+    _, va, _ = build_data("imagefolder", data_dir=str(root), batch_size=4, num_workers=workers, image_size=8)
+    capsys.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = _epoch(va, 0)
+    # batch 1 (samples 4..7) lost sample 4; no duplicate of another file in its place
+    assert [len(y) for _, y in got] == [4, 3, 1]
+    assert torch.cat([y for _, y in got]).tolist() == [0, 0, 0, 1, 1, 2, 2, 2]
+    assert torch.equal(got[1][0], clean[1][0][1:]) and torch.equal(got[0][0], clean[0][0])
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith(f"skipping unreadable image {bad} (") and err[0].endswith("; left out of validation")
+    assert err[1:] == ["val: 1 unreadable image skipped; the metrics are over the other 8"]
+    assert va.num_left_out == 1 and va.skipped_files == {str(bad)}
+    again = _epoch(va, 0)  # the same pass again: the same batches, nothing printed again
+    assert _same(got, again) and capsys.readouterr().err == "" and va.num_skipped == 2
+
+
+def test_val_metrics_are_over_the_readable_images_only(tmp_path):
+    from bitrain.train.trainer import evaluate
+
+    root = make_tree(tmp_path)
+    _, va_ok, _ = build_data("imagefolder", data_dir=str(root), batch_size=4, num_workers=0, image_size=8)
+    clean = _epoch(va_ok, 0)
+    _corrupt_val(root)
+    _, va, _ = build_data("imagefolder", data_dir=str(root), batch_size=4, num_workers=0, image_size=8)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 3))
+    m = evaluate(model, va)
+    x = torch.cat([x for x, _ in clean])
+    y = torch.cat([y for _, y in clean])
+    keep = torch.arange(9) != 4
+    with torch.no_grad():
+        logits = model(x[keep])
+    assert m["samples"] == 8
+    assert m["acc1"] == pytest.approx(float((logits.argmax(1) == y[keep]).float().mean()))
+    assert m["loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, y[keep])), rel=1e-5)
+
+
+def test_corrupt_val_image_two_rank_shards_stay_exact(tmp_path, capsys):
+    root = make_tree(tmp_path)
+    bad = _corrupt_val(root)
+    ys = []
+    for r in range(2):
+        _, va, _ = build_data("imagefolder", data_dir=str(root), batch_size=2, num_workers=0,
+                              rank=r, world_size=2, image_size=8)
+        ys.append(torch.cat([y for _, y in _epoch(va, 0)]).tolist())
+    assert ys[0] + ys[1] == [0, 0, 0, 1, 1, 2, 2, 2]  # each readable file once, the bad one nowhere
+    err = capsys.readouterr().err.splitlines()
+    assert sum(line.startswith(f"skipping unreadable image {bad} (") for line in err) == 1
+    assert err[1:] == ["val (rank 1): 1 unreadable image skipped; the metrics are over the other 4"]  # 4..8
+
+
+def test_val_of_unreadable_images_only_is_a_user_error(tmp_path):
+    root = make_tree(tmp_path, n_train=2, n_val=1)
+    for p in (root / "val").rglob("*.*g"):
+        p.write_bytes(b"junk")
+    _, va, _ = build_data("imagefolder", data_dir=str(root), batch_size=2, num_workers=0, image_size=8)
+    with pytest.raises(UserError, match="3 unreadable images in a row"):
+        list(va)
+
+
+def test_train_run_names_each_bad_file_once_on_one_line(tmp_path, capfd):
+    from conftest import read_rows, run_cli
+
+    root = make_tree(tmp_path / "data")
+    bad_train = root / "train" / "cow" / "02.png"
+    bad_train.write_bytes(b"\x89PNG junk")
+    bad_val = _corrupt_val(root)
+    run = tmp_path / "run"
+    assert run_cli("train", "--dataset", "imagefolder", "--data-dir", root, "--image-size", "8", "--cpu",
+                   "--model", "tiny_resnet_e", "--batch-size", "6", "--epochs", "2", "--prefix", run) == 0
+    err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if "unreadable" in line]
+    assert sum(str(bad_train) in line for line in lines) == 1 and sum(str(bad_val) in line for line in lines) == 1
+    assert lines.count("val: 1 unreadable image skipped; the metrics are over the other 8") == 1
+    assert "Warning" not in err and "for x, y in" not in err
+    assert len(read_rows(run, "val")) == 2
 
 
 def test_all_corrupt_is_a_user_error(tmp_path):

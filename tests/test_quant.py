@@ -150,7 +150,7 @@ def test_registry_and_errors():
     assert quant.get_quantizer(None) is None
     f = lambda x: x  # noqa: E731
     assert quant.get_quantizer(f) is f
-    assert quant.get_quantizer("ste_sign") is quant.det_sign is quant.QUANTIZERS["sign"]
+    assert quant.get_quantizer("ste_sign") is quant.det_sign is quant.QUANTIZERS["sign"].fn
     with pytest.raises(UserError, match="unknown quantizer 'nope'.*det_sign"):
         quant.get_quantizer("nope")
     with pytest.raises(UserError, match="does not fit 32-bit"):

@@ -31,11 +31,9 @@ from bitrain.files import atomic_write_bytes
 from bitrain.console import progress
 from bitrain.errors import UserError
 from bitrain.binary.layers import QConv2d, QLinear
-from bitrain.binary.quantizers import get_quantizer
 
 FORMAT = "bitrain-packed"
 VERSION = 1
-_SCALING = ("binet", "xnor")  # approximations that scale the binary weight by mean|W| per output channel
 
 
 # ---------------------------------------------------------------------------------------------- bits
@@ -95,19 +93,9 @@ def _is_packed(m: nn.Module) -> bool:
     return isinstance(m, (QConv2d, QLinear)) and m.bits == 1
 
 
-def _forward_weight(layer: nn.Module) -> torch.Tensor:
-    """The weight the layer's forward convolves with (binary, possibly scaled per output channel)."""
-    if hasattr(layer, "quantized_weight"):
-        return layer.quantized_weight().detach()
-    w = get_quantizer(layer.weight_quantization)(layer.weight, float("inf")).detach()
-    if layer.approximation in _SCALING:
-        w = w * layer.weight.detach().abs().mean(dim=tuple(range(1, w.dim())), keepdim=True)
-    return w
-
-
 def _signs_and_scale(name: str, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, fan_in) bool signs and (out,) magnitudes; forward weight must be +-scale per channel."""
-    qw = _forward_weight(layer).float().cpu().reshape(layer.weight.shape[0], -1)
+    qw = layer.quantized_weight().detach().float().cpu().reshape(layer.weight.shape[0], -1)
     mag = qw.abs().amax(1)
     if not torch.equal(qw.abs(), mag[:, None].expand_as(qw)):
         raise UserError(f"layer {name}: weight quantization {layer.weight_quantization!r} does not give "
@@ -118,7 +106,7 @@ def _signs_and_scale(name: str, layer: nn.Module) -> tuple[torch.Tensor, torch.T
 def layer_settings(layer: nn.Module) -> dict[str, Any]:
     """The quantization settings and geometry a binary layer needs to be recomputed exactly."""
     pad_value = float(getattr(layer.act, "pad_value", -1.0 if layer.bits_a == 1 else 0.0))
-    offset = getattr(layer, "apply_offset", layer.approximation not in _SCALING and not layer.no_offset)
+    offset = layer.apply_offset
     s = {"type": type(layer).__name__, "shape": list(layer.weight.shape), "bits": layer.bits,
          "bits_a": layer.bits_a, "weight_quantization": str(layer.weight_quantization),
          "activation_method": str(layer.act.method), "clip_threshold": float(layer.act.clip_threshold),
@@ -202,7 +190,7 @@ class PackedQLayer(nn.Module):
         xq = self.act(x)
         h = self._dot_conv(xq) if self.is_conv else self._dot_linear(xq)
         view = (1, -1, 1, 1) if self.is_conv else (-1,)
-        if s["approximation"] in _SCALING or not torch.all(self.weight_scale == 1):
+        if s["approximation"] or not torch.all(self.weight_scale == 1):  # binet / xnor scale by mean|W|
             h = h * self.weight_scale.reshape(view)
         if self.bias is not None:
             h = h + self.bias.reshape(view)
@@ -250,7 +238,7 @@ def export_packed(model: nn.Module, out_path: str | Path, *, model_args: dict,
         prefix = f"{name}." if name else ""
         tensors[prefix + "weight_packed"] = pack_signs(signs)
         tensors[prefix + "weight_shape"] = torch.tensor(list(layer.weight.shape), dtype=torch.int64)
-        if layer.approximation in _SCALING or not torch.all(mag == 1):
+        if layer.approximation or not torch.all(mag == 1):
             tensors[prefix + "weight_scale"] = mag.float()
         layers[name] = layer_settings(layer)
         del state[prefix + "weight"]

@@ -155,7 +155,7 @@ class QActivation(nn.Module):
     def pad_value(self) -> float:
         """Value a following conv pads with: -1 for +-1 outputs (binary stays binary), else 0."""
         if self._named:
-            return -1.0 if self.bits == 1 and self.method in quant.PLUS_MINUS_ONE else 0.0
+            return -1.0 if self.bits == 1 and quant.QUANTIZERS[self.method].plus_minus_one else 0.0
         return float(getattr(self.method, "pad_value", -1.0 if self.bits == 1 else 0.0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -180,7 +180,8 @@ def _setup(layer: nn.Module, bits, bits_a, weight_quantization, activation_metho
     layer._wq = wq if isinstance(layer.weight_quantization, str) else None
     layer.act = QActivation(layer.bits_a, clip_threshold, activation_method)
     layer.fan_in = fan_in
-    binary = layer.bits == 1 and layer.weight_quantization in quant.PLUS_MINUS_ONE
+    record = quant.spec(layer.weight_quantization)
+    binary = layer.bits == 1 and record is not None and record.plus_minus_one
     layer.apply_offset = binary and layer.approximation == "" and not layer.no_offset
     layer.full_precision = layer.bits == 32 and layer.bits_a == 32 and layer.act.is_identity
 
@@ -197,12 +198,10 @@ def _quantized_weight(layer: nn.Module) -> torch.Tensor:
     return wq
 
 
-_STE_SIGN = ("det_sign", "ste_sign", "sign")
-
-
 def _forward_weight(layer: nn.Module, scale: float) -> torch.Tensor:
     # quantized_weight() * scale; for a plain det_sign one fused pass producing +-scale
-    if layer.bits == 1 and layer.weight_quantization in _STE_SIGN and not layer.approximation:
+    record = quant.spec(layer.weight_quantization)
+    if layer.bits == 1 and record is not None and record.ste_sign and not layer.approximation:
         return quant.scaled_sign(layer.weight, scale)
     w = _quantized_weight(layer)
     return w if scale == 1.0 else w * scale

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import math
 import struct
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from bitrain.errors import UserError
+from bitrain.names import BITS
 
 INF = float("inf")
 Quantizer = Callable[..., torch.Tensor]
@@ -262,26 +264,62 @@ def approx_sign_poly(x: torch.Tensor, clip_threshold: float = INF, bits: int = 3
     return 2.0 * y - y * y.abs()
 
 
-# --- registries ------------------------------------------------------------------------------
+# --- the registry: one record per quantizer ---------------------------------------------------
 
-ONE_BIT: dict[str, Quantizer] = {
-    "det_sign": det_sign, "ste_sign": det_sign, "sign": det_sign,
-    "approx_sign": approx_sign, "sign_approx_sign": approx_sign, "approxsign": approx_sign,
-    "swish_sign": swish_sign, "swishsign": swish_sign,
-    "ste_heaviside": ste_heaviside, "steheaviside": ste_heaviside,
-    "magnitude_aware_sign": magnitude_aware_sign,
-}
-K_BIT: dict[str, Quantizer] = {"round": round_ste, "dorefa": dorefa}
-TERNARY: dict[str, Quantizer] = {"ste_tern": ste_tern}
-ACTIVATIONS_32: dict[str, Quantizer] = {
-    "identity": identity, "relu": relu, "clip": clip, "leaky_clip": leaky_clip, "approx_sign": approx_sign_poly,
-}
-QUANTIZERS: dict[str, Quantizer] = {**ONE_BIT, **K_BIT, **TERNARY}
-#: names whose output is exactly {-1, +1}: a binary input padded with -1 stays binary, and the
-#: xnor-popcount offset (dot + fan_in) / 2 is meaningful for such weights.
-PLUS_MINUS_ONE = frozenset(n for n, f in ONE_BIT.items() if f in (det_sign, approx_sign, swish_sign))
-ALL_NAMES = frozenset(QUANTIZERS) | frozenset(ACTIVATIONS_32)
-VALID_BITS = (1, 2, 3, 4, 5, 6, 7, 8, 32)
+ONE_BIT, K_BIT, FULL = (1,), (1, 2, 3, 4, 5, 6, 7, 8), (32,)
+
+
+@dataclass(frozen=True)
+class QuantizerSpec:
+    """Everything bitrain knows about one quantizer; every other module asks this record."""
+
+    name: str
+    fn: Quantizer  # the form below 32 bits (at 32 bits when ``bits`` is FULL only)
+    bits: tuple[int, ...]  # the widths it accepts
+    aliases: tuple[str, ...] = ()  # larq / bitorch / BMXNet names for the same function
+    fp_fn: Quantizer | None = None  # the full-precision (32-bit activation) form, when it has one
+    weight_fn: Quantizer | None = None  # the form for weights, when it differs (DoReFa's tanh form)
+    plus_minus_one: bool = False  # output exactly {-1, +1}: pad with -1, xnor offset, packable to 1 bit
+    ste_sign: bool = False  # the plain straight-through sign: weights take one fused scaled_sign pass
+    scaled: bool = False  # output carries a magnitude (an export stores it as weight_scale)
+
+    def resolve(self, bits: int, kind: str = "activation") -> Quantizer | None:
+        """The function for ``bits`` and ``kind`` (activation or weight), or None when it does not fit."""
+        if bits == 32:
+            if 32 not in self.bits and self.fp_fn is None:
+                return None
+            if kind == "weight" and self.name != "identity":  # full-precision weights are the weights
+                return None
+            return self.fp_fn or self.fn
+        if bits not in self.bits:
+            return None
+        return self.weight_fn if kind == "weight" and self.weight_fn is not None else self.fn
+
+
+SPECS: tuple[QuantizerSpec, ...] = (
+    QuantizerSpec("det_sign", det_sign, ONE_BIT, ("ste_sign", "sign"), plus_minus_one=True, ste_sign=True),
+    QuantizerSpec("approx_sign", approx_sign, ONE_BIT, ("sign_approx_sign", "approxsign"), fp_fn=approx_sign_poly,
+                  plus_minus_one=True),
+    QuantizerSpec("swish_sign", swish_sign, ONE_BIT, ("swishsign",), plus_minus_one=True),
+    QuantizerSpec("ste_heaviside", ste_heaviside, ONE_BIT, ("steheaviside",)),
+    QuantizerSpec("magnitude_aware_sign", magnitude_aware_sign, ONE_BIT, scaled=True),
+    QuantizerSpec("round", round_ste, K_BIT),
+    QuantizerSpec("dorefa", dorefa, K_BIT, weight_fn=dorefa_weight),
+    QuantizerSpec("ste_tern", ste_tern, (2,)),
+    QuantizerSpec("identity", identity, FULL),
+    QuantizerSpec("relu", relu, FULL),
+    QuantizerSpec("clip", clip, FULL),
+    QuantizerSpec("leaky_clip", leaky_clip, FULL),
+)
+#: every name (aliases included) -> its record
+QUANTIZERS: dict[str, QuantizerSpec] = {n: q for q in SPECS for n in (q.name, *q.aliases)}
+ALL_NAMES = frozenset(QUANTIZERS)
+VALID_BITS = BITS
+
+
+def spec(name: str) -> QuantizerSpec | None:
+    """The record of a quantizer name (None for a callable or an unknown name)."""
+    return QUANTIZERS.get(name) if isinstance(name, str) else None
 
 
 def default_method(bits: int, kind: str = "activation") -> str:
@@ -295,10 +333,7 @@ def default_method(bits: int, kind: str = "activation") -> str:
 
 def valid_methods(bits: int, kind: str = "activation") -> list[str]:
     """Names accepted for this bit width and use (activation or weight)."""
-    if bits == 32:
-        return sorted(ACTIVATIONS_32) if kind == "activation" else ["identity"]
-    names = list(K_BIT) + (list(ONE_BIT) if bits == 1 else []) + (list(TERNARY) if bits == 2 else [])
-    return sorted(names)
+    return sorted(n for n, q in QUANTIZERS.items() if q.resolve(bits, kind) is not None)
 
 
 def check_bits(bits: int, option: str = "bits") -> int:
@@ -325,8 +360,4 @@ def get_quantizer(identifier: str | Quantizer | None, bits: int = 1, kind: str =
         raise UserError(
             f"quantizer {identifier!r} does not fit {bits}-bit {kind}s; valid: {', '.join(valid_methods(bits, kind))}"
         )
-    if bits == 32:
-        return ACTIVATIONS_32[identifier]
-    if kind == "weight" and identifier == "dorefa":
-        return dorefa_weight
-    return QUANTIZERS[identifier]
+    return QUANTIZERS[identifier].resolve(bits, kind)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from bitrain.errors import UserError
-from bitrain.binary.quantizers import ACTIVATIONS_32, INF, QUANTIZERS, _SteValue, det_sign, get_quantizer
+from bitrain.binary.quantizers import INF, _SteValue, det_sign, get_quantizer, spec
 
 # The schedule position lives in a non-persistent 0-d buffer, so changing it neither
 # recompiles a torch.compile'd model nor adds keys to the state_dict; the trainer sets it
@@ -77,7 +77,8 @@ class QuantizerScheduler(ScheduledQuantizer):
         fns = []
         for q in quantizers:
             if isinstance(q, str):
-                fns.append(ACTIVATIONS_32[q] if q in ACTIVATIONS_32 and q not in QUANTIZERS else get_quantizer(q))
+                record = spec(q)  # a 1-bit quantizer at 1 bit, a full-precision activation (identity) at 32
+                fns.append(get_quantizer(q, 1 if record is None or 1 in record.bits else 32))
             else:
                 fns.append(get_quantizer(q))
         self._fns = fns

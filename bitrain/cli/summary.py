@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 from bitrain.cli.train import main as train_main
-from bitrain.cli.train import model_args, resolve_config
+from bitrain.cli.train import model_args, print_summary, resolve_config
+
 
 def main(argv: Sequence[str]) -> int:
     """``bitrain summary --model NAME [train flags]``: params, bits, memory, MACs, compression
@@ -26,13 +27,3 @@ def main(argv: Sequence[str]) -> int:
     info = SimpleNamespace(num_classes=1000, in_channels=3, image_size=size)
     print_summary(build_model(**model_args(cfg, info)), info, cfg.plot_network)
     return 0
-
-
-def print_summary(model: Any, info: Any, plot_prefix: str | None) -> None:
-    """The summary table (and, with a prefix, the network graph files) on stdout."""
-    from bitrain.binary.summary import plot_network, summarize
-
-    shape = (info.in_channels, info.image_size, info.image_size)
-    print(summarize(model, shape).format())
-    if plot_prefix:
-        print(plot_network(model, shape, plot_prefix))

@@ -144,11 +144,9 @@ def main(argv: Sequence[str]) -> int:
     from bitrain.train import checkpoint as ckpt
     from bitrain.train import dist
     from bitrain.train.callbacks import ConsoleLogger, CSVLogger, ProgressETA, TensorBoardLogger
-    from bitrain.cli.summary import print_summary
     from bitrain.data import build_data
     from bitrain.models import build_model
     from bitrain.train.optim import build_optimizer
-    from bitrain.train.schedules import make_schedule
     from bitrain.train.trainer import Trainer, TrainerStop
 
     if cfg.gpus and len(C.parse_ints("gpus", cfg.gpus)) > 1 and "WORLD_SIZE" not in os.environ:
@@ -158,7 +156,6 @@ def main(argv: Sequence[str]) -> int:
     device = select_device(cfg)
     info_d = dist.init_from_env(device.type, device=device)
     torch.manual_seed(cfg.seed + info_d.rank)
-    amp = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
     train_loader, val_loader, info = build_data(
         cfg.dataset, data_dir=cfg.data_dir, batch_size=cfg.batch_size, device=device, seed=cfg.seed,
         rank=info_d.rank, world_size=info_d.world_size, num_workers=cfg.num_workers, augmentation=cfg.augmentation,
@@ -167,14 +164,31 @@ def main(argv: Sequence[str]) -> int:
         **({"image_size": cfg.image_size} if cfg.dataset in ("imagenet", "imagefolder") else {}))
     margs = model_args(cfg, info)
     model = build_model(**margs)
-    if payload is not None:  # a checkpoint of another model fails here, before the run dir is touched
-        _load_or_explain(model, payload.get("model", {}), ckpt_path)
     if cfg.dry_run or cfg.plot_network:
         print_summary(model, info, cfg.plot_network)
         if cfg.dry_run:
             return 0
 
     run_dir = Path(cfg.prefix) if cfg.prefix else default_run_dir(cfg.model, cfg.dataset)
+    optimizer = build_optimizer(model, cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum, wd=cfg.wd,
+                                bop_threshold=cfg.bop_threshold, bop_gamma=cfg.bop_gamma)
+    trainer = Trainer(
+        model, optimizer, train_loader, val_loader, epochs=cfg.epochs, lr=cfg.lr, lr_mode=cfg.lr_mode,
+        lr_factor=cfg.lr_factor, lr_steps=C.parse_floats("lr_steps", cfg.lr_steps), warmup_epochs=cfg.warmup_epochs,
+        warmup_lr=cfg.warmup_lr, run_dir=run_dir, device=device, dtype=cfg.dtype,
+        compile=cfg.compile or cfg.mode != "imperative", channels_last=cfg.channels_last, sync_bn=cfg.sync_bn,
+        label_smoothing=cfg.label_smoothing, mixup_alpha=cfg.mixup_alpha if cfg.mixup else 0.0,
+        mixup_off_epoch=cfg.mixup_off_epoch, clip_grad_norm=cfg.clip_grad_norm,
+        clip_latent_weights=cfg.clip_latent_weights, log_interval=cfg.log_interval,
+        save_frequency=cfg.save_frequency, checkpoint_interval=cfg.checkpoint_interval,
+        checkpoint_minutes=cfg.checkpoint_minutes, interrupt_at=cfg.interrupt_at, test_run=cfg.test_run,
+        skip_nonfinite=cfg.skip_nonfinite, seed=cfg.seed, start_epoch=cfg.start_epoch, profile=cfg.profile,
+        checkpoint_name=f"{cfg.model}_{cfg.bits}bit",
+        checkpoint_extra={"config": cfg.to_dict(include_run_control=False), "model_args": margs,
+                          "data": {"dataset": info.name, "mean": list(info.mean), "std": list(info.std),
+                                   "image_size": info.image_size, "num_classes": info.num_classes}})
+    if payload is not None:  # applied once; a checkpoint of another model fails here, before the run dir is touched
+        _load_or_explain(trainer, payload, ckpt_path)
     if info_d.is_main:
         try:  # --resume with nothing to resume yet (e.g. killed before the first checkpoint) starts fresh there
             prepare_run_dir(run_dir, resuming=payload is not None or cfg.resume is not None,
@@ -185,12 +199,6 @@ def main(argv: Sequence[str]) -> int:
             raise UserError(f"--prefix {run_dir} is not writable: {e.strerror or e}") from None
     dist.barrier()
 
-    optimizer = build_optimizer(model, cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum, wd=cfg.wd,
-                                bop_threshold=cfg.bop_threshold, bop_gamma=cfg.bop_gamma)
-    steps = 1 if cfg.test_run else len(train_loader)
-    schedule = make_schedule(lr=cfg.lr, mode=cfg.lr_mode, steps_per_epoch=steps, epochs=cfg.epochs,
-                             warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr,
-                             lr_steps=C.parse_floats("lr_steps", cfg.lr_steps), lr_factor=cfg.lr_factor)
     callbacks: list = []
     if info_d.is_main:
         live = console.live()
@@ -198,22 +206,9 @@ def main(argv: Sequence[str]) -> int:
         tb_dir = Path(cfg.write_summary) if cfg.write_summary else run_dir / "tb"
         callbacks = [progress, ConsoleLogger(run_dir / cfg.log, console=progress.console),
                      CSVLogger(run_dir / "metrics.csv"), TensorBoardLogger(tb_dir, histograms=cfg.write_summary is not None)]
-    trainer = Trainer(
-        model, optimizer, train_loader, val_loader, epochs=cfg.epochs, schedule=schedule, run_dir=run_dir,
-        callbacks=callbacks, device=device, amp_dtype=amp, compile=cfg.compile or cfg.mode != "imperative",
-        channels_last=cfg.channels_last, sync_bn=cfg.sync_bn, label_smoothing=cfg.label_smoothing,
-        mixup_alpha=cfg.mixup_alpha if cfg.mixup else 0.0, mixup_off_epoch=cfg.mixup_off_epoch,
-        clip_grad_norm=cfg.clip_grad_norm, latent_weight_clip=cfg.clip_latent_weights,
-        log_interval=cfg.log_interval, save_frequency=cfg.save_frequency, checkpoint_interval=cfg.checkpoint_interval,
-        checkpoint_minutes=cfg.checkpoint_minutes, interrupt_at=cfg.interrupt_at, test_run=cfg.test_run,
-        skip_nonfinite=cfg.skip_nonfinite, seed=cfg.seed, start_epoch=cfg.start_epoch,
-        checkpoint_name=f"{cfg.model}_{cfg.bits}bit", profile_steps=5 if cfg.profile else 0,
-        checkpoint_extra={"config": cfg.to_dict(include_run_control=False), "model_args": margs,
-                          "data": {"dataset": info.name, "mean": list(info.mean), "std": list(info.std),
-                                   "image_size": info.image_size, "num_classes": info.num_classes}})
+    trainer.attach(callbacks, payload)  # a resumed run's logs continue where its checkpoint left them
     say = trainer.message
     if payload is not None:
-        _load_or_explain(trainer, payload, ckpt_path)
         s = trainer.state
         say(f"resumed from {ckpt_path}: epoch {s.epoch}, batch {s.batch}, step {s.step}")
     say(f"bitrain: training {cfg.model} ({cfg.bits}-bit weights, {cfg.bits_a}-bit activations) on {info.name} "
@@ -256,3 +251,13 @@ def _load_or_explain(trainer: Any, payload: dict, path: Path | None) -> None:
 def _close(callbacks: list) -> None:
     for cb in callbacks:
         cb.close()
+
+
+def print_summary(model: Any, info: Any, plot_prefix: str | None) -> None:
+    """The summary table (and, with a prefix, the network graph files) on stdout."""
+    from bitrain.binary.summary import plot_network, summarize
+
+    shape = (info.in_channels, info.image_size, info.image_size)
+    print(summarize(model, shape).format())
+    if plot_prefix:
+        print(plot_network(model, shape, plot_prefix))

@@ -6,16 +6,18 @@ same permutation/sharding as the in-memory loader (bitrain.data.loader); each sa
 draws come from a numpy generator seeded by (seed, epoch, sample index), so batches never depend
 on the number of workers or on what was read before.
 
-Corrupt images are skipped: sample i is replaced by the next decodable file of the split in file
-order (i+1, i+2, ..., wrapping), with its label and with sample i's random draws; the batch keeps
-its size. Each bad file is warned about once and counted in ``loader.num_skipped``.
+Corrupt images are skipped. Train: sample i is replaced by the next decodable file of the split
+in file order (i+1, i+2, ..., wrapping), with its label and with sample i's random draws; the
+batch keeps its size. Val: the file is left out (its batch is one smaller), so the metrics are over
+the readable files only, and a pass that left files out says how many. Each bad file is named once
+on stderr (one line) and counted in ``loader.num_skipped``.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import warnings
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,6 +42,7 @@ _EIGVEC = np.array([[-0.5675, 0.7192, 0.4009],
                     [-0.5836, -0.6948, 0.4203]], dtype=np.float32)
 _GRAY = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 _MAX_REPLACEMENTS = 64  # consecutive bad files after which the tree is declared broken
+_BROKEN, _LEFT_OUT = -1, -2  # item labels: no readable file in _MAX_REPLACEMENTS tries; a val file left out
 
 
 def scan_split(root: Path, split: str, classes: list[str] | None = None
@@ -160,7 +163,8 @@ def transform(path: str, size: int, augmentation: str, rng: np.random.Generator 
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):
-    """Item (epoch, i) -> (uint8 HWC array, label, [(bad path, reason), ...])."""
+    """Item (epoch, i) -> (uint8 HWC array, label, [(bad path, reason), ...]). Train: a bad file is
+    replaced by the next readable one; val: label ``_LEFT_OUT`` (the collate drops the item)."""
 
     def __init__(self, paths: list[str], labels: np.ndarray, *, size: int, augmentation: str,
                  train: bool, seed: int) -> None:
@@ -173,7 +177,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int]) -> tuple[np.ndarray, int, list[tuple[str, str]]]:
         epoch, i = key
         bad: list[tuple[str, str]] = []
-        for step in range(min(len(self.paths), _MAX_REPLACEMENTS)):
+        for step in range(min(len(self.paths), _MAX_REPLACEMENTS) if self.train else 1):
             j = (i + step) % len(self.paths)
             # a fresh generator per try, so a replacement uses the same draws as sample i would
             rng = (np.random.default_rng([self.seed & 0xFFFF_FFFF_FFFF_FFFF, epoch, i])
@@ -182,15 +186,20 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                 return transform(self.paths[j], self.size, self.augmentation, rng), \
                     int(self.labels[j]), bad
             except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... on bad files
-                bad.append((self.paths[j], f"{type(e).__name__}: {e}"))
+                why = str(e).replace(repr(self.paths[j]), "").replace(self.paths[j], "")  # named once, by the line
+                bad.append((self.paths[j], " ".join(f"{type(e).__name__}: {why}".split())[:200]))
         empty = np.zeros((self.size, self.size, 3), dtype=np.uint8)
-        return empty, -1, bad  # -1: the loader turns this into a UserError
+        return empty, _BROKEN if self.train else _LEFT_OUT, bad  # _BROKEN: the loader raises a UserError
 
 
-def _collate(items: list) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, str]]]:
-    x = torch.from_numpy(np.stack([it[0] for it in items])).permute(0, 3, 1, 2)  # (B, 3, S, S)
-    y = torch.tensor([it[1] for it in items], dtype=torch.int64)
-    return x, y, [b for it in items for b in it[2]]
+def _collate(items: list) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, str]], list[bool]]:
+    """(x, y, bad files, per item: left out) with the left-out val items dropped from x and y."""
+    left_out = [it[1] == _LEFT_OUT for it in items]
+    kept = [it for it, out in zip(items, left_out) if not out]
+    a = np.stack([it[0] for it in kept]) if kept else np.zeros((0, *items[0][0].shape), dtype=np.uint8)
+    x = torch.from_numpy(a).permute(0, 3, 1, 2)  # (B, 3, S, S)
+    y = torch.tensor([it[1] for it in kept], dtype=torch.int64)
+    return x, y, [b for it in items for b in it[2]], left_out
 
 
 def _worker_init(_: int) -> None:
@@ -223,8 +232,10 @@ class ImageFolderLoader(EpochShards):
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.dtype, self.channels_last = dtype, channels_last
         self.scale, self.shift = normalize_affine(IMAGENET_MEAN, IMAGENET_STD, device)
-        self.num_skipped = 0  # corrupt-image replacements so far (every occurrence)
+        self.num_skipped = 0  # corrupt-image replacements (train) or files left out (val) so far, every occurrence
         self.skipped_files: set[str] = set()
+        self.num_left_out = 0  # val: files left out of the last full pass
+        self._reported_left_out = 0
         self._sampler = _EpochBatches()
         self._loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=self._sampler, num_workers=num_workers, collate_fn=_collate,
@@ -247,20 +258,37 @@ class ImageFolderLoader(EpochShards):
         return self._batches(iter(self._loader))
 
     def _batches(self, it: Iterator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for x, y, bad in it:
+        left_out = in_a_row = 0  # val: files left out in this pass; consecutive ones
+        in_a_row_max = min(_MAX_REPLACEMENTS, max(1, self.num_samples))
+        for x, y, bad, out in it:
             if bad:
                 self._report(bad, bool((y < 0).any()))
+            for o in out:
+                in_a_row = in_a_row + 1 if o else 0
+                if in_a_row >= in_a_row_max:
+                    raise UserError(f"{in_a_row} unreadable images in a row up to {bad[-1][0]}: "
+                                    "is the image folder broken?")
+            left_out += sum(out)
+            if not len(y):  # a val batch of unreadable files only
+                continue
             x = x.to(self.device, non_blocking=True)  # uint8: a quarter of float's bytes
             y = y.to(self.device, non_blocking=True)
             yield normalize_batch(x, self.scale, self.shift, self.dtype, self.channels_last), y
+        if not self.train:  # a full pass: say how many files the metrics leave out (when that changes)
+            self.num_left_out = left_out
+            if left_out != self._reported_left_out:
+                self._reported_left_out = left_out
+                where = f" (rank {self.rank})" if self.world_size > 1 else ""
+                print(f"val{where}: {left_out} unreadable image{'s' if left_out != 1 else ''} skipped; the "
+                      f"metrics are over the other {self.num_samples - left_out}", file=sys.stderr)
 
     def _report(self, bad: list[tuple[str, str]], broken: bool) -> None:
         for path, reason in bad:
             self.num_skipped += 1
             if path not in self.skipped_files:
                 self.skipped_files.add(path)
-                warnings.warn(f"skipping unreadable image {path} ({reason}); "
-                              "using the next file in its place", stacklevel=3)
+                instead = "using the next file in its place" if self.train else "left out of validation"
+                print(f"skipping unreadable image {path} ({reason}); {instead}", file=sys.stderr)
         if broken:
             raise UserError(f"{_MAX_REPLACEMENTS} unreadable images in a row from {bad[-1][0]}: "
                             "is the image folder broken?")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import csv
 import datetime
+import functools
+import inspect
 import logging
 import math
 import os
@@ -27,10 +29,21 @@ TB_SPLIT = {"batch": "batch", "train": "training", "val": "validation"}
 
 
 class Callback:
-    """Base class: every hook is optional."""
+    """Base class: every hook is optional.
+
+    ``on_epoch_start`` gets the learning rate of the epoch's first step and the samples seen when
+    the epoch began (the ``global_step`` of TensorBoard tags); a subclass that still defines
+    ``on_epoch_start(self, epoch)`` keeps working (the two extra values are dropped for it).
+    """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        hook = cls.__dict__.get("on_epoch_start")
+        if hook is not None and not _accepts(hook, 4):
+            cls.on_epoch_start = _drop_extra_args(hook)
 
     def on_fit_start(self, info: dict[str, Any]) -> None: ...
-    def on_epoch_start(self, epoch: int) -> None: ...
+    def on_epoch_start(self, epoch: int, lr: float | None = None, samples: int | None = None) -> None: ...
     def on_step(self, epoch: int, batch: int, num_batches: int) -> None: ...
     def on_row(self, row: dict[str, Any]) -> None: ...
     def on_epoch_end(self, epoch: int, epoch_time: float, samples: int) -> None: ...
@@ -44,6 +57,25 @@ class Callback:
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def _accepts(fn: Any, n: int) -> bool:
+    """Whether ``fn`` can be called with ``n`` positional arguments (self included)."""
+    try:
+        inspect.signature(fn).bind(*range(n))
+    except TypeError:
+        return False
+    except ValueError:  # no signature to inspect: assume it does
+        return True
+    return True
+
+
+def _drop_extra_args(hook: Any) -> Any:
+    @functools.wraps(hook)
+    def on_epoch_start(self: Any, epoch: int, *_: Any) -> None:
+        hook(self, epoch)
+
+    return on_epoch_start
 
 
 def _fmt_metrics(row: dict[str, Any]) -> str:
@@ -128,7 +160,16 @@ class CSVLogger(Callback):
 
 
 class TensorBoardLogger(Callback):
-    """BMXNet's TensorBoard tags; ``global_step`` counts samples seen (not iterations)."""
+    """BMXNet's TensorBoard tags; ``global_step`` counts samples seen (not iterations).
+
+    ``training/lr`` is written at each epoch start (BMXNet's ``track_lr``) and with each
+    log-interval row; one value per step (the first written).
+    """
+
+    #: in the log dir: the step of the last epoch-start ``training/lr`` on disk. That write comes
+    #: right after an epoch-end checkpoint, so only the files can tell a resumed run whether the
+    #: killed one got that far (an --interrupt-at run stops before it)
+    LR_MARK = ".bitrain-lr-step"
 
     def __init__(self, log_dir: str | Path, histograms: bool = False) -> None:
         from torch.utils.tensorboard import SummaryWriter
@@ -137,9 +178,10 @@ class TensorBoardLogger(Callback):
         self.writer = SummaryWriter(self.log_dir)
         self.histograms = histograms
         self.last_step = -1  # the largest global_step written
+        self.lr_step = -1  # the largest global_step of a training/lr value
 
     def state_dict(self) -> dict[str, Any]:
-        return {"last_step": self.last_step}
+        return {"last_step": self.last_step, "lr_step": self.lr_step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         # TensorBoard hides events at or after purge_step written before this restart: what a
@@ -148,7 +190,33 @@ class TensorBoardLogger(Callback):
 
         self.writer.close()
         self.last_step = state["last_step"]
+        self.lr_step = state.get("lr_step", -1)
+        mark = self._read_lr_mark()
+        if mark <= self.last_step:  # one past it is purged below, and written again
+            self.lr_step = max(self.lr_step, mark)
         self.writer = SummaryWriter(self.log_dir, purge_step=self.last_step + 1)
+
+    def _read_lr_mark(self) -> int:
+        try:
+            return int((Path(self.log_dir) / self.LR_MARK).read_text())
+        except (OSError, ValueError):
+            return -1
+
+    def on_epoch_start(self, epoch: int, lr: float | None = None, samples: int | None = None) -> None:
+        if lr is None or samples is None or samples <= self.lr_step:  # a resumed epoch: written already
+            return
+        self._add_lr(lr, samples)
+        self.writer.flush()
+        mark = Path(self.log_dir) / self.LR_MARK
+        tmp = mark.with_name(mark.name + ".tmp")
+        tmp.write_text(f"{samples}\n")
+        os.replace(tmp, mark)
+
+    def _add_lr(self, lr: float, step: int) -> None:
+        if step > self.lr_step:
+            self.lr_step = step
+            self.last_step = max(self.last_step, step)
+            self.writer.add_scalar("training/lr", lr, global_step=step)
 
     def on_row(self, row: dict[str, Any]) -> None:
         split, step = TB_SPLIT[row["split"]], row["samples"]
@@ -157,7 +225,7 @@ class TensorBoardLogger(Callback):
             if row.get(key) is not None:
                 self.writer.add_scalar(f"{METRIC_NAMES[key]}/{split}", row[key], global_step=step)
         if row["split"] == "batch":
-            self.writer.add_scalar("training/lr", row["lr"], global_step=step)
+            self._add_lr(row["lr"], step)
 
     def on_epoch_end(self, epoch: int, epoch_time: float, samples: int) -> None:
         self.last_step = max(self.last_step, samples)
@@ -205,7 +273,7 @@ class ProgressETA(Callback):
         if self.bar is not None:
             self.bar.start()
 
-    def on_epoch_start(self, epoch: int) -> None:
+    def on_epoch_start(self, epoch: int, lr: float | None = None, samples: int | None = None) -> None:
         self.t_epoch = time.perf_counter()
         if self.bar is not None:
             if self.task is not None:

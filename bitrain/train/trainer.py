@@ -23,14 +23,29 @@ from bitrain.train import checkpoint as ckpt
 from bitrain.train import dist
 from bitrain.train.callbacks import Callback
 from bitrain.binary.layers import clip_latent_weights_, latent_weight_warning
+from bitrain.errors import UserError
 from bitrain.train.metrics import EpochMetrics
 from bitrain.train.optim import build_optimizer
 from bitrain.train.mixup import mix_inputs, mixed_cross_entropy, mixup_params
 from bitrain.train.preempt import StopFlag
 from bitrain.binary.schedule import set_quantizer_epoch
+from bitrain.train.schedules import make_schedule
 from bitrain.train.state import Interrupted, NonFiniteLoss, TrainerStop, TrainState
 
-__all__ = ["Trainer", "TrainState", "TrainerStop", "Interrupted", "NonFiniteLoss", "evaluate"]
+__all__ = ["Trainer", "TrainState", "TrainerStop", "Interrupted", "NonFiniteLoss", "evaluate", "autocast_dtype"]
+
+PROFILE_STEPS = 5  # steps of the first epoch that --profile traces
+_AUTOCAST = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}  # keys: bitrain.names.DTYPES
+
+
+def autocast_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """A compute dtype name (``--dtype``) or torch dtype -> the autocast dtype (None: float32, no autocast)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return None if dtype == torch.float32 else dtype
+    try:
+        return _AUTOCAST[dtype]
+    except KeyError:
+        raise UserError(f"--dtype {dtype!r} is not valid; choose from: {', '.join(_AUTOCAST)}") from None
 
 
 @torch.no_grad()
@@ -62,7 +77,10 @@ class Trainer:
     ``optimizer`` is an optimizer or a name (sgd, nag, adam, radam, adamw, bop: built with BMXNet's
     no-decay groups). Loaders follow bitrain's loader protocol: ``set_epoch(epoch, start)``, ``len()``,
     ``batch_size``, ``num_samples``, and yield ``(x, y)`` already on ``device``.
-    ``schedule`` maps the optimizer step to the learning rate (without one, the lr stays). Files go to ``run_dir`` (rank 0).
+    The learning rate: ``schedule`` (a function of the optimizer step), else BMXNet's ``lr_mode``
+    schedule (step, poly, cosine, linear, with ``lr_steps``, ``lr_factor``, ``warmup_epochs``,
+    ``warmup_lr``) built here for the loader's steps per epoch, else a constant ``lr``.
+    Keyword names are ``bitrain train``'s option names. Files go to ``run_dir`` (rank 0).
     """
 
     def __init__(
@@ -75,10 +93,15 @@ class Trainer:
         epochs: int,
         schedule: Callable[[int], float] | None = None,
         lr: float = 0.01,
+        lr_mode: str | None = None,
+        lr_factor: float = 0.1,
+        lr_steps: Sequence[float] = (),
+        warmup_epochs: float = 0.0,
+        warmup_lr: float = 0.0,
         run_dir: str | Path | None = None,
         callbacks: Sequence[Callback] = (),
         device: torch.device | str = "cpu",
-        amp_dtype: torch.dtype | None = None,
+        dtype: str | torch.dtype | None = None,
         compile: bool = False,
         channels_last: bool = False,
         sync_bn: bool = False,
@@ -86,7 +109,7 @@ class Trainer:
         mixup_alpha: float = 0.0,
         mixup_off_epoch: int = 0,
         clip_grad_norm: float | None = None,
-        latent_weight_clip: float | None = None,
+        clip_latent_weights: float | None = None,
         log_interval: int = 50,
         save_frequency: int = 10,
         checkpoint_interval: int = 0,
@@ -98,7 +121,7 @@ class Trainer:
         start_epoch: int = 0,
         checkpoint_name: str = "model",
         checkpoint_extra: dict[str, Any] | None = None,
-        profile_steps: int = 0,
+        profile: bool = False,
     ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device)  # the unwrapped module: what checkpoints hold
@@ -108,6 +131,11 @@ class Trainer:
         self.net = dist.wrap_ddp(self.model, self.device, sync_bn=sync_bn)  # what forward runs
         if compile:
             self.net = torch.compile(self.net)
+        self.steps_per_epoch = 1 if test_run else len(train_loader)
+        if schedule is None and lr_mode is not None:
+            schedule = make_schedule(lr=lr, mode=lr_mode, steps_per_epoch=self.steps_per_epoch, epochs=epochs,
+                                     warmup_epochs=warmup_epochs, warmup_lr=warmup_lr, lr_steps=list(lr_steps),
+                                     lr_factor=lr_factor)
         if isinstance(optimizer, str):  # a name: BMXNet's parameter groups, lr from the schedule or ``lr``
             optimizer = build_optimizer(self.model, optimizer, lr=schedule(0) if schedule else lr)
         self.optimizer, self.train_loader, self.val_loader = optimizer, train_loader, val_loader
@@ -115,17 +143,16 @@ class Trainer:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.ckpt_dir = self.run_dir / "checkpoints" if self.run_dir is not None else None
         self.callbacks = list(callbacks) if self.dist.is_main else []
-        self.amp_dtype = amp_dtype
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp_dtype == torch.float16)
+        self.amp_dtype = autocast_dtype(dtype)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.label_smoothing, self.mixup_alpha, self.mixup_off_epoch = label_smoothing, mixup_alpha, mixup_off_epoch
-        self.clip_grad_norm, self.latent_weight_clip = clip_grad_norm, latent_weight_clip
+        self.clip_grad_norm, self.clip_latent_weights = clip_grad_norm, clip_latent_weights
         self.log_interval, self.save_frequency = log_interval, save_frequency
         self.checkpoint_interval, self.checkpoint_minutes = checkpoint_interval, checkpoint_minutes
         self.interrupt_at, self.test_run, self.skip_nonfinite = interrupt_at, test_run, skip_nonfinite
         self.seed, self.checkpoint_name = seed, checkpoint_name
         self.checkpoint_extra = dict(checkpoint_extra or {})
-        self.profile_steps = profile_steps
-        self.steps_per_epoch = 1 if test_run else len(train_loader)
+        self.profile_steps = PROFILE_STEPS if profile else 0
         self.global_batch = train_loader.batch_size * self.dist.world_size
         self.state = TrainState(epoch=start_epoch, step=start_epoch * self.steps_per_epoch,
                                 samples=start_epoch * self.steps_per_epoch * self.global_batch)
@@ -143,13 +170,15 @@ class Trainer:
                                     "steps_per_epoch": self.steps_per_epoch, "global_batch": self.global_batch})
         if s.step == 0:
             self._emit("on_histograms", self.model, s.samples)
-        note = None if self.latent_weight_clip else latent_weight_warning(self.model)
+        note = None if self.clip_latent_weights else latent_weight_warning(self.model)
         if note:
             self._emit("on_message", note)
         val: dict[str, float] = {}
         with self._signals:
             while s.epoch < self.epochs:
-                self._emit("on_epoch_start", s.epoch)
+                self._emit("on_epoch_start", s.epoch,  # the lr of the epoch's first step; the samples before it
+                           self.schedule(s.step - s.batch) if self.schedule else self.optimizer.param_groups[0]["lr"],
+                           s.samples - s.batch * self.global_batch)
                 set_quantizer_epoch(self.model, s.epoch)  # scheduled quantizers: a function of the epoch
                 train, epoch_time = self._train_epoch()
                 val = self.evaluate()
@@ -221,8 +250,8 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        if self.latent_weight_clip:
-            clip_latent_weights_(self.model, self.latent_weight_clip)
+        if self.clip_latent_weights:
+            clip_latent_weights_(self.model, self.clip_latent_weights)
         loss = loss.detach()
         self.train_metrics.update(logits.detach(), y, loss.float() * y.shape[0])
         bad = torch.where(torch.isfinite(loss), math.inf, float(self.state.step))
@@ -273,14 +302,25 @@ class Trainer:
         self.state = TrainState(**payload["trainer"])
         if "train_metrics" in payload:
             self.train_metrics.load_state_dict(payload["train_metrics"])
-        for cb in self.callbacks:
-            state = payload.get("callbacks", {}).get(type(cb).__name__)
-            if state:
-                cb.load_state_dict(state)
+        self._load_callback_state(payload)
         rng = payload.get("rng", {})
         per_rank = rng.get("ranks")
         if per_rank:
             dist.set_rng_state(per_rank[self.dist.rank % len(per_rank)])
+
+    def attach(self, callbacks: Sequence[Callback], payload: dict[str, Any] | None = None) -> None:
+        """Add callbacks (rank 0 only) after construction, e.g. once the run directory exists; with the
+        resumed checkpoint's ``payload`` they continue their output (CSV rows, TensorBoard steps)."""
+        added = list(callbacks) if self.dist.is_main else []
+        self.callbacks.extend(added)
+        if payload is not None:
+            self._load_callback_state(payload, added)
+
+    def _load_callback_state(self, payload: dict[str, Any], callbacks: Sequence[Callback] | None = None) -> None:
+        for cb in self.callbacks if callbacks is None else callbacks:
+            state = payload.get("callbacks", {}).get(type(cb).__name__)
+            if state:
+                cb.load_state_dict(state)
 
     def _save_last(self, also: Sequence[str] = ()) -> None:
         self._check_finite()

@@ -1,0 +1,107 @@
+"""bitrain.names is the one home of every list of valid names: each registry, the config's choices
+and the README's flag table agree with it."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from bitrain import names
+from bitrain.binary import quantizers as quant
+from bitrain.binary.layers import binary_layer_config
+from bitrain.cli import config as C
+from bitrain.errors import UserError
+from bitrain.models import arch_options, build_model, list_models
+from bitrain.models.common import init_weights, resolve_stem
+from bitrain.train.optim import OPTIMIZERS, build_optimizer
+from bitrain.train.schedules import make_schedule
+from bitrain.train.trainer import autocast_dtype
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+
+
+def _choices(field: str) -> tuple:
+    return tuple(C.FIELDS[field].metadata["choices"])
+
+
+def test_config_choices_are_the_names():
+    assert _choices("dataset") == names.DATASETS
+    assert _choices("augmentation") == names.AUGMENTATIONS
+    assert _choices("bits") == _choices("bits_a") == names.BITS
+    assert _choices("approximation") == names.APPROXIMATIONS
+    assert _choices("initialization") == names.INITIALIZATIONS
+    assert _choices("initial_layers") == names.STEMS
+    assert _choices("optimizer") == names.OPTIMIZERS
+    assert _choices("lr_mode") == names.LR_MODES
+    assert _choices("dtype") == names.DTYPES
+    assert set(names.ARCH_OPTIONS) <= set(C.FIELDS) and set(names.ARCH_FLAGS) <= set(names.ARCH_OPTIONS)
+
+
+def test_every_dataset_name_is_built():
+    from bitrain.data import DATASETS, build_data
+
+    assert DATASETS is names.DATASETS
+    with pytest.raises(UserError, match="valid|choose|unknown"):
+        build_data("no-such-set", batch_size=8, device="cpu")
+    # the in-memory sets that need no files build; the others fail on their missing files, not on the name
+    for name in names.DATASETS:
+        try:
+            build_data(name, batch_size=8, device="cpu", data_dir="/nonexistent-bitrain-test")
+        except UserError as e:
+            assert "no-such" not in str(e) and "unknown data set" not in str(e), (name, e)
+
+
+def test_quantizer_registry_matches_the_names():
+    kbit = {n for n, q in quant.QUANTIZERS.items() if q.resolve(4) is not None}
+    assert kbit == set(names.KBIT_QUANTIZERS)
+    assert quant.VALID_BITS == names.BITS
+    for bits in names.BITS:  # every width has quantizers, for weights and for activations
+        assert quant.valid_methods(bits, "activation") and quant.valid_methods(bits, "weight")
+    for q in quant.SPECS:  # each record is reachable under each of its names, for each width it takes
+        for name in (q.name, *q.aliases):
+            assert quant.QUANTIZERS[name] is q
+            for bits in q.bits:
+                assert quant.get_quantizer(name, bits) is not None
+
+
+def test_optimizer_lr_mode_dtype_registries_match_the_names():
+    assert (*OPTIMIZERS, "bop") == names.OPTIMIZERS
+    model = build_model("lenet", num_classes=10, in_channels=1, image_size=28)
+    for name in names.OPTIMIZERS:
+        assert isinstance(build_optimizer(model, name, lr=0.01), torch.optim.Optimizer)
+    for mode in names.LR_MODES:
+        assert make_schedule(lr=0.1, mode=mode, steps_per_epoch=2, epochs=3)(0) > 0
+    assert [autocast_dtype(d) for d in names.DTYPES] == [None, torch.bfloat16, torch.float16]
+    with pytest.raises(UserError, match="--dtype"):
+        autocast_dtype("float8")
+
+
+def test_model_names_registries_match_the_names():
+    for method in names.INITIALIZATIONS:
+        init_weights(nn.Linear(3, 2), method)
+    for stem in names.STEMS:
+        resolve_stem(stem, 224)
+    for approximation in names.APPROXIMATIONS:
+        with binary_layer_config(approximation=approximation):
+            pass
+    taken = {o for m in list_models() for o in arch_options(m)}
+    assert taken == set(names.ARCH_OPTIONS)  # every architecture option is taken by some model
+
+
+def test_readme_flag_table_lists_the_names():
+    for field, values in (("dataset", names.DATASETS), ("optimizer", names.OPTIMIZERS),
+                          ("lr-mode", names.LR_MODES)):
+        m = re.search(rf"`--{field} \{{([^}}]*)\}}`", README)
+        assert m and tuple(m.group(1).split(",")) == values, field
+
+
+def test_the_names_and_the_help_need_no_torch():
+    code = ("import sys, bitrain.names, bitrain.cli.config, bitrain.cli; "
+            "sys.exit(1 if 'torch' in sys.modules else 0)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
