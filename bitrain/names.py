@@ -7,8 +7,7 @@ help text and the error messages read them from here.
 
 from __future__ import annotations
 
-# data (bitrain.data)
-DATASETS = ("digits", "dummy", "mnist", "fashion-mnist", "cifar10", "cifar100", "imagenet", "imagefolder")
+# data (bitrain.data; the data sets themselves, with their defaults, are bitrain.data.sets.DATA_SETS)
 # BMXNet's --augmentation levels (ImageNet) plus explicit ones for the in-memory sets
 AUGMENTATIONS = ("none", "low", "medium", "high", "crop", "crop-flip")
 

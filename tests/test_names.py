@@ -16,6 +16,7 @@ from bitrain import names
 from bitrain.binary import quantizers as quant
 from bitrain.binary.layers import binary_layer_config
 from bitrain.cli import config as C
+from bitrain.data.sets import DATA_SETS
 from bitrain.errors import UserError
 from bitrain.models import arch_options, build_model, list_models
 from bitrain.models.common import init_weights, resolve_stem
@@ -31,7 +32,7 @@ def _choices(field: str) -> tuple:
 
 
 def test_config_choices_are_the_names():
-    assert _choices("dataset") == names.DATASETS
+    assert _choices("dataset") == tuple(DATA_SETS)
     assert _choices("augmentation") == names.AUGMENTATIONS
     assert _choices("bits") == _choices("bits_a") == names.BITS
     assert _choices("approximation") == names.APPROXIMATIONS
@@ -46,11 +47,11 @@ def test_config_choices_are_the_names():
 def test_every_dataset_name_is_built():
     from bitrain.data import DATASETS, build_data
 
-    assert DATASETS is names.DATASETS
+    assert DATASETS == tuple(DATA_SETS)
     with pytest.raises(UserError, match="valid|choose|unknown"):
         build_data("no-such-set", batch_size=8, device="cpu")
     # the in-memory sets that need no files build; the others fail on their missing files, not on the name
-    for name in names.DATASETS:
+    for name in DATA_SETS:
         try:
             build_data(name, batch_size=8, device="cpu", data_dir="/nonexistent-bitrain-test")
         except UserError as e:
@@ -95,13 +96,13 @@ def test_model_names_registries_match_the_names():
 
 
 def test_readme_flag_table_lists_the_names():
-    for field, values in (("dataset", names.DATASETS), ("optimizer", names.OPTIMIZERS),
+    for field, values in (("dataset", tuple(DATA_SETS)), ("optimizer", names.OPTIMIZERS),
                           ("lr-mode", names.LR_MODES)):
         m = re.search(rf"`--{field} \{{([^}}]*)\}}`", README)
         assert m and tuple(m.group(1).split(",")) == values, field
 
 
 def test_the_names_and_the_help_need_no_torch():
-    code = ("import sys, bitrain.names, bitrain.cli.config, bitrain.cli; "
+    code = ("import sys, bitrain.names, bitrain.data.sets, bitrain.cli.config, bitrain.cli; "
             "sys.exit(1 if 'torch' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

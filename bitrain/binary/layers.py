@@ -22,9 +22,8 @@ subclasses whose forward is: quantize input -> pad -> conv (or linear).
 
 Latent weights: a binary weight quantizer passes a gradient to latent float weights that
 nothing bounds (larq's warning). Call ``clip_latent_weights_(model)`` after each
-``optimizer.step()`` (or train with Bop, which keeps them at +-1). A binary layer checks this
-itself: a hook on its weight warns once per process when a second gradient arrives and
-neither has been used.
+``optimizer.step()`` (or train with Bop, which keeps them at +-1). The Trainer checks this once,
+at the start of training (``latent_weight_warning``): no hook runs on the hot path.
 """
 
 from __future__ import annotations

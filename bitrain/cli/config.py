@@ -17,7 +17,8 @@ from typing import Any
 import yaml
 
 from bitrain.errors import UserError, suggest
-from bitrain.names import (APPROXIMATIONS, AUGMENTATIONS, BITS, DATASETS, DTYPES, INITIALIZATIONS, KBIT_QUANTIZERS,
+from bitrain.data.sets import DATA_SETS
+from bitrain.names import (APPROXIMATIONS, AUGMENTATIONS, BITS, DTYPES, INITIALIZATIONS, KBIT_QUANTIZERS,
                            LR_MODES, OPTIMIZERS, STEMS)
 
 
@@ -31,7 +32,7 @@ def _f(default: Any, help: str, *, flags: tuple[str, ...] = (), choices: tuple |
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Every option of ``bitrain train`` (BMXNet v2 names; see REFERENCE.md)."""
+    """Every option of ``bitrain train`` (BMXNet v2 names; docs/migration.md maps them flag by flag)."""
 
     # model
     model: str | None = _f(None, "model name (bitrain models lists them); default: a small net for the data set")
@@ -55,7 +56,7 @@ class TrainConfig:
     block_config: str | None = _f(None, "DenseNet/MeliusNet: layers per block, comma separated")
     dilated: bool = _f(False, "DenseNet/MeliusNet: dilated instead of strided downsampling")
     # data
-    dataset: str = _f("digits", "data set", choices=DATASETS)
+    dataset: str = _f("digits", "data set", choices=tuple(DATA_SETS))
     data_dir: str | None = _f(None, "data set folder", flags=("--data-path",))
     batch_size: int = _f(32, "batch size per device (global = per device x world size)")
     num_workers: int = _f(4, "loader worker processes (image folders)", flags=("-j", "--num-worker"))

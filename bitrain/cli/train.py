@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from bitrain import console
 from bitrain.cli import config as C
 from bitrain.cli.args import PROG, ArgParser
+from bitrain.data.sets import DATA_SETS
 from bitrain.cli.rundir import default_run_dir, prepare_run_dir, save_final_weights
 from bitrain.errors import UserError
 
@@ -46,20 +47,6 @@ def _explicit(ns: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in vars(ns).items() if k in C.FIELDS}
 
 
-DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
-    # digits: 1,442 training images of 8x8; the default run (binary net) takes ~10 s on 2 cores
-    "digits": {"epochs": 10, "batch_size": 64, "save_frequency": 5, "model": "tiny_resnet_e", "lr_mode": "cosine",
-               "lr": 0.01},
-    "dummy": {"epochs": 120, "save_frequency": 10, "model": "tiny_resnet_e"},
-    "mnist": {"epochs": 120, "save_frequency": 10, "model": "tiny_resnet_e"},
-    "fashion-mnist": {"epochs": 120, "save_frequency": 10, "model": "tiny_resnet_e"},
-    "cifar10": {"epochs": 120, "save_frequency": 10, "model": "resnet18_e1"},
-    "cifar100": {"epochs": 120, "save_frequency": 10, "model": "resnet18_e1"},
-    "imagenet": {"epochs": 120, "save_frequency": 1, "model": "resnet18_e1"},
-    "imagefolder": {"epochs": 120, "save_frequency": 1, "model": "resnet18_e1"},
-}
-
-
 def resolve_config(argv: Sequence[str]) -> tuple[C.TrainConfig, dict | None, Path | None]:
     """argv -> (config, resumed checkpoint payload or None, its path). Precedence: defaults <
     data-set defaults < resumed checkpoint's config < --config YAML < explicit flags."""
@@ -78,7 +65,7 @@ def resolve_config(argv: Sequence[str]) -> tuple[C.TrainConfig, dict | None, Pat
             run_layer.setdefault("prefix", str(prefix))
     ckpt_layer = C.check_keys(payload.get("config", {}), "the checkpoint's config") if payload else {}
     dataset = run_layer.get("dataset", ckpt_layer.get("dataset", "digits"))
-    ds_layer = dict(DATASET_DEFAULTS.get(str(dataset), {}))
+    ds_layer = dict(DATA_SETS[dataset].defaults) if dataset in DATA_SETS else {}
     if "lr" in run_layer or "lr_mode" in run_layer:  # a user who sets the schedule gets BMXNet's defaults for the rest
         ds_layer.pop("lr", None), ds_layer.pop("lr_mode", None)
     cfg = C.from_layers(ds_layer, ckpt_layer, run_layer)

@@ -1,14 +1,32 @@
 """Data sets by name, the device-resident loader, image folders and the release-file readers.
 
-``build_data(name, ...) -> (train_loader, val_loader, DataInfo)``; names in ``bitrain.names.DATASETS``.
+``build_data(name, ...) -> (train_loader, val_loader, DataInfo)``; the data sets are the records of
+``bitrain.data.sets.DATA_SETS``. Names are imported on first use, so reading ``bitrain.data.sets``
+(the CLI's choices) does not import torch.
 """
 
 from __future__ import annotations
 
-from bitrain.data.build import DataInfo, Loader, build_data, load_digits_split, make_dummy
-from bitrain.data.cifar import load_cifar
-from bitrain.data.mnist import load_mnist
-from bitrain.names import AUGMENTATIONS, DATASETS
+import importlib
+from typing import Any
 
-__all__ = ["AUGMENTATIONS", "DATASETS", "DataInfo", "Loader", "build_data", "load_cifar", "load_digits_split",
-           "load_mnist", "make_dummy"]
+_EXPORTS = {
+    "DataInfo": "bitrain.data.base",
+    "Loader": "bitrain.data.base",
+    "build_data": "bitrain.data.build",
+    "load_digits_split": "bitrain.data.build",
+    "make_dummy": "bitrain.data.build",
+    "load_cifar": "bitrain.data.cifar",
+    "load_mnist": "bitrain.data.mnist",
+    "DATA_SETS": "bitrain.data.sets",
+    "AUGMENTATIONS": "bitrain.names",
+}
+__all__ = sorted([*_EXPORTS, "DATASETS"])
+
+
+def __getattr__(name: str) -> Any:
+    if name == "DATASETS":
+        return tuple(importlib.import_module("bitrain.data.sets").DATA_SETS)
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'bitrain.data' has no attribute {name!r}")

@@ -8,6 +8,8 @@ decoded by CPU workers in `bitrain.data.imagefolder`. Both follow the same Loade
 
 from __future__ import annotations
 
+import importlib
+
 from pathlib import Path
 
 import numpy as np
@@ -15,20 +17,11 @@ import torch
 
 from bitrain.data.base import DataInfo, Loader
 from bitrain.errors import UserError
-from bitrain.names import AUGMENTATIONS, DATASETS
+from bitrain.data.sets import DATA_SETS
+from bitrain.names import AUGMENTATIONS
 from bitrain.data.loader import DeviceLoader, mix_seed
 
 
-# Per-channel mean/std in [0, 1] units.
-# CIFAR: BMXNet's CIFAR example (gluon Normalize). MNIST: BMXNet divides by 255 and stops.
-# digits: measured on its train split here. dummy: what its generator produces (about).
-_NORM = {
-    "digits": ((0.3052,), (0.3760,)),
-    "mnist": ((0.0,), (1.0,)),
-    "fashion-mnist": ((0.0,), (1.0,)),
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
-    "cifar100": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
-}
 _DUMMY_SEED = 0xD0_D0  # the dummy set never depends on --seed
 _DIGITS_VAL_EVERY = 5  # digits: the 5th, 10th, ... sample of each class (file order) is val
 
@@ -76,10 +69,14 @@ def make_dummy(shape: tuple[int, int, int], num_classes: int, n: int, split: int
     return out.numpy(), labels.numpy().astype(np.int64)
 
 
+def load_digits(name: str = "digits", root: Path | None = None):
+    """The digits reader (``DataSet.reader``): scikit-learn ships the data, ``root`` is not used."""
+    return load_digits_split()
+
+
 def _in_memory(name: str, data_dir: str | None, dummy_shape: tuple[int, int, int],
                dummy_classes: int, dummy_size: int):
-    if name == "digits":
-        return load_digits_split(), 10, _NORM["digits"]
+    spec = DATA_SETS[name]
     if name == "dummy":
         if len(dummy_shape) != 3 or dummy_shape[1] != dummy_shape[2] or min(dummy_shape) < 1:
             raise UserError(f"dummy shape must be (C, S, S) with S >= 1, got {tuple(dummy_shape)}")
@@ -90,15 +87,13 @@ def _in_memory(name: str, data_dir: str | None, dummy_shape: tuple[int, int, int
         ch = dummy_shape[0]
         return (x_tr, y_tr, x_va, y_va), dummy_classes, ((0.5,) * ch, (0.21,) * ch)
     from bitrain.data.cache import default_data_dir
-    from bitrain.data.cifar import load_cifar
-    from bitrain.data.mnist import load_mnist
 
     root = Path(data_dir).expanduser() if data_dir else default_data_dir()
     if root.exists() and not root.is_dir():
         raise UserError(f"--data-dir {root} is not a folder")
-    if name in ("mnist", "fashion-mnist"):
-        return load_mnist(name, root), 10, _NORM[name]
-    return load_cifar(name, root), (10 if name == "cifar10" else 100), _NORM[name]
+    module, _, function = spec.reader.partition(":")
+    reader = getattr(importlib.import_module(module), function)
+    return reader(name, root), spec.num_classes, (spec.mean, spec.std)
 
 
 def _memory_augmentation(name: str, augmentation: str, size: int) -> tuple[int, bool]:
@@ -108,9 +103,7 @@ def _memory_augmentation(name: str, augmentation: str, size: int) -> tuple[int, 
         return 0, False
     if augmentation in ("crop", "crop-flip"):
         return max(1, size // 8), augmentation == "crop-flip"
-    if name in ("cifar10", "cifar100"):
-        return 4, True
-    return 0, False
+    return DATA_SETS[name].crop_flip
 
 
 def build_data(name: str, *, data_dir: str | None = None, batch_size: int,
@@ -127,12 +120,12 @@ def build_data(name: str, *, data_dir: str | None = None, batch_size: int,
     unless "none") or crop|crop-flip for the in-memory sets. image_size: imagenet/imagefolder
     only (default 224). num_workers: decoding processes of imagenet/imagefolder.
     """
-    if name not in DATASETS:
-        raise UserError(f"unknown --dataset {name!r}; valid: {', '.join(DATASETS)}")
+    if name not in DATA_SETS:
+        raise UserError(f"unknown --dataset {name!r}; valid: {', '.join(DATA_SETS)}")
     if augmentation not in AUGMENTATIONS:
         raise UserError(f"unknown --augmentation {augmentation!r}; valid: {', '.join(AUGMENTATIONS)}")
     device = torch.device(device)
-    if name in ("imagenet", "imagefolder"):
+    if DATA_SETS[name].folder:
         from bitrain.data.imagefolder import build_imagefolder
 
         return build_imagefolder(
