@@ -84,6 +84,15 @@ class TrainConfig:
     mixup_off_epoch: int = _f(0, "epoch from which mixup is off (0: never)")
     clip_grad_norm: float | None = _f(None, "clip the gradient norm to this value")
     clip_latent_weights: float | None = _f(None, "clamp binary layers' latent weights to [-v, v] after each step")
+    bn_recalibrate: int = _f(20, "re-estimate BatchNorm statistics over the first N train batches before each "
+                             "validation, so val top-1 is that of the saved weights (0: BMXNet's running averages)")
+    teacher: str | None = _f(None, "knowledge distillation from this model (a checkpoint, model.safetensors or run "
+                             "directory; eval mode, no grad)")
+    distill_temperature: float = _f(1.0, "distillation: softmax temperature T (loss scaled by T^2)")
+    distill_alpha: float = _f(1.0, "distillation: weight of the teacher's KL; 1 - alpha goes to the label loss "
+                              "(ReActNet: 1)")
+    init_from: str | None = _f(None, "start from these weights (a checkpoint or model.safetensors; shapes checked), "
+                               "e.g. step 2 of a two-step binary training")
     bop_threshold: float = _f(1e-8, "Bop: flip threshold")
     bop_gamma: float = _f(1e-4, "Bop: adaptivity rate")
     # run
@@ -207,6 +216,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     need(cfg.clip_threshold > 0, f"--clip-threshold must be positive, got {cfg.clip_threshold}")
     need(cfg.log_interval >= 0, f"--log-interval must be >= 0, got {cfg.log_interval}")
     need(cfg.num_workers >= 0, f"--num-worker must be >= 0, got {cfg.num_workers}")
+    need(cfg.bn_recalibrate >= 0, f"--bn-recalibrate must be >= 0, got {cfg.bn_recalibrate}")
+    need(cfg.distill_temperature > 0, f"--distill-temperature must be positive, got {cfg.distill_temperature}")
+    need(0 <= cfg.distill_alpha <= 1, f"--distill-alpha must be in [0, 1], got {cfg.distill_alpha}")
     need(cfg.start_epoch >= 0, f"--start-epoch must be >= 0, got {cfg.start_epoch}")
     need(cfg.checkpoint_interval >= 0, f"--checkpoint-interval must be >= 0, got {cfg.checkpoint_interval}")
     need(cfg.checkpoint_minutes >= 0, f"--checkpoint-minutes must be >= 0, got {cfg.checkpoint_minutes}")

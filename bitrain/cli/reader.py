@@ -70,6 +70,23 @@ def load_model(path: str | Path) -> LoadedModel:
                        source)
 
 
+def read_state_dict(path: str | Path) -> dict[str, Any]:
+    """The float state dict in a checkpoint, a run's model.safetensors or a run directory (not a packed
+    export: it holds signs, not the latent weights a run continues from)."""
+    source = resolve_source(path)
+    if source.suffix != ".safetensors":
+        payload = load_checkpoint(source)
+        if "model" not in payload:
+            raise UserError(f"checkpoint {source} holds no model weights")
+        return dict(payload["model"])
+    if _safetensors_metadata(source).get("format") == packed.FORMAT:
+        raise UserError(f"{source} is a packed 1-bit export (signs only); start from the run's checkpoint "
+                        "or model.safetensors instead")
+    from safetensors.torch import load_file
+
+    return load_file(str(source))
+
+
 def load_packed(path: str | Path, model_factory: Callable[..., nn.Module] | None = None) -> nn.Module:
     """The model of a packed export with its 1-bit layers as ``PackedQLayer`` (eval mode), rebuilt with
     the zoo's ``build_model(**model_args)`` or ``model_factory(**model_args)`` for a model outside it."""

@@ -166,7 +166,9 @@ def main(argv: Sequence[str]) -> int:
         compile=cfg.compile or cfg.mode != "imperative", channels_last=cfg.channels_last, sync_bn=cfg.sync_bn,
         label_smoothing=cfg.label_smoothing, mixup_alpha=cfg.mixup_alpha if cfg.mixup else 0.0,
         mixup_off_epoch=cfg.mixup_off_epoch, clip_grad_norm=cfg.clip_grad_norm,
-        clip_latent_weights=cfg.clip_latent_weights, log_interval=cfg.log_interval,
+        clip_latent_weights=cfg.clip_latent_weights, bn_recalibrate=cfg.bn_recalibrate, log_interval=cfg.log_interval,
+        teacher=load_teacher(cfg.teacher, margs) if cfg.teacher else None,
+        distill_temperature=cfg.distill_temperature, distill_alpha=cfg.distill_alpha,
         save_frequency=cfg.save_frequency, checkpoint_interval=cfg.checkpoint_interval,
         checkpoint_minutes=cfg.checkpoint_minutes, interrupt_at=cfg.interrupt_at, test_run=cfg.test_run,
         skip_nonfinite=cfg.skip_nonfinite, seed=cfg.seed, start_epoch=cfg.start_epoch, profile=cfg.profile,
@@ -176,6 +178,8 @@ def main(argv: Sequence[str]) -> int:
                                    "image_size": info.image_size, "num_classes": info.num_classes}})
     if payload is not None:  # applied once; a checkpoint of another model fails here, before the run dir is touched
         _load_or_explain(trainer, payload, ckpt_path)
+    elif cfg.init_from:  # a fresh run from other weights (a resumed one has its own in the checkpoint)
+        init_weights_from(model, cfg.init_from)
     if info_d.is_main:
         try:  # --resume with nothing to resume yet (e.g. killed before the first checkpoint) starts fresh there
             prepare_run_dir(run_dir, resuming=payload is not None or cfg.resume is not None,
@@ -248,3 +252,32 @@ def print_summary(model: Any, info: Any, plot_prefix: str | None) -> None:
     print(summarize(model, shape).format())
     if plot_prefix:
         print(plot_network(model, shape, plot_prefix))
+
+
+def load_teacher(path: str, student_args: dict[str, Any]) -> Any:
+    """The ``--teacher`` model (any file bitrain writes, or a run directory), checked against the student."""
+    from bitrain.cli.reader import load_model
+
+    loaded = load_model(path)
+    for key in ("num_classes", "in_channels"):
+        if loaded.model_args.get(key) != student_args.get(key):
+            raise UserError(f"--teacher {path}: built for {key}={loaded.model_args.get(key)}, the student has "
+                            f"{key}={student_args.get(key)}")
+    return loaded.model
+
+
+def init_weights_from(model: Any, path: str) -> None:
+    """``--init-from``: the weights of another run into ``model`` (same names and shapes; other hyper-parameters,
+    e.g. bits, may differ: step 2 of Real-to-Binary / Bi-Real training starts from step 1's weights)."""
+    from bitrain.cli.reader import read_state_dict
+
+    state = read_state_dict(path)
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise UserError(f"--init-from {path}: its weights do not fit the model (missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]}{'...' if len(missing) + len(unexpected) > 6 else ''})")
+    wrong = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if state[k].shape != v.shape]
+    if wrong:
+        raise UserError(f"--init-from {path}: shapes differ ({'; '.join(wrong[:3])})")
+    model.load_state_dict(state)

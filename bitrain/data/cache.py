@@ -64,6 +64,7 @@ def save_cache(path: Path, arrays: Arrays) -> None:
     A read-only folder only costs the cache: a warning, and the conversion runs again next time.
     """
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     except OSError as e:
         warnings.warn(f"cannot write data cache {path}: {e}", stacklevel=2)
@@ -81,9 +82,10 @@ def save_cache(path: Path, arrays: Arrays) -> None:
 
 
 def cached_convert(folder: Path, name: str, image_shape: tuple[int, int, int],
-                   convert: Callable[[Path], Arrays]) -> Arrays:
-    """Arrays of data set `name` in `folder`: from its cache, else converted and cached."""
-    cache = folder / f"bitrain-{name}.npz"
+                   convert: Callable[[Path], Arrays], cache_dir: Path | None = None) -> Arrays:
+    """Arrays of data set `name` in `folder`: from its cache (in `cache_dir`, default `folder`), else
+    converted and cached."""
+    cache = (folder if cache_dir is None else cache_dir) / f"bitrain-{name}.npz"
     if cache.is_file():
         arrays = load_cache(cache, image_shape)
         if arrays is not None:

@@ -16,6 +16,9 @@ FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
          "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 # torchvision's layout under --data-dir
 SUBDIRS = {"mnist": "MNIST/raw", "fashion-mnist": "FashionMNIST/raw"}
+# where distributions install the release files (Debian: apt-get install dataset-fashion-mnist)
+SYSTEM_DIRS = {"mnist": (Path("/usr/share/datasets/mnist"),),
+               "fashion-mnist": (Path("/usr/share/datasets/fashion-mnist"),)}
 _UBYTE = 0x08  # IDX type code of unsigned bytes
 
 
@@ -61,13 +64,17 @@ def _convert(folder: Path) -> Arrays:
 def load_mnist(name: str, data_dir: Path) -> Arrays:
     """(x_train, y_train, x_val, y_val) of "mnist" or "fashion-mnist": uint8 (N,1,28,28), int64.
 
-    Looks in data_dir itself, then torchvision's data_dir/MNIST/raw (FashionMNIST/raw);
+    Looks in data_dir itself, then torchvision's data_dir/MNIST/raw (FashionMNIST/raw), then where a
+    distribution installs them (SYSTEM_DIRS; their cache goes to data_dir, never into a system folder);
     downloads through torchvision when the files are nowhere and torchvision imports.
     """
     folders = (data_dir, data_dir / SUBDIRS[name])
     for folder in folders:
         if (folder / f"bitrain-{name}.npz").is_file() or all(find_file(folder, f) for f in FILES):
             return cached_convert(folder, name, (1, 28, 28), _convert)
+    for folder in SYSTEM_DIRS[name]:
+        if all(find_file(folder, f) for f in FILES):
+            return cached_convert(folder, name, (1, 28, 28), _convert, cache_dir=data_dir)
     torchvision_download(name, data_dir, FILES, data_dir)
     if not all(find_file(folders[1], f) for f in FILES):
         raise UserError(f"{name}: download did not produce {', '.join(FILES)} in {folders[1]}")

@@ -1,4 +1,5 @@
-"""Mixup (gluoncv's ``--mixup``) as pure functions of (seed, step, rank): resume-safe, no global RNG."""
+"""The training losses besides plain cross-entropy: mixup (gluoncv's ``--mixup``) as pure functions of
+(seed, step, rank), resume-safe with no global RNG; and knowledge distillation from a teacher's logits."""
 
 from __future__ import annotations
 
@@ -25,3 +26,13 @@ def mixed_cross_entropy(logits: torch.Tensor, y: torch.Tensor, lam: float, perm:
     a = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
     b = F.cross_entropy(logits, y[perm.to(y.device)], label_smoothing=label_smoothing)
     return lam * a + (1 - lam) * b
+
+
+def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(teacher || student) of the temperature-softened distributions, times T^2 (Hinton et al.), per
+    sample; at T = 1 ReActNet's distributional loss (the cross-entropy to the teacher's distribution
+    minus its constant entropy)."""
+    t = float(temperature)
+    student = F.log_softmax(logits.float() / t, dim=-1)
+    teacher = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    return F.kl_div(student, teacher, log_target=True, reduction="batchmean") * (t * t)

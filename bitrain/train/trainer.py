@@ -26,7 +26,7 @@ from bitrain.binary.layers import clip_latent_weights_, latent_weight_warning
 from bitrain.errors import UserError
 from bitrain.train.metrics import EpochMetrics
 from bitrain.train.optim import build_optimizer
-from bitrain.train.mixup import mix_inputs, mixed_cross_entropy, mixup_params
+from bitrain.train.mixup import distillation_loss, mix_inputs, mixed_cross_entropy, mixup_params
 from bitrain.train.preempt import StopFlag
 from bitrain.binary.schedule import set_quantizer_epoch
 from bitrain.train.schedules import make_schedule
@@ -110,6 +110,10 @@ class Trainer:
         mixup_off_epoch: int = 0,
         clip_grad_norm: float | None = None,
         clip_latent_weights: float | None = None,
+        bn_recalibrate: int = 0,
+        teacher: nn.Module | None = None,
+        distill_temperature: float = 1.0,
+        distill_alpha: float = 1.0,
         log_interval: int = 50,
         save_frequency: int = 10,
         checkpoint_interval: int = 0,
@@ -147,6 +151,15 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.label_smoothing, self.mixup_alpha, self.mixup_off_epoch = label_smoothing, mixup_alpha, mixup_off_epoch
         self.clip_grad_norm, self.clip_latent_weights = clip_grad_norm, clip_latent_weights
+        if bn_recalibrate < 0:
+            raise UserError(f"--bn-recalibrate must be >= 0, got {bn_recalibrate}")
+        self.bn_recalibrate = bn_recalibrate
+        if not distill_temperature > 0 or not 0 <= distill_alpha <= 1:
+            raise UserError(f"--distill-temperature must be > 0 and --distill-alpha in [0, 1], got "
+                            f"{distill_temperature} and {distill_alpha}")
+        # the teacher: eval mode, no gradients, never saved (a checkpoint's config names its file)
+        self.teacher = teacher.to(self.device).eval().requires_grad_(False) if teacher is not None else None
+        self.distill_temperature, self.distill_alpha = distill_temperature, distill_alpha
         self.log_interval, self.save_frequency = log_interval, save_frequency
         self.checkpoint_interval, self.checkpoint_minutes = checkpoint_interval, checkpoint_minutes
         self.interrupt_at, self.test_run, self.skip_nonfinite = interrupt_at, test_run, skip_nonfinite
@@ -161,6 +174,7 @@ class Trainer:
         # first step whose loss was non-finite (inf = none); a device tensor: no sync per step
         self._first_bad = torch.full((), math.inf, device=self.device, dtype=torch.float64)
         self._signals = StopFlag()
+        self._recalibration_reported = False
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict[str, Any]:
@@ -238,7 +252,7 @@ class Trainer:
             x = mix_inputs(x, *mix)
         with self._autocast():
             logits = self.net(x)
-            loss = self._loss(logits, y, mix)
+            loss = self._loss(logits, y, mix, self._teacher_logits(x))
         if self.skip_nonfinite and not bool(torch.isfinite(loss)):  # opt-in: one sync per step
             self.state.nonfinite_skipped += 1
             self._emit("on_message", f"step {self.state.step}: non-finite loss, step skipped "
@@ -258,11 +272,24 @@ class Trainer:
         torch.minimum(self._first_bad, bad, out=self._first_bad)
         return loss
 
-    def _loss(self, logits: torch.Tensor, y: torch.Tensor, mix: tuple[float, torch.Tensor] | None) -> torch.Tensor:
+    def _loss(self, logits: torch.Tensor, y: torch.Tensor, mix: tuple[float, torch.Tensor] | None,
+              teacher_logits: torch.Tensor | None = None) -> torch.Tensor:
         logits = logits.float()
-        if mix is None:
-            return F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
-        return mixed_cross_entropy(logits, y, *mix, label_smoothing=self.label_smoothing)
+        alpha = self.distill_alpha if teacher_logits is not None else 0.0
+        loss = 0.0
+        if alpha < 1:  # the label loss
+            if mix is None:
+                loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+            else:
+                loss = mixed_cross_entropy(logits, y, *mix, label_smoothing=self.label_smoothing)
+            loss = loss * (1 - alpha) if alpha else loss
+        if alpha > 0:  # the teacher's distribution on the same (mixed) input
+            loss = loss + alpha * distillation_loss(logits, teacher_logits, self.distill_temperature)
+        return loss
+
+    @torch.no_grad()
+    def _teacher_logits(self, x: torch.Tensor) -> torch.Tensor | None:
+        return None if self.teacher is None else self.teacher(x)
 
     def _mixup_params(self, y: torch.Tensor) -> tuple[float, torch.Tensor] | None:
         if not self.mixup_alpha or (self.mixup_off_epoch and self.state.epoch >= self.mixup_off_epoch):
@@ -274,10 +301,50 @@ class Trainer:
         """Validation metrics of the current model (empty dict without a val loader)."""
         if self.val_loader is None:
             return {}
+        if self.bn_recalibrate:
+            self.recalibrate_bn(self.bn_recalibrate)
         self.val_loader.set_epoch(0)
         dist.sync_buffers(self.model)  # every rank validates the model rank 0 saves
         return evaluate(self.model, self.val_loader, device=self.device, amp_dtype=self.amp_dtype,
                         max_batches=1 if self.test_run else None, metrics=self.val_metrics)
+
+    @torch.no_grad()
+    def recalibrate_bn(self, batches: int) -> float:
+        """Re-estimate every BatchNorm's running statistics of the current weights; returns the seconds.
+
+        Why: in a binary net a fraction of the weight signs flip at every step, so the true statistics
+        move about as far within the EMA's horizon (momentum 0.1: ~10 steps) as the EMA's own error, and
+        the next layer's sign() turns a 0.05-sigma error in a BN mean into points of accuracy. Here the
+        statistics are the exact average (momentum None) over the first ``batches`` train batches of
+        epoch 0's order: a fixed, deterministic set, so the validated, saved and resumed model agree.
+        """
+        bns = [m for m in self.model.modules()
+               if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+        if not bns:
+            return 0.0
+        t0 = time.perf_counter()
+        momenta = [m.momentum for m in bns]
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the batches below
+        was_training = self.model.training
+        self.model.train()
+        self.train_loader.set_epoch(0)
+        count = min(batches, self.steps_per_epoch)
+        with self._autocast():
+            for i, (x, _) in enumerate(self.train_loader):
+                if i >= count:
+                    break
+                self.model(x)
+        for m, momentum in zip(bns, momenta):
+            m.momentum = momentum
+        self.model.train(was_training)
+        seconds = time.perf_counter() - t0
+        if not self._recalibration_reported:
+            self._recalibration_reported = True
+            self._emit("on_message", f"BatchNorm statistics re-estimated over {count} train batches before "
+                                     f"validating ({seconds:.2f}s)")
+        return seconds
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
