@@ -28,7 +28,9 @@ class _BlockE(nn.Module):
         self.bn2, self.conv2 = nn.BatchNorm2d(c_out), QConv2d(c_out, c_out, 3, 1, 1)
         self.down = None
         if stride != 1 or c_in != c_out:  # full-precision downsample: avg-pool + 1x1 conv (ResNetE)
-            self.down = nn.Sequential(nn.AvgPool2d(stride), nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out))
+            self.down = nn.Sequential(
+                nn.AvgPool2d(stride), nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out)
+            )
 
     def forward(self, x):
         sc = x if self.down is None else self.down(x)
@@ -53,6 +55,7 @@ def build(bits: int, num_classes: int = 10) -> tuple[nn.Module, str]:
     """resnet18_e1 from the model zoo when it exists, else the benchmark's own ResNetE-18."""
     try:
         from bitrain.models import build_model
+
         return build_model("resnet18_e1", num_classes=num_classes, image_size=32, bits=bits, bits_a=bits), "resnet18_e1"
     except (ImportError, KeyError, ValueError):
         return _fallback_resnet_e18(bits, num_classes), "fallback ResNetE-18"
@@ -101,10 +104,12 @@ def main(argv: list[str] | None = None) -> float:
         fwd = torch.compile(model) if args.compile else model
         run_steps(fwd, opt, x, y, args.warmup, bits == 1, device)
         runs[name] = (fwd, opt, bits == 1, [])
-    print(f"{arch}, 32x32, batch {args.batch_size}, {device}, threads {torch.get_num_threads()}, "
-          f"{args.rounds} rounds x {args.steps} steps{' compiled' if args.compile else ''}")
+    print(
+        f"{arch}, 32x32, batch {args.batch_size}, {device}, threads {torch.get_num_threads()}, "
+        f"{args.rounds} rounds x {args.steps} steps{' compiled' if args.compile else ''}"
+    )
     for _ in range(args.rounds):  # interleaved A/B/A/B
-        for name, (fwd, opt, binary, times) in runs.items():
+        for fwd, opt, binary, times in runs.values():
             times.append(run_steps(fwd, opt, x, y, args.steps, binary, device))
     speed, cpu = {}, {}
     for name, (_, _, _, times) in runs.items():
@@ -112,8 +117,10 @@ def main(argv: list[str] | None = None) -> float:
         speed[name] = n / min(t for t, _ in times)  # least-disturbed round
         cpu[name] = n / min(c for _, c in times)
         mean = n * len(times) / sum(t for t, _ in times)
-        print(f"{name:>6}: {speed[name]:8.1f} samples/sec (best round), {mean:8.1f} (mean), "
-              f"{cpu[name]:8.1f} per CPU-second")
+        print(
+            f"{name:>6}: {speed[name]:8.1f} samples/sec (best round), {mean:8.1f} (mean), "
+            f"{cpu[name]:8.1f} per CPU-second"
+        )
     ratio = speed["binary"] / speed["float"]
     # on a machine shared with other jobs the wall clock mostly measures them; the ratio of
     # process CPU time (all threads) is the steadier figure there

@@ -28,15 +28,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_device_loader(device: torch.device, n: int, batch: int, epochs: int, channels_last: bool
-                        ) -> float:
+def bench_device_loader(device: torch.device, n: int, batch: int, epochs: int, channels_last: bool) -> float:
     """Samples/sec of full train epochs (the first one, with its plan upload, is warm-up)."""
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8).to(device)
     labels = torch.randint(0, 10, (n,), generator=g).to(device)
-    loader = DeviceLoader(images, labels, batch_size=batch, train=True, pad=4, flip=True,
-                          mean=(0.4914, 0.4822, 0.4465), std=(0.2023, 0.1994, 0.2010),
-                          channels_last=channels_last)
+    loader = DeviceLoader(
+        images,
+        labels,
+        batch_size=batch,
+        train=True,
+        pad=4,
+        flip=True,
+        mean=(0.4914, 0.4822, 0.4465),
+        std=(0.2023, 0.1994, 0.2010),
+        channels_last=channels_last,
+    )
     acc = torch.zeros((), device=device)
     for x, _ in loader:  # warm-up epoch
         acc += x[0, 0, 0, 0]
@@ -50,13 +57,11 @@ def bench_device_loader(device: torch.device, n: int, batch: int, epochs: int, c
     return epochs * loader.num_samples / (time.perf_counter() - t0)
 
 
-def bench_train_step(device: torch.device, batch: int, steps: int, bits: int, channels_last: bool
-                     ) -> float:
+def bench_train_step(device: torch.device, batch: int, steps: int, bits: int, channels_last: bool) -> float:
     """Samples/sec of forward + backward + SGD step of resnet18_v1 at CIFAR shape."""
     from bitrain.models import build_model
 
-    model = build_model("resnet18_v1", num_classes=10, in_channels=3, image_size=32, bits=bits,
-                        bits_a=bits).to(device)
+    model = build_model("resnet18_v1", num_classes=10, in_channels=3, image_size=32, bits=bits, bits_a=bits).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -94,9 +99,19 @@ def bench_imagefolder(device: torch.device, workers: int, n_images: int, batch: 
                     img = Image.fromarray(small).resize((500, 375), Image.BICUBIC)
                     img.save(os.path.join(d, f"{i}.jpg"), quality=90)
         train, _, _ = build_imagefolder(
-            "imagefolder", data_dir=root, batch_size=batch, device=device, seed=0, rank=0,
-            world_size=1, num_workers=workers, augmentation="medium", dtype=torch.float32,
-            channels_last=False, image_size=224)
+            "imagefolder",
+            data_dir=root,
+            batch_size=batch,
+            device=device,
+            seed=0,
+            rank=0,
+            world_size=1,
+            num_workers=workers,
+            augmentation="medium",
+            dtype=torch.float32,
+            channels_last=False,
+            image_size=224,
+        )
         train.set_epoch(0)
         for _ in train:  # warm-up: worker start, file cache
             pass
@@ -124,10 +139,8 @@ def main() -> None:
     steps = args.steps or (50 if device.type == "cuda" else 3)
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
 
-    loader_sps = bench_device_loader(device, 50_000, args.batch_size, args.loader_epochs,
-                                     args.channels_last)
-    print(f"device loader (50000 x 3x32x32, batch {args.batch_size}, crop+flip): "
-          f"{loader_sps:,.0f} samples/sec")
+    loader_sps = bench_device_loader(device, 50_000, args.batch_size, args.loader_epochs, args.channels_last)
+    print(f"device loader (50000 x 3x32x32, batch {args.batch_size}, crop+flip): {loader_sps:,.0f} samples/sec")
     step_sps = bench_train_step(device, args.batch_size, steps, args.bits, args.channels_last)
     print(f"train step resnet18_v1 {args.bits}-bit (batch {args.batch_size}): {step_sps:,.0f} samples/sec")
     print(f"ratio loader/step: {loader_sps / step_sps:.1f}")

@@ -20,8 +20,18 @@ APPROXIMATIONS = ("", "xnor", "binet")  # weight (and input) scaling of a binary
 STEMS = ("imagenet", "grouped_stem", "thumbnail")  # --initial-layers
 INITIALIZATIONS = ("gaussian", "default", "msraprelu_avg", "msraprelu_in")
 # architecture options (BMXNet flag names with - -> _) that build_model passes through to builders
-ARCH_OPTIONS = ("fp_downsample_sc", "pool_downsample_sc", "downsample_sc_groups", "slices", "reduction",
-                "growth_rate", "init_features", "downsample_structure", "block_config", "dilated")
+ARCH_OPTIONS = (
+    "fp_downsample_sc",
+    "pool_downsample_sc",
+    "downsample_sc_groups",
+    "slices",
+    "reduction",
+    "growth_rate",
+    "init_features",
+    "downsample_structure",
+    "block_config",
+    "dilated",
+)
 ARCH_FLAGS = ("fp_downsample_sc", "pool_downsample_sc", "dilated")  # store_true options: False means "not given"
 
 # training (bitrain.train)

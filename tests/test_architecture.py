@@ -16,8 +16,16 @@ GROUND = ("console", "errors", "files", "names")
 
 
 def test_import_linter_contracts_are_kept():
-    r = subprocess.run([sys.executable, "-c", "import sys; from importlinter.cli import lint_imports_command; "
-                        "sys.exit(lint_imports_command())"], cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert "broken" in r.stdout and "0 broken" in r.stdout
 

@@ -38,6 +38,7 @@ def yaml_file(tmp_path):
         path = tmp_path / "cfg.yaml"
         path.write_text(text)
         return path
+
     return write
 
 
@@ -69,8 +70,10 @@ CASES = {
     "unknown activation quantizer": (["--activation-method", "sgn"], ["'sgn' is unknown; valid: ", "det_sign"]),
     "unknown weight quantizer": (["--weight-quantization", "foo"], ["'foo' is unknown; valid: ", "ste_sign"]),
     "batch larger than data": (["--batch-size", "5000"], ["--batch-size 5000 is larger than the train split", "1442"]),
-    "missing data dir": (["--dataset", "mnist", "--data-dir", "/nonexistent/mnist"],
-                         ["mnist files not found", "/nonexistent/mnist"]),
+    "missing data dir": (
+        ["--dataset", "mnist", "--data-dir", "/nonexistent/mnist"],
+        ["mnist files not found", "/nonexistent/mnist"],
+    ),
     "missing checkpoint": (["--resume", "/nonexistent/last.pt"], ["checkpoint /nonexistent/last.pt does not exist"]),
     "missing config": (["--config", "/nonexistent/c.yaml"], ["--config /nonexistent/c.yaml does not exist"]),
     "bad gpus": (["--gpus", "0,x"], ["--gpus must be comma-separated integers"]),
@@ -100,11 +103,13 @@ def test_empty_data_dir_and_empty_data_set(tmp_path, old_run, capsys):
 
 def test_config_file_errors(yaml_file, old_run, capsys):
     before = _snapshot(old_run)
-    cases = [("lr_mdoe: cosine\n", ["unknown option 'lr_mdoe'", "did you mean 'lr_mode'"]),
-             ("epochs: [1, 2]\n", ["--epochs must be an integer"]),
-             ("lr: -0.5\n", ["--lr must be positive"]),
-             ("epochs: 3\n  lr: [\n", ["is not valid YAML"]),
-             ("- just\n- a list\n", ["must hold a mapping of option: value"])]
+    cases = [
+        ("lr_mdoe: cosine\n", ["unknown option 'lr_mdoe'", "did you mean 'lr_mode'"]),
+        ("epochs: [1, 2]\n", ["--epochs must be an integer"]),
+        ("lr: -0.5\n", ["--lr must be positive"]),
+        ("epochs: 3\n  lr: [\n", ["is not valid YAML"]),
+        ("- just\n- a list\n", ["must hold a mapping of option: value"]),
+    ]
     for text, needles in cases:
         code = run_cli("train", "--cpu", "--config", yaml_file(text), "--prefix", old_run)
         _one_line_error(capsys, code, *needles)
@@ -145,13 +150,15 @@ def test_resume_auto_with_nothing_to_resume_starts_fresh(tmp_path, capsys):
 
 def test_unknown_command_and_real_process_output(tmp_path):
     """Through a real process: exit 2, one stderr line, no traceback."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
-               PYTHONPATH=_pythonpath())
-    for argv, needle in ((["trian"], "unknown command 'trian'; did you mean 'train'?"),
-                         (["train", "--lr-mod", "cosine"], "did you mean '--lr-mode'?"),
-                         (["train", "--cpu", "--resume", str(tmp_path / "x.pt")], "does not exist")):
-        p = subprocess.run([sys.executable, "-m", "bitrain", *argv], capture_output=True, text=True, env=env,
-                           cwd=tmp_path, timeout=300)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=_pythonpath())
+    for argv, needle in (
+        (["trian"], "unknown command 'trian'; did you mean 'train'?"),
+        (["train", "--lr-mod", "cosine"], "did you mean '--lr-mode'?"),
+        (["train", "--cpu", "--resume", str(tmp_path / "x.pt")], "does not exist"),
+    ):
+        p = subprocess.run(
+            [sys.executable, "-m", "bitrain", *argv], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300
+        )
         assert p.returncode == 2, p.stderr
         lines = p.stderr.strip().splitlines()
         assert len(lines) == 1 and needle in lines[0] and "Traceback" not in p.stderr

@@ -9,8 +9,7 @@ import re
 import pytest
 import torch
 
-from bitrain.cli import bench
-from bitrain.cli import main
+from bitrain.cli import bench, main
 from bitrain.data import build_data
 from bitrain.models import build_model
 from bitrain.train.optim import build_optimizer
@@ -22,8 +21,11 @@ def test_bench_prints_speeds_and_the_ratio_line(capsys):
     assert main(["bench", *TINY]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("bitrain bench: tiny_resnet_e (1/1-bit) on digits 1x8x8, batch 16, float32")
-    speeds = {m.group(1): float(m.group(2)) for line in out
-              if (m := re.fullmatch(r"(hand-written|trainer|lightning)\s+([0-9.]+) samples/sec \(median of 2; .*\)", line))}
+    speeds = {
+        m.group(1): float(m.group(2))
+        for line in out
+        if (m := re.fullmatch(r"(hand-written|trainer|lightning)\s+([0-9.]+) samples/sec \(median of 2; .*\)", line))
+    }
     assert set(speeds) >= {"hand-written", "trainer"} and all(v > 0 for v in speeds.values())
     ratio = [line for line in out if line.startswith("ratio trainer/hand-written: ")]
     assert len(ratio) == 1 and re.fullmatch(r"ratio trainer/hand-written: \d+\.\d\d", ratio[0])
@@ -32,15 +34,40 @@ def test_bench_prints_speeds_and_the_ratio_line(capsys):
 
 
 def test_bench_dummy_bf16_channels_last(capsys):
-    assert main(["bench", *TINY, "--dataset", "dummy", "--image-size", "16", "--bits", "32", "--bits-a", "32",
-                 "--dtype", "bfloat16", "--channels-last"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                *TINY,
+                "--dataset",
+                "dummy",
+                "--image-size",
+                "16",
+                "--bits",
+                "32",
+                "--bits-a",
+                "32",
+                "--dtype",
+                "bfloat16",
+                "--channels-last",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "on dummy 3x16x16, batch 16, bfloat16, channels_last" in out
     assert re.search(r"^ratio trainer/hand-written: \d+\.\d\d$", out, re.M)
 
 
-@pytest.mark.parametrize("flags,needle", [(["--steps", "0"], "--steps"), (["--device", "tpu9"], "--device"),
-                                          (["--dtype", "float8"], "--dtype"), (["--model", "nosuch"], "nosuch")])
+@pytest.mark.parametrize(
+    "flags,needle",
+    [
+        (["--steps", "0"], "--steps"),
+        (["--device", "tpu9"], "--device"),
+        (["--dtype", "float8"], "--dtype"),
+        (["--model", "nosuch"], "nosuch"),
+    ],
+)
 def test_bench_bad_input_is_exit_2(flags, needle, capsys):
     assert main(["bench", *TINY, *flags]) == 2
     assert needle in capsys.readouterr().err

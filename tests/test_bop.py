@@ -10,8 +10,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bitrain.binary.bop import Bop, binary_parameters, build_bop
-from bitrain.errors import UserError
 from bitrain.binary.layers import QConv2d, QLinear
+from bitrain.errors import UserError
 
 
 def _model():
@@ -114,8 +114,9 @@ def test_bmxnet_groups_and_keywords_of_the_optimizer_factory():
     decay, no_decay = opt.param_groups[1], opt.param_groups[2]
     assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0.0
     assert {id(p) for p in decay["params"]} == {id(m[0].weight), id(m[6].weight)}
-    assert {id(p) for p in no_decay["params"]} == {id(p) for p in (m[1].weight, m[1].bias, m[3].weight,
-                                                                   m[3].bias, m[6].bias)}
+    assert {id(p) for p in no_decay["params"]} == {
+        id(p) for p in (m[1].weight, m[1].bias, m[3].weight, m[3].bias, m[6].bias)
+    }
     sgd = build_bop(_model(), "nag", lr=0.1, momentum=0.8)
     assert sgd.inner.param_groups[0]["momentum"] == 0.8 and sgd.inner.param_groups[0]["nesterov"]
 

@@ -14,15 +14,18 @@ import torch
 from conftest import run_cli
 
 from bitrain import files
-from bitrain.train import checkpoint as ckpt
 from bitrain.errors import UserError
+from bitrain.train import checkpoint as ckpt
 
 SMALL = ["--cpu", "--epochs", "1", "--batch-size", "256", "--log-interval", "0"]
 
 
 def _payload(step: int, value: float = 1.0) -> dict:
-    return {"model": {"w": torch.full((4, 3), value), "b": torch.arange(3.0)},
-            "trainer": {"epoch": 0, "step": step}, "config": {"lr": 0.1}}
+    return {
+        "model": {"w": torch.full((4, 3), value), "b": torch.arange(3.0)},
+        "trainer": {"epoch": 0, "step": step},
+        "config": {"lr": 0.1},
+    }
 
 
 class _Touch:
@@ -148,7 +151,9 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypat
     ckpt.save_last(tmp_path, _payload(1, 1.0))
     before = (tmp_path / "last.pt").read_bytes()
     _disk_full(monkeypatch)
-    with pytest.raises(ckpt.CheckpointWriteError, match="No space left on device; the previous checkpoint is intact") as e:
+    with pytest.raises(
+        ckpt.CheckpointWriteError, match="No space left on device; the previous checkpoint is intact"
+    ) as e:
         ckpt.save_last(tmp_path, _payload(2, 2.0), also=[tmp_path / "best.pt"])
     assert e.value.errno == errno.ENOSPC
     assert (tmp_path / "last.pt").read_bytes() == before
@@ -251,9 +256,26 @@ def test_explicit_corrupt_checkpoint_exits_2_and_auto_skips_it(one_epoch, tmp_pa
 
 def test_non_finite_loss_exits_1_naming_the_step_and_keeps_the_last_good(tmp_path, capsys):
     run = tmp_path / "run"
-    code = run_cli("train", *SMALL, "--bits", "32", "--bits-a", "32", "--activation-method", "identity",
-                   "--optimizer", "sgd", "--momentum", "0", "--lr", "1e30", "--checkpoint-interval", "1",
-                   "--prefix", run)
+    code = run_cli(
+        "train",
+        *SMALL,
+        "--bits",
+        "32",
+        "--bits-a",
+        "32",
+        "--activation-method",
+        "identity",
+        "--optimizer",
+        "sgd",
+        "--momentum",
+        "0",
+        "--lr",
+        "1e30",
+        "--checkpoint-interval",
+        "1",
+        "--prefix",
+        run,
+    )
     err = capsys.readouterr().err
     assert code == 1
     assert "loss became non-finite at step" in err and "the last good checkpoint is kept" in err
@@ -265,8 +287,25 @@ def test_non_finite_loss_exits_1_naming_the_step_and_keeps_the_last_good(tmp_pat
 
 def test_skip_nonfinite_skips_and_counts(tmp_path, capsys):
     run = tmp_path / "run"
-    code = run_cli("train", *SMALL, "--bits", "32", "--bits-a", "32", "--activation-method", "identity",
-                   "--optimizer", "sgd", "--momentum", "0", "--lr", "1e30", "--skip-nonfinite", "--prefix", run)
+    code = run_cli(
+        "train",
+        *SMALL,
+        "--bits",
+        "32",
+        "--bits-a",
+        "32",
+        "--activation-method",
+        "identity",
+        "--optimizer",
+        "sgd",
+        "--momentum",
+        "0",
+        "--lr",
+        "1e30",
+        "--skip-nonfinite",
+        "--prefix",
+        run,
+    )
     out = capsys.readouterr().out
     assert code == 0 and "non-finite loss, step skipped" in out
     state = ckpt.load_checkpoint(run / "checkpoints" / "last.pt")["trainer"]
@@ -288,7 +327,7 @@ def test_every_load_in_the_package_is_pickle_free():
             while depth and i < len(text):  # the call's full argument text
                 depth += {"(": 1, ")": -1}.get(text[i], 0)
                 i += 1
-            calls.append((path.name, m.group(1), text[m.end():i - 1]))
+            calls.append((path.name, m.group(1), text[m.end() : i - 1]))
     assert any(name == "checkpoint.py" for name, _, _ in calls)
     for name, fn, args in calls:
         if fn == "torch.load":

@@ -19,8 +19,12 @@ def test_unknown_command_is_exit_2_with_a_suggestion(capsys):
 
 
 def test_a_bmxnet_command_line_without_subcommand_means_train(tmp_path):
-    assert run_cli("--model", "tiny_resnet_e", "--dataset", "digits", "--test-run", "--epochs", "1",
-                   "--prefix", tmp_path / "r") == 0
+    assert (
+        run_cli(
+            "--model", "tiny_resnet_e", "--dataset", "digits", "--test-run", "--epochs", "1", "--prefix", tmp_path / "r"
+        )
+        == 0
+    )
     assert (tmp_path / "r" / "model.safetensors").is_file()
 
 
@@ -48,6 +52,7 @@ def test_output_into_a_closed_pipe_is_not_an_error():
     import subprocess
     import sys
 
-    p = subprocess.run(f"{sys.executable} -m bitrain models | head -1", shell=True, capture_output=True, text=True,
-                       timeout=120)
+    p = subprocess.run(
+        f"{sys.executable} -m bitrain models | head -1", shell=True, capture_output=True, text=True, timeout=120
+    )
     assert p.stdout.startswith("name") and "Traceback" not in p.stderr and "BrokenPipe" not in p.stderr

@@ -11,20 +11,23 @@ def test_layers_later_wins_and_values_are_typed():
     assert cfg.epochs == 3 and cfg.bits == 32
 
 
-@pytest.mark.parametrize("key,value,needle", [
-    ("lr", -1, "--lr must be positive"),
-    ("batch_size", 0, "--batch-size must be at least 1"),
-    ("bits", 3.5, "--bits must be an integer"),
-    ("bits", 9, "--bits 9 is not valid; choose from"),
-    ("bits", 3, "needs a k-bit --weight-quantization"),
-    ("lr_mode", "exp", "--lr-mode 'exp' is not valid; choose from: step, poly, cosine, linear"),
-    ("optimizer", "lion", "--optimizer 'lion' is not valid"),
-    ("momentum", 1.5, "--momentum must be in [0, 1)"),
-    ("lr_steps", "30,x", "--lr-steps must be comma-separated numbers"),
-    ("approximation", "abc", "--approximation abc is not supported"),
-    ("dummy_shape", "3,32,16", "--dummy-shape must be C,H,W with H == W"),
-    ("test_run", "maybe", "--test-run must be true or false"),
-])
+@pytest.mark.parametrize(
+    "key,value,needle",
+    [
+        ("lr", -1, "--lr must be positive"),
+        ("batch_size", 0, "--batch-size must be at least 1"),
+        ("bits", 3.5, "--bits must be an integer"),
+        ("bits", 9, "--bits 9 is not valid; choose from"),
+        ("bits", 3, "needs a k-bit --weight-quantization"),
+        ("lr_mode", "exp", "--lr-mode 'exp' is not valid; choose from: step, poly, cosine, linear"),
+        ("optimizer", "lion", "--optimizer 'lion' is not valid"),
+        ("momentum", 1.5, "--momentum must be in [0, 1)"),
+        ("lr_steps", "30,x", "--lr-steps must be comma-separated numbers"),
+        ("approximation", "abc", "--approximation abc is not supported"),
+        ("dummy_shape", "3,32,16", "--dummy-shape must be C,H,W with H == W"),
+        ("test_run", "maybe", "--test-run must be true or false"),
+    ],
+)
 def test_bad_values_name_the_option(key, value, needle):
     with pytest.raises(UserError) as e:
         C.from_layers({key: value})

@@ -27,8 +27,23 @@ from bitrain.cli.launch import exit_code_of
 pytestmark = pytest.mark.slow
 
 TIMEOUT_S = 240  # a hung rank fails the test instead of the suite
-COMMON = ["--cpu", "--epochs", "2", "--bits", "32", "--bits-a", "32", "--optimizer", "sgd", "--lr", "0.1",
-          "--log-interval", "10", "--seed", "7"]
+COMMON = [
+    "--cpu",
+    "--epochs",
+    "2",
+    "--bits",
+    "32",
+    "--bits-a",
+    "32",
+    "--optimizer",
+    "sgd",
+    "--lr",
+    "0.1",
+    "--log-interval",
+    "10",
+    "--seed",
+    "7",
+]
 TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 # Runs bitrain's CLI in a rank, plus two test probes: every rank saves its own final weights
@@ -66,8 +81,9 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _run(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=_env(**env), capture_output=True,
-                          text=True, timeout=TIMEOUT_S)
+    return subprocess.run(
+        [sys.executable, *map(str, args)], cwd=cwd, env=_env(**env), capture_output=True, text=True, timeout=TIMEOUT_S
+    )
 
 
 def _ok(p: subprocess.CompletedProcess, code: int = 0) -> None:
@@ -102,8 +118,9 @@ def test_two_ranks_at_batch_b_match_one_rank_at_2b(one_rank, two_ranks):
         scale = a[k].double().abs().max().item()
         assert (b[k].double() - a[k].double()).abs().max().item() <= 1e-3 * scale + 1e-6, k
     rows_a, rows_b = read_rows(one_rank), read_rows(two_ranks)
-    assert [(r["split"], r["epoch"], r["step"], r["samples"]) for r in rows_a] == \
-           [(r["split"], r["epoch"], r["step"], r["samples"]) for r in rows_b]
+    assert [(r["split"], r["epoch"], r["step"], r["samples"]) for r in rows_a] == [
+        (r["split"], r["epoch"], r["step"], r["samples"]) for r in rows_b
+    ]
     assert len(rows_a) == 2 * (2 + 2)  # per epoch: 2 log rows (22 steps, interval 10) + train + val
     for ra, rb in zip(rows_a, rows_b):
         assert float(rb["loss"]) == pytest.approx(float(ra["loss"]), rel=2e-4)
@@ -149,16 +166,34 @@ def test_interrupt_at_and_resume_with_two_ranks_through_the_launcher(tmp_path, t
 
 def test_a_failing_rank_ends_the_run_with_its_error(tmp_path, probe):
     t0 = time.monotonic()
-    p = _run([*TORCHRUN, probe, "train", *COMMON, "--epochs", "50", "--batch-size", "32", "--prefix", tmp_path / "run"],
-             tmp_path, FAIL_STEP="5")
+    p = _run(
+        [*TORCHRUN, probe, "train", *COMMON, "--epochs", "50", "--batch-size", "32", "--prefix", tmp_path / "run"],
+        tmp_path,
+        FAIL_STEP="5",
+    )
     assert p.returncode != 0
     assert "injected failure at step 5" in p.stderr
     assert time.monotonic() - t0 < TIMEOUT_S  # no hang: rank 0 was stopped, not left waiting in an all-reduce
 
 
 def test_bad_input_in_the_ranks_is_exit_2_through_the_launcher(tmp_path):
-    p = _run(["-m", "bitrain", "train", "--cpu", "--gpus", "0,1", "--dataset", "mnist", "--data-dir",
-              tmp_path / "nothing-here", "--prefix", tmp_path / "run"], tmp_path)
+    p = _run(
+        [
+            "-m",
+            "bitrain",
+            "train",
+            "--cpu",
+            "--gpus",
+            "0,1",
+            "--dataset",
+            "mnist",
+            "--data-dir",
+            tmp_path / "nothing-here",
+            "--prefix",
+            tmp_path / "run",
+        ],
+        tmp_path,
+    )
     _ok(p, 2)
     assert "nothing-here" in p.stderr
 
@@ -167,9 +202,30 @@ def test_bad_input_in_the_ranks_is_exit_2_through_the_launcher(tmp_path):
 @pytest.mark.parametrize("log_interval", ["2", "50"])
 def test_sigterm_stops_every_rank_at_the_same_step_with_one_checkpoint(tmp_path, log_interval):
     run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "bitrain", "train", *COMMON, "--epochs", "200", "--gpus", "0,1",
-                             "--batch-size", "32", "--log-interval", log_interval, "--prefix", str(run)],
-                            cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bitrain",
+            "train",
+            *COMMON,
+            "--epochs",
+            "200",
+            "--gpus",
+            "0,1",
+            "--batch-size",
+            "32",
+            "--log-interval",
+            log_interval,
+            "--prefix",
+            str(run),
+        ],
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + TIMEOUT_S
         while not ((run / "metrics.csv").exists() and len(read_rows(run)) >= 2):  # batch or epoch rows
@@ -188,16 +244,25 @@ def test_sigterm_stops_every_rank_at_the_same_step_with_one_checkpoint(tmp_path,
     assert payload["trainer"]["step"] >= 4 and payload["trainer"]["epoch"] < 200
 
 
-@pytest.mark.parametrize("codes,expected", [
-    ({0: 3, 1: 3}, 3), ({0: 3, 1: -15}, 3), ({1: 2, 0: -15}, 2), ({1: 1, 0: -15}, 1), ({0: 1, 1: 3}, 1),
-    ({1: -9}, 1), ({}, 0)])
+@pytest.mark.parametrize(
+    "codes,expected",
+    [
+        ({0: 3, 1: 3}, 3),
+        ({0: 3, 1: -15}, 3),
+        ({1: 2, 0: -15}, 2),
+        ({1: 1, 0: -15}, 1),
+        ({0: 1, 1: 3}, 1),
+        ({1: -9}, 1),
+        ({}, 0),
+    ],
+)
 def test_run_exit_code_from_rank_exit_codes(codes, expected):
     assert exit_code_of(codes) == expected
 
 
 def test_sync_batchnorm_conversion_keeps_parameters_keys_and_single_process_output():
-    from bitrain.train.dist import AllReduceBatchNorm, convert_sync_batchnorm
     from bitrain.models import build_model
+    from bitrain.train.dist import AllReduceBatchNorm, convert_sync_batchnorm
 
     torch.manual_seed(0)
     model = build_model("tiny_resnet_e", num_classes=10, in_channels=1, image_size=8, bits=32, bits_a=32)
@@ -218,12 +283,29 @@ def test_sync_batchnorm_conversion_keeps_parameters_keys_and_single_process_outp
 def test_without_sync_bn_every_rank_validates_rank_0s_model(tmp_path, probe):
     """No --sync-bn: each rank updates its own BatchNorm statistics, so before validating the ranks
     take rank 0's; the logged val top-1 is then exactly that of the saved model on all 355 images."""
-    from bitrain.models import build_model
     from bitrain.data import build_data
+    from bitrain.models import build_model
 
     run = tmp_path / "run"
-    _ok(_run([*TORCHRUN, probe, "train", "--cpu", "--epochs", "2", "--batch-size", "32", "--log-interval", "0",
-              "--prefix", run], tmp_path))
+    _ok(
+        _run(
+            [
+                *TORCHRUN,
+                probe,
+                "train",
+                "--cpu",
+                "--epochs",
+                "2",
+                "--batch-size",
+                "32",
+                "--log-interval",
+                "0",
+                "--prefix",
+                run,
+            ],
+            tmp_path,
+        )
+    )
     from safetensors.torch import load_file
 
     r0, r1 = load_file(str(run / "rank0.safetensors")), load_file(str(run / "rank1.safetensors"))

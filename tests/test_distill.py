@@ -36,6 +36,7 @@ def _trainer(digits, model=None, **kw) -> Trainer:
 
 # ------------------------------------------------------------------ BatchNorm re-estimation
 
+
 def test_recalibration_gives_the_exact_average_over_the_first_batches(digits):
     t = _trainer(digits, bn_recalibrate=3)
     t.fit()
@@ -87,6 +88,7 @@ def test_recalibration_cost_is_reported_once(tmp_path, capsys):
 
 # ------------------------------------------------------------------ distillation
 
+
 def test_distillation_loss_is_the_kl_of_softened_distributions():
     torch.manual_seed(0)
     s, t = torch.randn(6, 10, requires_grad=True), torch.randn(6, 10)
@@ -136,8 +138,10 @@ def test_teacher_run_resumes_bit_identically(tmp_path, float_teacher):
 def test_teacher_and_init_from_errors_are_one_line(tmp_path, float_teacher, capsys):
     cases = [
         (("--teacher", tmp_path / "missing.pt"), "does not exist"),
-        (("--dataset", "dummy", "--dummy-shape", "1,8,8", "--dummy-classes", "4", "--teacher", float_teacher),
-         "num_classes"),
+        (
+            ("--dataset", "dummy", "--dummy-shape", "1,8,8", "--dummy-classes", "4", "--teacher", float_teacher),
+            "num_classes",
+        ),
         (("--init-from", float_teacher, "--model", "lenet"), "do not fit"),
         (("--distill-alpha", "1.5"), "--distill-alpha"),
     ]

@@ -8,11 +8,11 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import read_rows, run_cli
 
-from bitrain.errors import UserError
 from bitrain.cli.eval import evaluate_file
 from bitrain.cli.reader import load_model
-from conftest import read_rows, run_cli
+from bitrain.errors import UserError
 
 # dummy 1x12x12, 10 classes: 64 train / 16 val images; one val batch of 16 in --test-run is the whole val set
 SHAPE, N_TRAIN, N_VAL = (1, 12, 12), 64, 16
@@ -22,8 +22,22 @@ DUMMY = ("--dataset", "dummy", "--dummy-shape", "1,12,12", "--dummy-size", str(N
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     d = tmp_path_factory.mktemp("eval") / "run"
-    rc = run_cli("train", *DUMMY, "--batch-size", "16", "--epochs", "2", "--test-run", "--cpu",
-                 "--log-interval", "0", "--lr", "0.05", "--prefix", d)
+    rc = run_cli(
+        "train",
+        *DUMMY,
+        "--batch-size",
+        "16",
+        "--epochs",
+        "2",
+        "--test-run",
+        "--cpu",
+        "--log-interval",
+        "0",
+        "--lr",
+        "0.05",
+        "--prefix",
+        d,
+    )
     assert rc == 0
     return d
 
@@ -38,8 +52,12 @@ def _hand_metrics(model: torch.nn.Module, split: int, n: int) -> dict[str, float
     with torch.no_grad():
         logits = model.eval()(x)
     top5 = logits.topk(5, dim=1).indices
-    return {"acc1": (top5[:, 0] == y).double().mean().item(), "acc5": (top5 == y[:, None]).any(1).double().mean().item(),
-            "loss": F.cross_entropy(logits, y).item(), "samples": len(y)}
+    return {
+        "acc1": (top5[:, 0] == y).double().mean().item(),
+        "acc5": (top5 == y[:, None]).any(1).double().mean().item(),
+        "loss": F.cross_entropy(logits, y).item(),
+        "samples": len(y),
+    }
 
 
 def test_eval_reproduces_the_trainers_validation_row(run):
@@ -71,8 +89,7 @@ def test_run_dir_final_weights_and_packed_export_give_the_same_numbers(run, caps
     assert run_cli("export", run / "checkpoints" / "last.pt", packed) == 0
     capsys.readouterr()
     results = {}
-    for name, src, extra in (("dir", run, ()), ("final", run / "model.safetensors", ()),
-                             ("packed", packed, ())):
+    for name, src, extra in (("dir", run, ()), ("final", run / "model.safetensors", ()), ("packed", packed, ())):
         assert run_cli("eval", src, "--cpu", "--json", *extra) == 0
         results[name] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert results["dir"]["source"].endswith("best.pt")  # a run dir means its best checkpoint
@@ -152,9 +169,32 @@ def _image_tree(root, per_class: int = 5, size: int = 20):
 def test_image_folder_train_split_is_whole_and_unaugmented(tmp_path, capsys):
     tree = _image_tree(tmp_path / "tree")
     run = tmp_path / "run"
-    assert run_cli("train", "--dataset", "imagefolder", "--data-dir", tree, "--image-size", "16",
-                   "--model", "tiny_resnet_e", "--batch-size", "4", "--epochs", "1", "--test-run", "-j", "0",
-                   "--cpu", "--log-interval", "0", "--prefix", run) == 0
+    assert (
+        run_cli(
+            "train",
+            "--dataset",
+            "imagefolder",
+            "--data-dir",
+            tree,
+            "--image-size",
+            "16",
+            "--model",
+            "tiny_resnet_e",
+            "--batch-size",
+            "4",
+            "--epochs",
+            "1",
+            "--test-run",
+            "-j",
+            "0",
+            "--cpu",
+            "--log-interval",
+            "0",
+            "--prefix",
+            run,
+        )
+        == 0
+    )
     model, *_ = load_model(run / "checkpoints" / "last.pt")
     r1 = evaluate_file(run, split="train", batch_size=3, num_workers=0, device="cpu")
     r2 = evaluate_file(run, split="train", batch_size=10, num_workers=0, device="cpu")

@@ -8,14 +8,21 @@ import struct
 import pytest
 import torch
 import torch.nn as nn
+from conftest import run_cli
 
-from bitrain.errors import UserError
-from bitrain.binary.export import (PackedQLayer, _popcount, export_packed, pack_signs, read_metadata, unpack_signs,
-                                   xnor_dot)
+from bitrain.binary.export import (
+    PackedQLayer,
+    _popcount,
+    export_packed,
+    pack_signs,
+    read_metadata,
+    unpack_signs,
+    xnor_dot,
+)
+from bitrain.binary.layers import QConv2d, QLinear
 from bitrain.cli.export import export_checkpoint
 from bitrain.cli.reader import load_packed
-from conftest import run_cli
-from bitrain.binary.layers import QConv2d, QLinear
+from bitrain.errors import UserError
 
 
 def _randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -66,8 +73,9 @@ class Net32(nn.Module):
         self.b3 = nn.Sequential(QConv2d(64, 64, 3, padding=1, groups=4, **q), nn.BatchNorm2d(64))
         self.b4 = nn.Sequential(QConv2d(64, 64, 3, padding=2, dilation=2, **q), nn.BatchNorm2d(64))
         self.b5 = nn.Sequential(QConv2d(64, 96, (3, 1), stride=2, padding=(1, 0), **q), nn.BatchNorm2d(96))
-        self.b6 = nn.Sequential(QConv2d(96, 96, 1, bits=1, bits_a=32, approximation=approximation,
-                                        no_offset=no_offset), nn.BatchNorm2d(96))
+        self.b6 = nn.Sequential(
+            QConv2d(96, 96, 1, bits=1, bits_a=32, approximation=approximation, no_offset=no_offset), nn.BatchNorm2d(96)
+        )
         self.head = nn.Sequential(nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(96, 10))
 
     def forward(self, x):
@@ -89,6 +97,7 @@ def test_pack_bit_order():
     assert packed.tolist() == [[1, 1], [2 + 4 + 128, 0]]
     assert torch.equal(unpack_signs(packed, 9), signs.float())
     import numpy as np  # the documented way to read the bits without bitrain
+
     assert np.array_equal(np.unpackbits(packed.numpy(), axis=-1, count=9, bitorder="little"), (signs > 0).numpy())
     w = torch.randn(5, 3, 3, 3)
     flat = (w >= 0).reshape(5, -1)
@@ -97,8 +106,8 @@ def test_pack_bit_order():
 
 def test_popcount_and_xnor_dot():
     g = torch.Generator().manual_seed(1)
-    words = torch.randint(-2**63, 2**63 - 1, (200,), dtype=torch.int64, generator=g)
-    words[:3] = torch.tensor([0, -1, -2**63])
+    words = torch.randint(-(2**63), 2**63 - 1, (200,), dtype=torch.int64, generator=g)
+    words[:3] = torch.tensor([0, -1, -(2**63)])
     expected = [bin(w & (2**64 - 1)).count("1") for w in words.tolist()]
     assert _popcount(words.clone()).tolist() == expected
     assert expected[:3] == [0, 64, 1]
@@ -106,6 +115,7 @@ def test_popcount_and_xnor_dot():
     x = torch.randint(0, 2, (37, 131), generator=g).bool()
     w = torch.randint(0, 2, (11, 131), generator=g).bool()
     from bitrain.binary.export import _words
+
     dot = xnor_dot(_words(pack_signs(x)), _words(pack_signs(w)), 131, chunk=64)
     assert torch.equal(dot, ((x.float() * 2 - 1) @ (w.float() * 2 - 1).T).long())
 
@@ -126,8 +136,9 @@ def test_digits_packed_model_matches(tmp_path, approximation, no_offset):
     torch.manual_seed(0)
     model = _randomize_bn(Digits(approximation=approximation, no_offset=no_offset))
     x = torch.randn(64, 1, 8, 8)
-    expected, got, loaded = _roundtrip(model, x, tmp_path,
-                                       lambda name: Digits(approximation=approximation, no_offset=no_offset))
+    expected, got, loaded = _roundtrip(
+        model, x, tmp_path, lambda name: Digits(approximation=approximation, no_offset=no_offset)
+    )
     assert isinstance(loaded.q1, PackedQLayer) and isinstance(loaded.ql, PackedQLayer)
     assert loaded.q1.weight_packed.dtype == torch.uint8
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
@@ -164,8 +175,12 @@ def test_layer_variants_match(tmp_path, variant):
         torch.manual_seed(2)
         # BatchNorm between the binary layers, as in real nets: a scaled layer's exact zero dot
         # (packed) vs the float conv's +-1e-9 would otherwise flip the next layer's sign input
-        return nn.Sequential(QConv2d(8, 16, 3, stride=2, padding=1, **kw), nn.BatchNorm2d(16), nn.Flatten(1),
-                             QLinear(16 * 3 * 3, 12, **kw))
+        return nn.Sequential(
+            QConv2d(8, 16, 3, stride=2, padding=1, **kw),
+            nn.BatchNorm2d(16),
+            nn.Flatten(1),
+            QLinear(16 * 3 * 3, 12, **kw),
+        )
 
     model = _randomize_bn(factory("v"))
     if kw.get("bias"):
@@ -184,7 +199,7 @@ def test_file_contents_and_metadata(tmp_path):
     info = export_packed(model, path, model_args={"name": "digits", "num_classes": 10}, meta={"epoch": 3})
     raw = path.read_bytes()
     (header_len,) = struct.unpack("<Q", raw[:8])  # safetensors: u64 header length, then JSON
-    header = json.loads(raw[8:8 + header_len])
+    header = json.loads(raw[8 : 8 + header_len])
     assert header["q1.weight_packed"] == {**header["q1.weight_packed"], "dtype": "U8", "shape": [32, 16 * 9 // 8]}
     assert header["ql.weight_packed"]["shape"] == [64, 32 * 16 // 8]
     assert "q1.weight" not in header and "stem.0.weight" in header and "bn1.running_var" in header
@@ -196,6 +211,7 @@ def test_file_contents_and_metadata(tmp_path):
     assert meta["layers"]["ql"]["bits_a"] == 1 and info["packed_layers"] == 3
     # the packed bits are the signs of the latent weights (0 -> +1)
     from safetensors.torch import load_file
+
     bits = unpack_signs(load_file(str(path))["q1.weight_packed"], 16 * 9)
     assert torch.equal(bits, torch.where(model.q1.weight.reshape(32, -1) >= 0, 1.0, -1.0))
 
@@ -230,6 +246,7 @@ def test_bad_files_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="junk"):
         load_packed(tmp_path / "junk.safetensors")
     from safetensors.torch import save_file
+
     save_file({"a": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
     with pytest.raises(UserError, match="not a bitrain packed export"):
         read_metadata(tmp_path / "plain.safetensors")
@@ -250,8 +267,9 @@ def test_export_checkpoint_of_zoo_model(tmp_path, capsys, name):
     args = {"name": name, "num_classes": 10, "in_channels": 1, "image_size": 8}
     torch.manual_seed(3)
     model = _randomize_bn(build_model(**args))
-    torch.save({"format": "bitrain", "version": 1, "model": model.state_dict(), "model_args": args},
-               tmp_path / "last.pt")
+    torch.save(
+        {"format": "bitrain", "version": 1, "model": model.state_dict(), "model_args": args}, tmp_path / "last.pt"
+    )
     out = tmp_path / "model-1bit.safetensors"
     assert run_cli("export", tmp_path / "last.pt", out) == 0
     assert "packed 1-bit layers" in capsys.readouterr().out
@@ -265,6 +283,7 @@ def test_export_checkpoint_of_zoo_model(tmp_path, capsys, name):
     assert torch.equal(got, expected)
     # a flipped tensor byte is caught by the checkpoint's checksum
     from bitrain.train.checkpoint import checksum
+
     payload = torch.load(tmp_path / "last.pt", weights_only=True)
     payload["checksum"] = checksum(payload)
     next(iter(payload["model"].values())).view(-1)[0] += 1

@@ -12,9 +12,16 @@ import torch
 from PIL import Image
 
 from bitrain.data import build_data
+from bitrain.data.imagefolder import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    color_jitter,
+    pca_lighting,
+    random_resized_crop_box,
+    scan_split,
+    transform,
+)
 from bitrain.errors import UserError
-from bitrain.data.imagefolder import (IMAGENET_MEAN, IMAGENET_STD, color_jitter, pca_lighting,
-                                 random_resized_crop_box, scan_split, transform)
 
 CLASSES = ("ant", "bee", "cow")
 
@@ -54,10 +61,8 @@ def test_scan_split_labels_and_info(tmp_path):
     assert classes == list(CLASSES) and len(paths) == 18
     assert labels.tolist() == [0] * 6 + [1] * 6 + [2] * 6
     assert all(p.endswith((".jpg", ".png")) for p in paths)
-    tr, va, info = build_data("imagefolder", data_dir=str(root), batch_size=4, num_workers=0,
-                              image_size=16)
-    assert (info.num_classes, info.in_channels, info.image_size, info.num_train, info.num_val) == \
-        (3, 3, 16, 18, 9)
+    tr, va, info = build_data("imagefolder", data_dir=str(root), batch_size=4, num_workers=0, image_size=16)
+    assert (info.num_classes, info.in_channels, info.image_size, info.num_train, info.num_val) == (3, 3, 16, 18, 9)
     assert info.mean == IMAGENET_MEAN and info.std == IMAGENET_STD
     assert len(tr) == 4 and tr.num_samples == 16 and len(va) == 3 and va.num_samples == 9
     ys = torch.cat([y for _, y in va])
@@ -71,21 +76,30 @@ def test_batches_do_not_depend_on_num_workers(tmp_path, aug):
     root = make_tree(tmp_path)
     runs = []
     for workers in (0, 2):
-        tr, va, _ = build_data("imagefolder", data_dir=str(root), batch_size=4, num_workers=workers,
-                               augmentation=aug, image_size=16, seed=3)
+        tr, va, _ = build_data(
+            "imagefolder",
+            data_dir=str(root),
+            batch_size=4,
+            num_workers=workers,
+            augmentation=aug,
+            image_size=16,
+            seed=3,
+        )
         runs.append((_epoch(tr, 1), _epoch(va, 0)))
     assert _same(runs[0][0], runs[1][0]) and _same(runs[0][1], runs[1][1])
 
 
 def test_set_epoch_purity_and_start(tmp_path):
     root = make_tree(tmp_path)
-    tr, _, _ = build_data("imagefolder", data_dir=str(root), batch_size=4, num_workers=1,
-                          augmentation="high", image_size=16)
+    tr, _, _ = build_data(
+        "imagefolder", data_dir=str(root), batch_size=4, num_workers=1, augmentation="high", image_size=16
+    )
     e2 = _epoch(tr, 2)
     assert not _same(_epoch(tr, 1), e2)  # reshuffled and re-augmented
     assert _same(_epoch(tr, 2, start=2), e2[2:])
-    fresh, _, _ = build_data("imagefolder", data_dir=str(root), batch_size=4, num_workers=0,
-                             augmentation="high", image_size=16)
+    fresh, _, _ = build_data(
+        "imagefolder", data_dir=str(root), batch_size=4, num_workers=0, augmentation="high", image_size=16
+    )
     assert _same(_epoch(fresh, 2, start=3), e2[3:])
     assert len(list(tr)) == len(tr)  # start applied to one iteration only
 
@@ -94,8 +108,9 @@ def test_two_rank_shards(tmp_path):
     root = make_tree(tmp_path, n_train=7, n_val=3)  # 21 train, 9 val
     trs, vals = [], []
     for r in range(2):
-        tr, va, _ = build_data("imagefolder", data_dir=str(root), batch_size=4, num_workers=0,
-                               rank=r, world_size=2, image_size=8)
+        tr, va, _ = build_data(
+            "imagefolder", data_dir=str(root), batch_size=4, num_workers=0, rank=r, world_size=2, image_size=8
+        )
         trs.append(tr)
         vals.append(va)
     assert len(trs[0]) == len(trs[1]) == 2
@@ -110,8 +125,9 @@ def test_corrupt_images_are_replaced_named_once_and_counted(tmp_path, capsys):
     root = make_tree(tmp_path)
     bad = root / "train" / "bee" / "00.jpg"  # sample 6; sample 7 (bee/01) replaces it
     bad.write_bytes(b"\xff\xd8 truncated jpeg")
-    tr, _, _ = build_data("imagefolder", data_dir=str(root), batch_size=18, num_workers=0,
-                          augmentation="none", image_size=8)
+    tr, _, _ = build_data(
+        "imagefolder", data_dir=str(root), batch_size=18, num_workers=0, augmentation="none", image_size=8
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a line on stderr, not a Python warning with a source line
         x, y = next(iter(tr))
@@ -182,8 +198,9 @@ def test_corrupt_val_image_two_rank_shards_stay_exact(tmp_path, capsys):
     bad = _corrupt_val(root)
     ys = []
     for r in range(2):
-        _, va, _ = build_data("imagefolder", data_dir=str(root), batch_size=2, num_workers=0,
-                              rank=r, world_size=2, image_size=8)
+        _, va, _ = build_data(
+            "imagefolder", data_dir=str(root), batch_size=2, num_workers=0, rank=r, world_size=2, image_size=8
+        )
         ys.append(torch.cat([y for _, y in _epoch(va, 0)]).tolist())
     assert ys[0] + ys[1] == [0, 0, 0, 1, 1, 2, 2, 2]  # each readable file once, the bad one nowhere
     err = capsys.readouterr().err.splitlines()
@@ -208,8 +225,27 @@ def test_train_run_names_each_bad_file_once_on_one_line(tmp_path, capfd):
     bad_train.write_bytes(b"\x89PNG junk")
     bad_val = _corrupt_val(root)
     run = tmp_path / "run"
-    assert run_cli("train", "--dataset", "imagefolder", "--data-dir", root, "--image-size", "8", "--cpu",
-                   "--model", "tiny_resnet_e", "--batch-size", "6", "--epochs", "2", "--prefix", run) == 0
+    assert (
+        run_cli(
+            "train",
+            "--dataset",
+            "imagefolder",
+            "--data-dir",
+            root,
+            "--image-size",
+            "8",
+            "--cpu",
+            "--model",
+            "tiny_resnet_e",
+            "--batch-size",
+            "6",
+            "--epochs",
+            "2",
+            "--prefix",
+            run,
+        )
+        == 0
+    )
     err = capfd.readouterr().err
     lines = [line for line in err.splitlines() if "unreadable" in line]
     assert sum(str(bad_train) in line for line in lines) == 1 and sum(str(bad_val) in line for line in lines) == 1
@@ -258,7 +294,7 @@ def test_val_transform_resize_then_centre_crop(tmp_path):
     short = math.ceil(16 / 0.875)  # 19, as 256 for 224
     ref = Image.fromarray(a).resize((round(60 * short / 40), short), Image.BILINEAR)
     x0, y0 = (ref.size[0] - 16) // 2, (ref.size[1] - 16) // 2
-    assert out.shape == (16, 16, 3) and np.array_equal(out, np.asarray(ref)[y0:y0 + 16, x0:x0 + 16])
+    assert out.shape == (16, 16, 3) and np.array_equal(out, np.asarray(ref)[y0 : y0 + 16, x0 : x0 + 16])
 
 
 def test_random_resized_crop_box_ranges():
@@ -274,8 +310,7 @@ def test_random_resized_crop_box_ranges():
     assert areas.min() > 0.07 and areas.max() <= 1.0 and 0.3 < np.median(areas) < 0.55
     assert aspects.min() > 0.74 and aspects.max() < 1.35
     # impossible tries fall back to the centre crop with the aspect clamped into [3/4, 4/3]
-    assert random_resized_crop_box(400, 20, np.random.default_rng(0), scale=(1.0, 1.0)) == \
-        (186, 0, 27, 20)
+    assert random_resized_crop_box(400, 20, np.random.default_rng(0), scale=(1.0, 1.0)) == (186, 0, 27, 20)
 
 
 def test_train_flip_happens_about_half_the_time(tmp_path):
@@ -286,8 +321,7 @@ def test_train_flip_happens_about_half_the_time(tmp_path):
         out = transform(str(tmp_path / "r.png"), 32, "low", np.random.default_rng([0, 0, i]))
         flips.append(int(out[0, 0, 0]) > int(out[0, -1, 0]))
     assert 0.42 < np.mean(flips) < 0.58
-    unflipped = [transform(str(tmp_path / "r.png"), 32, "crop", np.random.default_rng([0, 0, i]))
-                 for i in range(50)]
+    unflipped = [transform(str(tmp_path / "r.png"), 32, "crop", np.random.default_rng([0, 0, i])) for i in range(50)]
     assert all(int(o[0, 0, 0]) < int(o[0, -1, 0]) for o in unflipped)
 
 

@@ -35,8 +35,22 @@ from bitrain.train.checkpoint import load_checkpoint
 SEED = int(os.environ.get("BITRAIN_KILL_SEED", "20240611"))
 KILLS = int(os.environ.get("BITRAIN_KILL_POINTS", "20"))
 PER_CHAIN = 10  # kills before a chain is resumed to its end and compared (each chain: one more training)
-ARGS = ["train", "--cpu", "--epochs", "2", "--batch-size", "128", "--checkpoint-interval", "1",
-        "--save-frequency", "1", "--log-interval", "4", "--resume", "auto"]
+ARGS = [
+    "train",
+    "--cpu",
+    "--epochs",
+    "2",
+    "--batch-size",
+    "128",
+    "--checkpoint-interval",
+    "1",
+    "--save-frequency",
+    "1",
+    "--log-interval",
+    "4",
+    "--resume",
+    "auto",
+]
 TIMEOUT = 600  # seconds per process: the CI machine may be shared and slow
 
 
@@ -53,8 +67,13 @@ def _env() -> dict[str, str]:
 
 
 def _spawn(run_dir: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "bitrain", *ARGS, "--prefix", str(run_dir)], cwd=run_dir.parent,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env())
+    return subprocess.Popen(
+        [sys.executable, "-m", "bitrain", *ARGS, "--prefix", str(run_dir)],
+        cwd=run_dir.parent,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=_env(),
+    )
 
 
 def _published(ckpt_dir: Path) -> list[Path]:
@@ -135,7 +154,9 @@ def _same_result(run: Path, ref_dir: Path, ref: dict[str, torch.Tensor]) -> None
     for name in names:
         a = load_checkpoint(run / "checkpoints" / name)
         b = load_checkpoint(ref_dir / "checkpoints" / name)
-        assert (a["trainer"]["step"], a["trainer"]["best_acc"]) == (b["trainer"]["step"], b["trainer"]["best_acc"]), name
+        assert (a["trainer"]["step"], a["trainer"]["best_acc"]) == (b["trainer"]["step"], b["trainer"]["best_acc"]), (
+            name
+        )
         assert all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"]), name
 
 
@@ -174,7 +195,7 @@ def test_sigkill_anywhere_resumes_bit_identical(tmp_path: Path) -> None:
         run = tmp_path / f"chain{chain}"
 
     for kind, arg, delay in _plan(rng, KILLS):
-        for attempt in range(2):
+        for _attempt in range(2):
             proc = _spawn(run)
             moment = arg * ref_seconds if kind == "time" else arg
             if _kill_when(proc, run / "checkpoints", kind, moment, delay):

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from bitrain.binary import layers as L
-from bitrain.errors import UserError
 from bitrain.binary.layers import QActivation, QConv2d, QLinear, binary_layer_config, get_layer_config
+from bitrain.errors import UserError
 
 
 @pytest.fixture(autouse=True)
@@ -32,7 +31,7 @@ def _xnor_popcount_conv(xb, wb, stride, pad):
     xbits, wbits = xb > 0, wb > 0
     for i in range(ho):
         for j in range(wo):
-            patch = xbits[:, :, i * stride:i * stride + kh, j * stride:j * stride + kw]  # (n, c, kh, kw)
+            patch = xbits[:, :, i * stride : i * stride + kh, j * stride : j * stride + kw]  # (n, c, kh, kw)
             agree = ~(patch[:, None] ^ wbits[None])  # xnor, (n, o, c, kh, kw)
             out[:, :, i, j] = agree.flatten(2).sum(-1).float()  # popcount
     return out
@@ -222,13 +221,16 @@ def test_clip_latent_weights_and_warning_once():
 def test_padding_value_with_groups_dilation_stride_matches_explicit_pad(method):
     # the layer adds the border's contribution as a separate term; check it against an
     # explicit pad-then-conv for grouped, dilated, strided, non-square padding
-    conv = QConv2d(4, 6, (3, 2), stride=(2, 1), padding=(2, 1), dilation=(2, 1), groups=2,
-                   activation_method=method, no_offset=True)
+    conv = QConv2d(
+        4, 6, (3, 2), stride=(2, 1), padding=(2, 1), dilation=(2, 1), groups=2, activation_method=method, no_offset=True
+    )
     x = torch.randn(3, 4, 7, 6, requires_grad=True)
     pad = -1.0 if method != "ste_heaviside" else 0.0
     assert conv.act.pad_value == pad
     xq = conv.act(x)
-    ref = F.conv2d(F.pad(xq, (1, 1, 2, 2), value=pad), conv.quantized_weight(), stride=(2, 1), dilation=(2, 1), groups=2)
+    ref = F.conv2d(
+        F.pad(xq, (1, 1, 2, 2), value=pad), conv.quantized_weight(), stride=(2, 1), dilation=(2, 1), groups=2
+    )
     y = conv(x)
     assert torch.equal(y, ref)
     (gw_ref,) = torch.autograd.grad(ref.square().sum(), conv.weight)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bitrain.errors import UserError
 from bitrain.data.loader import DeviceLoader, epoch_permutation, mix_seed, val_shard
+from bitrain.errors import UserError
 
 
 def _indexed(n: int, c: int = 1, s: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,8 +105,7 @@ def test_val_shards_cover_every_sample_once(n, world, bs):
 def test_val_is_normalised_and_unaugmented():
     images = torch.randint(0, 256, (9, 3, 5, 5), dtype=torch.uint8)
     mean, std = (0.1, 0.5, 0.9), (0.2, 0.3, 0.4)
-    ld = DeviceLoader(images, torch.zeros(9, dtype=torch.long), batch_size=4, train=False,
-                      mean=mean, std=std)
+    ld = DeviceLoader(images, torch.zeros(9, dtype=torch.long), batch_size=4, train=False, mean=mean, std=std)
     x = torch.cat([b for b, _ in ld])
     ref = (images.double() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
     assert x.dtype == torch.float32 and x.shape == (9, 3, 5, 5)
@@ -115,13 +114,22 @@ def test_val_is_normalised_and_unaugmented():
 
 def test_dtype_and_channels_last():
     images, labels = _indexed(16, c=3, s=6)
-    ld = DeviceLoader(images, labels, batch_size=8, train=True, mean=(0.5,) * 3, std=(0.25,) * 3,
-                      pad=2, flip=True, dtype=torch.bfloat16, channels_last=True)
+    ld = DeviceLoader(
+        images,
+        labels,
+        batch_size=8,
+        train=True,
+        mean=(0.5,) * 3,
+        std=(0.25,) * 3,
+        pad=2,
+        flip=True,
+        dtype=torch.bfloat16,
+        channels_last=True,
+    )
     x, y = next(iter(ld))
     assert x.dtype == torch.bfloat16 and y.dtype == torch.int64
     assert x.is_contiguous(memory_format=torch.channels_last)
-    ld2 = DeviceLoader(images, labels, batch_size=8, train=True, mean=(0.5,) * 3, std=(0.25,) * 3,
-                       pad=2, flip=True)
+    ld2 = DeviceLoader(images, labels, batch_size=8, train=True, mean=(0.5,) * 3, std=(0.25,) * 3, pad=2, flip=True)
     x2, _ = next(iter(ld2))
     assert x2.is_contiguous()
     torch.testing.assert_close(x.float(), x2, atol=0.02, rtol=0.01)
@@ -136,8 +144,17 @@ def _coord_images(n: int, s: int) -> torch.Tensor:
 
 def test_crop_offsets_in_range_and_flip_half_the_time():
     n, s, pad = 2048, 8, 3
-    ld = DeviceLoader(_coord_images(n, s), torch.zeros(n, dtype=torch.long), batch_size=256,
-                      train=True, mean=(0.0, 0.0), std=(1.0, 1.0), pad=pad, flip=True, seed=5)
+    ld = DeviceLoader(
+        _coord_images(n, s),
+        torch.zeros(n, dtype=torch.long),
+        batch_size=256,
+        train=True,
+        mean=(0.0, 0.0),
+        std=(1.0, 1.0),
+        pad=pad,
+        flip=True,
+        seed=5,
+    )
     x = torch.cat([b for b, _ in ld]).mul(255).round().long()  # back to raw pixel values
     rows, cols = x[:, 0], x[:, 1]  # (N, s, s)
     ar = torch.arange(s)

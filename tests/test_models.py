@@ -9,10 +9,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bitrain.errors import UserError
 from bitrain.binary.layers import QConv2d, QLinear
+from bitrain.errors import UserError
 from bitrain.models import MODELS, build_model, list_models, model_info, register
-from bitrain.models.common import param_counts, model_size_bytes
+from bitrain.models.common import model_size_bytes, param_counts
 
 # BMXNet's ResNetE-50 puts basic blocks at the bottleneck widths (~340M weights): checked on the meta
 # device (shapes and gradients flow), its block class is trained for real through resnet18/34_e*.
@@ -112,8 +112,9 @@ def test_full_precision_twin_computes_like_float_convs():
     assert torch.allclose(conv(x), F.conv2d(x, conv.weight, padding=1), atol=1e-5)
     # binary: the sign of input and weight, input padded with -1 (xnor semantics)
     q = bn.features[2][0].body[0]
-    ref = F.conv2d(F.pad(torch.where(x >= 0, 1.0, -1.0), (1, 1, 1, 1), value=-1.0),
-                   torch.where(q.weight >= 0, 1.0, -1.0))
+    ref = F.conv2d(
+        F.pad(torch.where(x >= 0, 1.0, -1.0), (1, 1, 1, 1), value=-1.0), torch.where(q.weight >= 0, 1.0, -1.0)
+    )
     assert torch.allclose(q(x), ref, atol=1e-4) or torch.allclose(q(x), (ref + 64 * 9) / 2, atol=1e-4)
     img = torch.randn(2, 3, 32, 32)
     assert not torch.allclose(fp(img), bn(img))
@@ -159,8 +160,14 @@ def test_slices_keep_weights_and_add_blocks():
 
 
 def test_downsample_groups_and_pool_options():
-    model = build_model("resnet18_e1", num_classes=10, image_size=32, fp_downsample_sc=True,
-                        pool_downsample_sc=True, downsample_sc_groups=4)
+    model = build_model(
+        "resnet18_e1",
+        num_classes=10,
+        image_size=32,
+        fp_downsample_sc=True,
+        pool_downsample_sc=True,
+        downsample_sc_groups=4,
+    )
     ds = model.features[3][0].downsample
     assert isinstance(ds[0], nn.AvgPool2d) and type(ds[1]) is nn.Conv2d and ds[1].groups == 4
     assert ds[1].stride == (1, 1)
@@ -168,8 +175,16 @@ def test_downsample_groups_and_pool_options():
 
 
 def test_dense_options():
-    model = build_model("densenet_flex", num_classes=10, image_size=32, block_config="2,3", reduction="2",
-                        growth_rate=32, init_features=32, downsample_structure="bn,relu,pool,fp_conv:2")
+    model = build_model(
+        "densenet_flex",
+        num_classes=10,
+        image_size=32,
+        block_config="2,3",
+        reduction="2",
+        growth_rate=32,
+        init_features=32,
+        downsample_structure="bn,relu,pool,fp_conv:2",
+    )
     # 32 + 2*32 = 96 -> /2 = 48 -> rounded to 64; + 3*32 = 160
     assert model.output[-1].in_features == 160
     dil = build_model("meliusnet22", num_classes=10, image_size=32, dilated=True)
@@ -186,10 +201,15 @@ def test_stem_choice():
     assert [m.groups for m in grouped.features if isinstance(m, nn.Conv2d)][:3] == [1, 4, 8]
 
 
-@pytest.mark.parametrize("method,std", [("gaussian", lambda fi, fo: math.sqrt(2 / fi)),
-                                        ("msraprelu_in", lambda fi, fo: math.sqrt(2 / 1.0625 / fi)),
-                                        ("msraprelu_avg", lambda fi, fo: math.sqrt(2 / 1.0625 / ((fi + fo) / 2))),
-                                        ("default", lambda fi, fo: math.sqrt(2 / ((fi + fo) / 2) / 3))])
+@pytest.mark.parametrize(
+    "method,std",
+    [
+        ("gaussian", lambda fi, fo: math.sqrt(2 / fi)),
+        ("msraprelu_in", lambda fi, fo: math.sqrt(2 / 1.0625 / fi)),
+        ("msraprelu_avg", lambda fi, fo: math.sqrt(2 / 1.0625 / ((fi + fo) / 2))),
+        ("default", lambda fi, fo: math.sqrt(2 / ((fi + fo) / 2) / 3)),
+    ],
+)
 def test_initialization(method, std):
     torch.manual_seed(0)
     model = build_model("quicknet_small", num_classes=10, image_size=32, initialization=method)
@@ -228,8 +248,15 @@ def test_errors_name_the_option():
 
 
 def test_unset_options_are_ignored():
-    model = build_model("resnet18_v1", num_classes=10, image_size=8, in_channels=1, growth_rate=None,
-                        dilated=False, fp_downsample_sc=False)
+    model = build_model(
+        "resnet18_v1",
+        num_classes=10,
+        image_size=8,
+        in_channels=1,
+        growth_rate=None,
+        dilated=False,
+        fp_downsample_sc=False,
+    )
     assert model(torch.randn(2, 1, 8, 8)).shape == (2, 10)
 
 
@@ -240,10 +267,13 @@ def test_registry():
 
     @register("_test_tmp", family="test", image_size=16)
     def _tmp(*, num_classes, in_channels, image_size, initial_layers):
-        return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * image_size ** 2, num_classes))
+        return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * image_size**2, num_classes))
 
     try:
-        assert build_model("_test_tmp", num_classes=3, image_size=4, in_channels=1)(torch.ones(1, 1, 4, 4)).shape == (1, 3)
+        assert build_model("_test_tmp", num_classes=3, image_size=4, in_channels=1)(torch.ones(1, 1, 4, 4)).shape == (
+            1,
+            3,
+        )
         assert model_info("_test_tmp").family == "test"
         with pytest.raises(ValueError, match="twice"):
             register("_test_tmp", family="test")(_tmp)

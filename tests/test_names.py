@@ -96,13 +96,14 @@ def test_model_names_registries_match_the_names():
 
 
 def test_readme_flag_table_lists_the_names():
-    for field, values in (("dataset", tuple(DATA_SETS)), ("optimizer", names.OPTIMIZERS),
-                          ("lr-mode", names.LR_MODES)):
+    for field, values in (("dataset", tuple(DATA_SETS)), ("optimizer", names.OPTIMIZERS), ("lr-mode", names.LR_MODES)):
         m = re.search(rf"`--{field} \{{([^}}]*)\}}`", README)
         assert m and tuple(m.group(1).split(",")) == values, field
 
 
 def test_the_names_and_the_help_need_no_torch():
-    code = ("import sys, bitrain.names, bitrain.data.sets, bitrain.cli.config, bitrain.cli; "
-            "sys.exit(1 if 'torch' in sys.modules else 0)")
+    code = (
+        "import sys, bitrain.names, bitrain.data.sets, bitrain.cli.config, bitrain.cli; "
+        "sys.exit(1 if 'torch' in sys.modules else 0)"
+    )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

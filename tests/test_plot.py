@@ -7,10 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from bitrain.errors import UserError
-from bitrain.cli.plot import DEFAULT_NAME, DPI, FIGSIZE, read_metrics
 from conftest import run_cli
+
+from bitrain.cli.plot import DEFAULT_NAME, DPI, FIGSIZE, read_metrics
+from bitrain.errors import UserError
 
 HEADER = "split,epoch,step,samples,loss,acc1,acc5,lr,samples_per_sec,epoch_time\n"
 
@@ -26,10 +26,16 @@ def _fake_run(folder: Path, epochs: int = 3, spe: int = 10, scale: float = 1.0) 
     for e in range(epochs):
         for b in (5, 10):
             step = e * spe + b
-            rows.append(f"batch,{e},{step},{step * 32},{2.0 / (step + 1):.4f},0.5,0.9,{0.1 * scale * (1 - step / 40):.5f},1000,")
+            rows.append(
+                f"batch,{e},{step},{step * 32},{2.0 / (step + 1):.4f},0.5,0.9,{0.1 * scale * (1 - step / 40):.5f},1000,"
+            )
         step = (e + 1) * spe
-        rows.append(f"train,{e},{step},{step * 32},{1.0 / (e + 1)},{0.5 + 0.1 * e},0.9,{0.1 * scale * (1 - step / 40):.5f},,1.5")
-        rows.append(f"val,{e},{step},{step * 32},{1.2 / (e + 1)},{0.45 + 0.1 * e},0.88,{0.1 * scale * (1 - step / 40):.5f},,")
+        rows.append(
+            f"train,{e},{step},{step * 32},{1.0 / (e + 1)},{0.5 + 0.1 * e},0.9,{0.1 * scale * (1 - step / 40):.5f},,1.5"
+        )
+        rows.append(
+            f"val,{e},{step},{step * 32},{1.2 / (e + 1)},{0.45 + 0.1 * e},0.88,{0.1 * scale * (1 - step / 40):.5f},,"
+        )
     return _write_run(folder, rows)
 
 
@@ -73,8 +79,26 @@ def test_several_runs_overlaid_and_out(tmp_path, capsys):
 
 def test_real_training_run(tmp_path, capsys):
     run = tmp_path / "real"
-    assert run_cli("train", "--dataset", "dummy", "--dummy-shape", "1,8,8", "--dummy-size", "32",
-                   "--batch-size", "8", "--epochs", "2", "--test-run", "--cpu", "--prefix", run) == 0
+    assert (
+        run_cli(
+            "train",
+            "--dataset",
+            "dummy",
+            "--dummy-shape",
+            "1,8,8",
+            "--dummy-size",
+            "32",
+            "--batch-size",
+            "8",
+            "--epochs",
+            "2",
+            "--test-run",
+            "--cpu",
+            "--prefix",
+            run,
+        )
+        == 0
+    )
     capsys.readouterr()
     assert run_cli("plot", run) == 0
     assert _png_size(run / DEFAULT_NAME) == (1500, 450)
@@ -88,9 +112,13 @@ def test_errors(tmp_path, capsys, monkeypatch):
     wrong.mkdir()
     (wrong / "metrics.csv").write_text("a,b\n1,2\n")
     good = _fake_run(tmp_path / "good")
-    cases = [((tmp_path / "nope",), "no metrics.csv"), ((empty,), "no finished epoch"),
-             ((only_batches,), "no finished epoch"), ((wrong,), "missing columns"),
-             ((good, "--out", tmp_path / "x.pdf"), "ending in .png")]
+    cases = [
+        ((tmp_path / "nope",), "no metrics.csv"),
+        ((empty,), "no finished epoch"),
+        ((only_batches,), "no finished epoch"),
+        ((wrong,), "missing columns"),
+        ((good, "--out", tmp_path / "x.pdf"), "ending in .png"),
+    ]
     for args, msg in cases:
         capsys.readouterr()
         assert run_cli("plot", *args) == 2

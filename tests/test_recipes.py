@@ -8,16 +8,18 @@ import re
 
 import pytest
 import yaml
+from conftest import run_cli
 
 from bitrain.cli.config import FIELDS, RECIPES_DIR, list_recipes, load_yaml
-from conftest import run_cli
 
 # recipe -> (command-line overrides that shrink it to seconds on a CPU, the published top-1 in %)
 SMALL_IMAGENET = ("--dataset", "dummy", "--dummy-shape", "3,64,64", "--dummy-size", "8", "--batch-size", "2")
 RECIPES = {
     "digits": ((), "97"),
-    "cifar10_resnet18": (("--dataset", "dummy", "--dummy-shape", "3,32,32", "--dummy-size", "8",
-                          "--batch-size", "2"), "90"),
+    "cifar10_resnet18": (
+        ("--dataset", "dummy", "--dummy-shape", "3,32,32", "--dummy-size", "8", "--batch-size", "2"),
+        "90",
+    ),
     "imagenet_resnete18": (SMALL_IMAGENET, "60.0"),
     "imagenet_densenet28": (SMALL_IMAGENET, "61.7"),
     "imagenet_meliusnet22": (SMALL_IMAGENET, "62.9"),
@@ -47,8 +49,20 @@ def test_recipe_states_its_target_and_usage(name):
 def test_recipe_trains_a_test_run(name, tmp_path):
     overrides, _ = RECIPES[name]
     run = tmp_path / name
-    rc = run_cli("train", "--config", name, *overrides, "--epochs", "1", "--test-run", "--cpu",
-                 "--log-interval", "0", "--prefix", run)
+    rc = run_cli(
+        "train",
+        "--config",
+        name,
+        *overrides,
+        "--epochs",
+        "1",
+        "--test-run",
+        "--cpu",
+        "--log-interval",
+        "0",
+        "--prefix",
+        run,
+    )
     assert rc == 0
     recipe = yaml.safe_load(_text(name))
     used = yaml.safe_load((run / "config.yaml").read_text())

@@ -14,14 +14,25 @@ import pytest
 from conftest import assert_same_weights, final_weights, run_cli
 
 import bitrain
-from bitrain.train import checkpoint as ckpt
 from bitrain.data.loader import DeviceLoader
+from bitrain.train import checkpoint as ckpt
 from bitrain.train.trainer import Trainer
 
 # digits: 1,442 train images / 256 = 5 steps per epoch; crop-flip and mixup so that the
 # augmentation and mixup draws are part of what resume must reproduce
-ARGS = ["--cpu", "--epochs", "2", "--batch-size", "256", "--log-interval", "2",
-        "--augmentation", "crop-flip", "--mixup", "--label-smoothing"]
+ARGS = [
+    "--cpu",
+    "--epochs",
+    "2",
+    "--batch-size",
+    "256",
+    "--log-interval",
+    "2",
+    "--augmentation",
+    "crop-flip",
+    "--mixup",
+    "--label-smoothing",
+]
 STEPS_PER_EPOCH = 5
 
 
@@ -117,11 +128,31 @@ def test_checkpoint_interval_and_minutes_save_mid_epoch(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- signals on a real process
 def _start(run: Path) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", CI="1",
-               PYTHONPATH=_pythonpath())
-    return subprocess.Popen([sys.executable, "-m", "bitrain", "train", "--cpu", "--epochs", "100", "--batch-size", "64",
-                             "--checkpoint-interval", "1", "--log-interval", "0", "--prefix", str(run)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True, cwd=run.parent)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", CI="1", PYTHONPATH=_pythonpath())
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bitrain",
+            "train",
+            "--cpu",
+            "--epochs",
+            "100",
+            "--batch-size",
+            "64",
+            "--checkpoint-interval",
+            "1",
+            "--log-interval",
+            "0",
+            "--prefix",
+            str(run),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        text=True,
+        cwd=run.parent,
+    )
 
 
 def _wait_training(proc: subprocess.Popen, run: Path, timeout: float = 300) -> None:

@@ -1,4 +1,3 @@
-
 import pytest
 
 from bitrain.errors import UserError

@@ -84,8 +84,19 @@ def test_hand_counted_figures():
 def test_format_and_dict():
     s = summarize(Tiny(), (1, 8, 8))
     text = s.format()
-    for needle in ("q2", "QConv2d", "4x4", "Total params", "786", "664 bytes", "Compression ratio", "4.73",
-                   "Combined FLOPs", "3,552", "73.00 % binary"):
+    for needle in (
+        "q2",
+        "QConv2d",
+        "4x4",
+        "Total params",
+        "786",
+        "664 bytes",
+        "Compression ratio",
+        "4.73",
+        "Combined FLOPs",
+        "3,552",
+        "73.00 % binary",
+    ):
         assert needle in text, needle
     assert text == summarize(Tiny(), (1, 8, 8)).format()  # deterministic
     d = json.loads(json.dumps(s.to_dict()))  # JSON-ready
@@ -138,8 +149,10 @@ def test_plot_network(tmp_path):
     txt = (tmp_path / "net.txt").read_text()
     assert "Compression ratio" in txt
     try:
-        import graphviz  # noqa: F401
         import shutil
+
+        import graphviz  # noqa: F401
+
         has_graphviz = shutil.which("dot") is not None
     except ImportError:
         has_graphviz = False

@@ -65,13 +65,25 @@ sys.exit(main(sys.argv[1:]))
 def test_lr_once_per_step_after_sigkill_and_resume(tmp_path, checkpoint_interval):
     """Killed in epoch 1 after it logged its lr: the resumed run does not write that lr again."""
     run = tmp_path / "run"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(Path(bitrain.__file__).parents[1]),
-                                                        os.environ.get("PYTHONPATH")])))
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        PYTHONWARNINGS="ignore",
+        PYTHONPATH=os.pathsep.join(
+            filter(None, [str(Path(bitrain.__file__).parents[1]), os.environ.get("PYTHONPATH")])
+        ),
+    )
     env.pop("WORLD_SIZE", None)
     args = ["train", "--epochs", "2", "--cpu", "--prefix", str(run), "--checkpoint-interval", checkpoint_interval]
-    proc = subprocess.run([sys.executable, "-c", _KILL_AT_BATCH_5_OF_EPOCH_1, *args], env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=600, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILL_AT_BATCH_5_OF_EPOCH_1, *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert proc.returncode == -9, proc.stderr
     assert [step for step, _ in _lr_events(run)] == EPOCH_STARTS  # epoch 1's lr reached the disk
     assert run_cli("train", "--cpu", "--prefix", run, "--resume", "auto") == 0

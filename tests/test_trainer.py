@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 import yaml
-
 from conftest import assert_same_weights, final_weights, read_rows, run_cli
 
 SMALL = ("--epochs", "2", "--batch-size", "64", "--log-interval", "5")
@@ -16,8 +15,20 @@ SMALL = ("--epochs", "2", "--batch-size", "64", "--log-interval", "5")
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("small") / "run"
-    assert run_cli("train", "--prefix", run, *SMALL, "--save-frequency", "1", "--write-summary",
-                   "--progress", run.parent / "progress.txt") == 0
+    assert (
+        run_cli(
+            "train",
+            "--prefix",
+            run,
+            *SMALL,
+            "--save-frequency",
+            "1",
+            "--write-summary",
+            "--progress",
+            run.parent / "progress.txt",
+        )
+        == 0
+    )
     return run
 
 
@@ -30,8 +41,14 @@ def test_default_run_reaches_97_percent(tmp_path):
 
 
 def test_run_directory_contract(small_run):
-    for name in ("config.yaml", "train.log", "metrics.csv", "model.safetensors", "checkpoints/last.pt",
-                 "checkpoints/best.pt"):
+    for name in (
+        "config.yaml",
+        "train.log",
+        "metrics.csv",
+        "model.safetensors",
+        "checkpoints/last.pt",
+        "checkpoints/best.pt",
+    ):
         assert (small_run / name).is_file(), name
     numbered = sorted(p.name for p in (small_run / "checkpoints").glob("tiny_resnet_e_1bit_*_acc_*.pt"))
     assert [n[:26] for n in numbered] == ["tiny_resnet_e_1bit_0000_ac", "tiny_resnet_e_1bit_0001_ac"]
@@ -55,15 +72,25 @@ def test_checkpoint_loads_weights_only_and_holds_everything(small_run):
 
 def test_metrics_csv_rows_and_exact_validation(small_run):
     rows = read_rows(small_run)
-    assert set(rows[0]) == {"split", "epoch", "step", "samples", "loss", "acc1", "acc5", "lr", "samples_per_sec",
-                            "epoch_time"}
+    assert set(rows[0]) == {
+        "split",
+        "epoch",
+        "step",
+        "samples",
+        "loss",
+        "acc1",
+        "acc5",
+        "lr",
+        "samples_per_sec",
+        "epoch_time",
+    }
     train, val = read_rows(small_run, "train"), read_rows(small_run, "val")
     assert [r["epoch"] for r in train] == ["0", "1"] and [r["epoch"] for r in val] == ["0", "1"]
     assert all(0 <= float(r["acc1"]) <= float(r["acc5"]) <= 1 for r in train + val)
     assert int(train[-1]["samples"]) == 2 * (1442 // 64) * 64
     # the logged validation top-1 equals an independent count over the whole val split
-    from bitrain.models import build_model
     from bitrain.data import build_data
+    from bitrain.models import build_model
 
     ck = torch.load(small_run / "checkpoints" / "last.pt", weights_only=True)
     model = build_model(**ck["model_args"])
@@ -131,8 +158,28 @@ def test_dry_run_prints_summary_and_writes_nothing(tmp_path, capsys):
 
 def test_warmup_lr_is_honoured(tmp_path):
     run = tmp_path / "w"
-    assert run_cli("train", "--prefix", run, "--epochs", "2", "--batch-size", "64", "--log-interval", "1",
-                   "--warmup-epochs", "1", "--warmup-lr", "0.001", "--lr", "0.01", "--lr-mode", "step") == 0
+    assert (
+        run_cli(
+            "train",
+            "--prefix",
+            run,
+            "--epochs",
+            "2",
+            "--batch-size",
+            "64",
+            "--log-interval",
+            "1",
+            "--warmup-epochs",
+            "1",
+            "--warmup-lr",
+            "0.001",
+            "--lr",
+            "0.01",
+            "--lr-mode",
+            "step",
+        )
+        == 0
+    )
     lrs = [float(r["lr"]) for r in read_rows(run, "batch")]
     # the row after batch b logs the lr used for step b-1: warmup from 0.001 up to 0.01
     assert lrs[0] == pytest.approx(0.001)
@@ -150,8 +197,23 @@ def test_run_dir_of_another_run_is_refused(small_run, capsys):
 
 def test_mixup_and_label_smoothing_train(tmp_path):
     run = tmp_path / "m"
-    assert run_cli("train", "--prefix", run, "--test-run", "--epochs", "2", "--mixup", "--label-smoothing",
-                   "--optimizer", "sgd", "--wd", "1e-4") == 0
+    assert (
+        run_cli(
+            "train",
+            "--prefix",
+            run,
+            "--test-run",
+            "--epochs",
+            "2",
+            "--mixup",
+            "--label-smoothing",
+            "--optimizer",
+            "sgd",
+            "--wd",
+            "1e-4",
+        )
+        == 0
+    )
     assert all(math.isfinite(float(r["loss"])) for r in read_rows(run, "train"))
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     assert cfg["mixup"] is True and cfg["label_smoothing"] == 0.1
@@ -172,8 +234,9 @@ def test_live_progress_bar_on_a_terminal(tmp_path):
 
     from bitrain.train.callbacks import ConsoleLogger, ProgressETA
 
-    bar = ProgressETA(tmp_path / "eta.txt", live=True,
-                      console=Console(file=io.StringIO(), force_terminal=True, width=100))
+    bar = ProgressETA(
+        tmp_path / "eta.txt", live=True, console=Console(file=io.StringIO(), force_terminal=True, width=100)
+    )
     log = ConsoleLogger(tmp_path / "train.log", console=bar.console)
     bar.on_fit_start({"epochs": 2, "start_epoch": 0})
     bar.on_epoch_start(0)
@@ -228,8 +291,9 @@ def test_python_api_with_an_optimizer_name(tmp_path):
     from bitrain import Trainer, build_data, build_model
 
     train, val, info = build_data("digits", batch_size=64)
-    model = build_model("tiny_resnet_e", num_classes=info.num_classes, in_channels=info.in_channels,
-                        image_size=info.image_size)
+    model = build_model(
+        "tiny_resnet_e", num_classes=info.num_classes, in_channels=info.in_channels, image_size=info.image_size
+    )
     trainer = Trainer(model, "adam", train, val, epochs=3, lr=0.01, run_dir=tmp_path)
     assert isinstance(trainer.optimizer, torch.optim.Adam)
     assert [g["weight_decay"] for g in trainer.optimizer.param_groups] == [0.0, 0.0]

@@ -15,13 +15,13 @@ trainer that sets ``group["lr"]`` on every group drives the inner learning rate,
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 
-from bitrain.errors import UserError
 from bitrain.binary.layers import QConv2d, QLinear, mark_latent_bounded
+from bitrain.errors import UserError
 
 INNER_OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "sgd": torch.optim.SGD,
@@ -113,7 +113,7 @@ class _GroupView(list):
         self._owner, self._start = owner, start
 
     def _groups(self) -> list:
-        return self._owner.param_groups[self._start:]
+        return self._owner.param_groups[self._start :]
 
     def __iter__(self):
         return iter(self._groups())
@@ -129,9 +129,17 @@ def _sign(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
 
 
-def build_bop(model: nn.Module, inner: str | Callable[..., torch.optim.Optimizer], lr: float,
-              threshold: float = 1e-8, gamma: float = 1e-4, inner_groups: list[dict] | None = None,
-              momentum: float | None = None, wd: float = 0.0, **inner_kwargs) -> Bop:
+def build_bop(
+    model: nn.Module,
+    inner: str | Callable[..., torch.optim.Optimizer],
+    lr: float,
+    threshold: float = 1e-8,
+    gamma: float = 1e-4,
+    inner_groups: list[dict] | None = None,
+    momentum: float | None = None,
+    wd: float = 0.0,
+    **inner_kwargs,
+) -> Bop:
     """Bop on ``binary_parameters(model)``, ``inner`` (name or optimizer class/factory) on the rest.
 
     ``inner`` names: sgd, nag, adam, adamw, radam. ``momentum`` goes to sgd/nag only (as in
@@ -157,6 +165,7 @@ def build_bop(model: nn.Module, inner: str | Callable[..., torch.optim.Optimizer
                 if p.requires_grad and id(p) not in ids:
                     bn = isinstance(module, nn.modules.batchnorm._NormBase)
                     (no_decay if bn or p.ndim <= 1 else decay).append(p)
-        inner_groups = [g for g in ({"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0})
-                        if g["params"]]
+        inner_groups = [
+            g for g in ({"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]
+        ]
     return Bop(binary, inner(inner_groups, lr=lr, **inner_kwargs), threshold=threshold, gamma=gamma)

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import copy
 import json
-import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save
 
-from bitrain.files import atomic_write_bytes
+from bitrain.binary.layers import QConv2d, QLinear
 from bitrain.console import progress
 from bitrain.errors import UserError
-from bitrain.binary.layers import QConv2d, QLinear
+from bitrain.files import atomic_write_bytes
 
 FORMAT = "bitrain-packed"
 VERSION = 1
@@ -81,8 +81,7 @@ def xnor_dot(x_words: torch.Tensor, w_words: torch.Tensor, fan_in: int, chunk: i
     """
     m, nw = x_words.shape
     step = max(1, chunk // max(1, w_words.shape[0] * nw))
-    out = [fan_in - 2 * _popcount(x_words[i:i + step, None, :] ^ w_words[None]).sum(-1)
-           for i in range(0, m, step)]
+    out = [fan_in - 2 * _popcount(x_words[i : i + step, None, :] ^ w_words[None]).sum(-1) for i in range(0, m, step)]
     return torch.cat(out) if out else x_words.new_zeros((0, w_words.shape[0]))
 
 
@@ -98,8 +97,10 @@ def _signs_and_scale(name: str, layer: nn.Module) -> tuple[torch.Tensor, torch.T
     qw = layer.quantized_weight().detach().float().cpu().reshape(layer.weight.shape[0], -1)
     mag = qw.abs().amax(1)
     if not torch.equal(qw.abs(), mag[:, None].expand_as(qw)):
-        raise UserError(f"layer {name}: weight quantization {layer.weight_quantization!r} does not give "
-                        f"+-scale weights, so it cannot be packed to 1 bit")
+        raise UserError(
+            f"layer {name}: weight quantization {layer.weight_quantization!r} does not give "
+            f"+-scale weights, so it cannot be packed to 1 bit"
+        )
     return qw >= 0, mag
 
 
@@ -107,16 +108,26 @@ def layer_settings(layer: nn.Module) -> dict[str, Any]:
     """The quantization settings and geometry a binary layer needs to be recomputed exactly."""
     pad_value = float(getattr(layer.act, "pad_value", -1.0 if layer.bits_a == 1 else 0.0))
     offset = layer.apply_offset
-    s = {"type": type(layer).__name__, "shape": list(layer.weight.shape), "bits": layer.bits,
-         "bits_a": layer.bits_a, "weight_quantization": str(layer.weight_quantization),
-         "activation_method": str(layer.act.method), "clip_threshold": float(layer.act.clip_threshold),
-         "approximation": layer.approximation, "no_offset": bool(layer.no_offset), "offset": bool(offset),
-         "bias": layer.bias is not None, "pad_value": pad_value,
-         # xnor-popcount needs +-1 inputs: 1-bit activations padded with -1
-         "xnor_inputs": layer.bits_a == 1 and pad_value == -1.0}
+    s = {
+        "type": type(layer).__name__,
+        "shape": list(layer.weight.shape),
+        "bits": layer.bits,
+        "bits_a": layer.bits_a,
+        "weight_quantization": str(layer.weight_quantization),
+        "activation_method": str(layer.act.method),
+        "clip_threshold": float(layer.act.clip_threshold),
+        "approximation": layer.approximation,
+        "no_offset": bool(layer.no_offset),
+        "offset": bool(offset),
+        "bias": layer.bias is not None,
+        "pad_value": pad_value,
+        # xnor-popcount needs +-1 inputs: 1-bit activations padded with -1
+        "xnor_inputs": layer.bits_a == 1 and pad_value == -1.0,
+    }
     if isinstance(layer, QConv2d):
-        s.update(stride=list(layer.stride), padding=list(layer.qpadding), dilation=list(layer.dilation),
-                 groups=layer.groups)
+        s.update(
+            stride=list(layer.stride), padding=list(layer.qpadding), dilation=list(layer.dilation), groups=layer.groups
+        )
     return s
 
 
@@ -220,8 +231,9 @@ def _json(value: Any, what: str) -> str:
         raise UserError(f"export: {what} must be JSON-serialisable ({e})") from None
 
 
-def export_packed(model: nn.Module, out_path: str | Path, *, model_args: dict,
-                  meta: dict | None = None) -> dict[str, Any]:
+def export_packed(
+    model: nn.Module, out_path: str | Path, *, model_args: dict, meta: dict | None = None
+) -> dict[str, Any]:
     """Write ``model`` to a safetensors file with its 1-bit layers bit-packed (see module docstring).
 
     ``model_args`` are the exact kwargs of ``build_model`` (``name`` included) or of the factory
@@ -244,14 +256,23 @@ def export_packed(model: nn.Module, out_path: str | Path, *, model_args: dict,
         del state[prefix + "weight"]
     for k, v in state.items():  # clone: safetensors refuses tensors that share storage
         tensors[k] = v.cpu().clone().contiguous()
-    metadata = {"format": FORMAT, "version": str(VERSION), "bit_order": "little",
-                "model_args": _json(model_args, "model_args"), "layers": _json(layers, "layer settings"),
-                "meta": json.dumps(meta or {}, sort_keys=True, default=str)}
+    metadata = {
+        "format": FORMAT,
+        "version": str(VERSION),
+        "bit_order": "little",
+        "model_args": _json(model_args, "model_args"),
+        "layers": _json(layers, "layer settings"),
+        "meta": json.dumps(meta or {}, sort_keys=True, default=str),
+    }
     out_path.parent.mkdir(parents=True, exist_ok=True)
     # never leave a half-written export under the final name
     atomic_write_bytes(out_path, save(tensors, metadata=metadata))
-    return {"path": str(out_path), "bytes": out_path.stat().st_size, "packed_layers": len(layers),
-            "float_state_bytes": float_state_bytes}
+    return {
+        "path": str(out_path),
+        "bytes": out_path.stat().st_size,
+        "packed_layers": len(layers),
+        "float_state_bytes": float_state_bytes,
+    }
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
@@ -268,9 +289,14 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         raise UserError(f"{path} is not a bitrain packed export (metadata format={raw.get('format')!r})")
     if int(raw.get("version", 0)) > VERSION:
         raise UserError(f"{path} has packed format version {raw['version']}; this bitrain reads <= {VERSION}")
-    return {"format": raw["format"], "version": int(raw["version"]), "bit_order": raw.get("bit_order", "little"),
-            "model_args": json.loads(raw["model_args"]), "layers": json.loads(raw["layers"]),
-            "meta": json.loads(raw.get("meta", "{}"))}
+    return {
+        "format": raw["format"],
+        "version": int(raw["version"]),
+        "bit_order": raw.get("bit_order", "little"),
+        "model_args": json.loads(raw["model_args"]),
+        "layers": json.loads(raw["layers"]),
+        "meta": json.loads(raw.get("meta", "{}")),
+    }
 
 
 def load_packed(path: str | Path, model_factory: Callable[..., nn.Module]) -> nn.Module:
@@ -287,8 +313,10 @@ def load_packed(path: str | Path, model_factory: Callable[..., nn.Module]) -> nn
     for name, settings in info["layers"].items():
         layer = model.get_submodule(name) if name else model
         if not _is_packed(layer) or list(layer.weight.shape) != settings["shape"]:
-            raise UserError(f"{path}: layer {name!r} of the rebuilt model does not match the export "
-                            f"(expected a 1-bit {settings['type']} with weight {settings['shape']})")
+            raise UserError(
+                f"{path}: layer {name!r} of the rebuilt model does not match the export "
+                f"(expected a 1-bit {settings['type']} with weight {settings['shape']})"
+            )
         packed = PackedQLayer(settings, copy.deepcopy(layer.act))
         if not name:  # the whole model is one binary layer
             model = packed

@@ -31,8 +31,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 import torch.nn as nn
@@ -41,7 +41,6 @@ import torch.nn.functional as F
 from bitrain.binary import quantizers as quant
 from bitrain.errors import UserError
 from bitrain.names import APPROXIMATIONS
-
 
 
 @dataclass(frozen=True)
@@ -166,8 +165,17 @@ class QActivation(nn.Module):
         return f"bits={self.bits}, method={self.method!r}, clip_threshold={self.clip_threshold}"
 
 
-def _setup(layer: nn.Module, bits, bits_a, weight_quantization, activation_method, clip_threshold,
-           approximation, no_offset, fan_in: int) -> None:
+def _setup(
+    layer: nn.Module,
+    bits,
+    bits_a,
+    weight_quantization,
+    activation_method,
+    clip_threshold,
+    approximation,
+    no_offset,
+    fan_in: int,
+) -> None:
     """Shared attribute setup of QConv2d and QLinear (plain function, not a mixin)."""
     cfg = get_layer_config()
     layer.bits = quant.check_bits(cfg.bits if bits is None else bits, "bits")
@@ -175,7 +183,8 @@ def _setup(layer: nn.Module, bits, bits_a, weight_quantization, activation_metho
     layer.approximation = _check_approximation(cfg.approximation if approximation is None else approximation)
     layer.no_offset = bool(cfg.no_offset if no_offset is None else no_offset)
     layer.weight_quantization, wq = _resolve(
-        weight_quantization, cfg.weight_quantization, layer.bits, "weight", "weight_quantization")
+        weight_quantization, cfg.weight_quantization, layer.bits, "weight", "weight_quantization"
+    )
     layer._wq = wq if isinstance(layer.weight_quantization, str) else None
     layer.act = QActivation(layer.bits_a, clip_threshold, activation_method)
     layer.fan_in = fan_in
@@ -227,18 +236,42 @@ class QConv2d(nn.Conv2d):
     the parent's ``padding`` attribute is (0, 0). State dict keys: ``weight`` [, ``bias``].
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 groups: int = 1, bias: bool = False, *, bits: int | None = None, bits_a: int | None = None,
-                 weight_quantization=None, activation_method=None, clip_threshold: float | None = None,
-                 approximation: str | None = None, no_offset: bool | None = None):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = False,
+        *,
+        bits: int | None = None,
+        bits_a: int | None = None,
+        weight_quantization=None,
+        activation_method=None,
+        clip_threshold: float | None = None,
+        approximation: str | None = None,
+        no_offset: bool | None = None,
+    ):
         super().__init__(in_channels, out_channels, kernel_size, stride, 0, dilation, groups, bias)
         if isinstance(padding, str):
             raise UserError(f"QConv2d: padding={padding!r}; give an int or (h, w) pair")
         self.qpadding = (padding, padding) if isinstance(padding, int) else tuple(padding)
         self._border_cols: dict = {}  # cache of _padding_term's unfolded border mask
         kh, kw = self.kernel_size
-        _setup(self, bits, bits_a, weight_quantization, activation_method, clip_threshold, approximation,
-               no_offset, fan_in=in_channels // groups * kh * kw)
+        _setup(
+            self,
+            bits,
+            bits_a,
+            weight_quantization,
+            activation_method,
+            clip_threshold,
+            approximation,
+            no_offset,
+            fan_in=in_channels // groups * kh * kw,
+        )
 
     def quantized_weight(self) -> torch.Tensor:
         """The weight as used in forward: quantized and scaled (binet/xnor); the offset's 1/2 excluded."""
@@ -279,7 +312,7 @@ class QConv2d(nn.Conv2d):
         cols = None if torch.compiler.is_compiling() else self._border_cols.get(key)
         if cols is None:  # the unfolded border mask depends on the input size only: cache it
             mask = w.new_full((1, 1, h + 2 * ph, wd + 2 * pw), pad_value)
-            mask[:, :, ph:ph + h, pw:pw + wd] = 0.0
+            mask[:, :, ph : ph + h, pw : pw + wd] = 0.0
             cols = F.unfold(mask, self.kernel_size, dilation=self.dilation, stride=self.stride)[0]
             if not torch.compiler.is_compiling():
                 self._border_cols = {key: cols}  # one entry: a model sees one size at a time
@@ -295,9 +328,11 @@ class QConv2d(nn.Conv2d):
             return F.conv2d(a, k, None, self.stride, self.qpadding, self.dilation)
 
     def extra_repr(self) -> str:
-        return (super().extra_repr() + f", qpadding={self.qpadding}, bits={self.bits}, bits_a={self.bits_a}, "
-                f"weight_quantization={self.weight_quantization!r}, approximation={self.approximation!r}, "
-                f"offset={self.apply_offset}")
+        return (
+            super().extra_repr() + f", qpadding={self.qpadding}, bits={self.bits}, bits_a={self.bits_a}, "
+            f"weight_quantization={self.weight_quantization!r}, approximation={self.approximation!r}, "
+            f"offset={self.apply_offset}"
+        )
 
 
 class QLinear(nn.Linear):
@@ -307,13 +342,32 @@ class QLinear(nn.Linear):
     mean|x| over the features of each sample.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, *, bits: int | None = None,
-                 bits_a: int | None = None, weight_quantization=None, activation_method=None,
-                 clip_threshold: float | None = None, approximation: str | None = None,
-                 no_offset: bool | None = None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        *,
+        bits: int | None = None,
+        bits_a: int | None = None,
+        weight_quantization=None,
+        activation_method=None,
+        clip_threshold: float | None = None,
+        approximation: str | None = None,
+        no_offset: bool | None = None,
+    ):
         super().__init__(in_features, out_features, bias)
-        _setup(self, bits, bits_a, weight_quantization, activation_method, clip_threshold, approximation,
-               no_offset, fan_in=in_features)
+        _setup(
+            self,
+            bits,
+            bits_a,
+            weight_quantization,
+            activation_method,
+            clip_threshold,
+            approximation,
+            no_offset,
+            fan_in=in_features,
+        )
 
     def quantized_weight(self) -> torch.Tensor:
         """The weight as used in forward: quantized and scaled (binet/xnor); the offset's 1/2 excluded."""
@@ -333,12 +387,15 @@ class QLinear(nn.Linear):
         return y
 
     def extra_repr(self) -> str:
-        return (super().extra_repr() + f", bits={self.bits}, bits_a={self.bits_a}, "
-                f"weight_quantization={self.weight_quantization!r}, approximation={self.approximation!r}, "
-                f"offset={self.apply_offset}")
+        return (
+            super().extra_repr() + f", bits={self.bits}, bits_a={self.bits_a}, "
+            f"weight_quantization={self.weight_quantization!r}, approximation={self.approximation!r}, "
+            f"offset={self.apply_offset}"
+        )
 
 
 # --- latent weights ----------------------------------------------------------------------------
+
 
 def binary_layers(model: nn.Module) -> list[nn.Module]:
     """QConv2d / QLinear modules of ``model`` with 1-bit weights."""
@@ -377,6 +434,7 @@ def latent_weight_warning(model: nn.Module) -> str | None:
     unbounded = [m for m in binary_layers(model) if not getattr(m.weight, "_bitrain_bounded", False)]
     if not unbounded:
         return None
-    return (f"note: {len(unbounded)} binary layer(s) train latent weights that nothing bounds (larq's warning); "
-            "--clip-latent-weights 1.0 (clip_latent_weights_) or --optimizer bop keeps them in range")
-
+    return (
+        f"note: {len(unbounded)} binary layer(s) train latent weights that nothing bounds (larq's warning); "
+        "--clip-latent-weights 1.0 (clip_latent_weights_) or --optimizer bop keeps them in range"
+    )

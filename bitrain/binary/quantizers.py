@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -70,6 +70,7 @@ def _sign(x: torch.Tensor) -> torch.Tensor:
 
 
 # --- 1-bit quantizers ------------------------------------------------------------------------
+
 
 class _SteSign(torch.autograd.Function):
     @staticmethod
@@ -181,11 +182,14 @@ def magnitude_aware_sign(x: torch.Tensor, clip_threshold: float = INF, bits: int
 
     Gradient: alpha * grad where |x| <= clip_threshold (Bi-Real's magnitude-aware gradient).
     """
-    alpha = x.detach().abs().mean(dim=tuple(range(1, x.dim())), keepdim=True) if x.dim() > 1 else x.detach().abs().mean()
+    alpha = (
+        x.detach().abs().mean(dim=tuple(range(1, x.dim())), keepdim=True) if x.dim() > 1 else x.detach().abs().mean()
+    )
     return det_sign(x, clip_threshold) * alpha
 
 
 # --- k-bit quantizers ------------------------------------------------------------------------
+
 
 class _RoundSte(torch.autograd.Function):
     """round(clamp(x, 0, 1) * n) / n, n = 2^bits - 1, half away from zero (BMXNet round_ste)."""
@@ -237,6 +241,7 @@ def _cancel_closed(y: torch.Tensor, x: torch.Tensor, t: float) -> torch.Tensor:
 
 
 # --- 32-bit activations (BMXNet bits_a = 32) ---------------------------------------------------
+
 
 def identity(x: torch.Tensor, clip_threshold: float = INF, bits: int = 32) -> torch.Tensor:
     """x unchanged (full precision)."""
@@ -298,8 +303,14 @@ class QuantizerSpec:
 
 SPECS: tuple[QuantizerSpec, ...] = (
     QuantizerSpec("det_sign", det_sign, ONE_BIT, ("ste_sign", "sign"), plus_minus_one=True, ste_sign=True),
-    QuantizerSpec("approx_sign", approx_sign, ONE_BIT, ("sign_approx_sign", "approxsign"), fp_fn=approx_sign_poly,
-                  plus_minus_one=True),
+    QuantizerSpec(
+        "approx_sign",
+        approx_sign,
+        ONE_BIT,
+        ("sign_approx_sign", "approxsign"),
+        fp_fn=approx_sign_poly,
+        plus_minus_one=True,
+    ),
     QuantizerSpec("swish_sign", swish_sign, ONE_BIT, ("swishsign",), plus_minus_one=True),
     QuantizerSpec("ste_heaviside", ste_heaviside, ONE_BIT, ("steheaviside",)),
     QuantizerSpec("magnitude_aware_sign", magnitude_aware_sign, ONE_BIT, scaled=True),

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import torch
 
-from bitrain.errors import UserError
 from bitrain.binary.quantizers import INF, _SteValue, det_sign, get_quantizer, spec
+from bitrain.errors import UserError
 
 # The schedule position lives in a non-persistent 0-d buffer, so changing it neither
 # recompiles a torch.compile'd model nor adds keys to the state_dict; the trainer sets it
 # again from the epoch on resume.
+
 
 class ScheduledQuantizer(torch.nn.Module):
     """Base of quantizers whose behaviour follows the epoch: ``set_epoch(e)`` or ``step()``.

@@ -150,15 +150,23 @@ class Summary:
 
         rule = "-" * len(line(header))
         by_bits = ", ".join(f"{_num(n)} at {b} bit" for b, n in self.weights_by_bits.items()) or "0"
-        lines = [f"Model summary, input {'x'.join(map(str, self.input_shape))} (batch of 1)", rule,
-                 line(header), rule, *map(line, rows), rule, line(total), rule,
-                 f"Total params                      {_num(self.total_params)} ({by_bits})",
-                 f"Model size                        {self.size_mb:.2f} MB ({self.size_bytes:.0f} bytes)",
-                 f"Float-32 equivalent               {self.float32_bytes / 2**20:.2f} MB",
-                 f"Compression ratio of memory       {self.compression_ratio:.2f}",
-                 f"Binary MACs / float MACs          {_num(self.macs_binary)} / {_num(self.macs_float)}"
-                 f" ({100 * self.binary_mac_share:.2f} % binary)",
-                 f"Combined FLOPs (binary/64+float)  {_num(round(self.combined_flops))}"]
+        lines = [
+            f"Model summary, input {'x'.join(map(str, self.input_shape))} (batch of 1)",
+            rule,
+            line(header),
+            rule,
+            *map(line, rows),
+            rule,
+            line(total),
+            rule,
+            f"Total params                      {_num(self.total_params)} ({by_bits})",
+            f"Model size                        {self.size_mb:.2f} MB ({self.size_bytes:.0f} bytes)",
+            f"Float-32 equivalent               {self.float32_bytes / 2**20:.2f} MB",
+            f"Compression ratio of memory       {self.compression_ratio:.2f}",
+            f"Binary MACs / float MACs          {_num(self.macs_binary)} / {_num(self.macs_float)}"
+            f" ({100 * self.binary_mac_share:.2f} % binary)",
+            f"Combined FLOPs (binary/64+float)  {_num(round(self.combined_flops))}",
+        ]
         return "\n".join(lines)
 
 
@@ -218,10 +226,13 @@ def summarize(model: nn.Module, input_shape: tuple[int, ...] = (3, 32, 32)) -> S
     for name, m in modules:
         weights = _weights(m)
         rows[name] = LayerSummary(
-            name=name, type=type(m).__name__,
+            name=name,
+            type=type(m).__name__,
             input_bits=m.bits_a if isinstance(m, _Q_TYPES) else 32,
-            output_shape=None, weights_by_bits=weights,
-            memory_bytes=sum(n * b / 8 for b, n in weights.items()))
+            output_shape=None,
+            weights_by_bits=weights,
+            memory_bytes=sum(n * b / 8 for b, n in weights.items()),
+        )
     order: list[str] = []
 
     def hook(name: str, m: nn.Module):
@@ -238,6 +249,7 @@ def summarize(model: nn.Module, input_shape: tuple[int, ...] = (3, 32, 32)) -> S
                 r.macs_binary += macs
             else:
                 r.macs_float += macs
+
         return fn
 
     handles = [m.register_forward_hook(hook(name, m)) for name, m in modules]

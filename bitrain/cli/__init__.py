@@ -10,12 +10,11 @@ import importlib
 import os
 import sys
 import threading
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from bitrain.cli.args import PROG
 from bitrain.errors import UserError, suggest
 from bitrain.train.preempt import run_program
-
 
 # name -> (module under bitrain.cli with main(argv) -> int, one line for the command list)
 _COMMANDS: dict[str, tuple[str, str]] = {
@@ -56,15 +55,19 @@ def _main(argv: list[str]) -> int:
         if not argv:
             argv = ["train"]
         else:
-            print(f"usage: {PROG} {{{','.join(COMMANDS)}}} ...\n\n" + "\n".join(
-                f"  {name:<8} {fn.__doc__}" for name, fn in COMMANDS.items()))
+            print(
+                f"usage: {PROG} {{{','.join(COMMANDS)}}} ...\n\n"
+                + "\n".join(f"  {name:<8} {fn.__doc__}" for name, fn in COMMANDS.items())
+            )
             return 0
     if argv[0].startswith("-"):  # a BMXNet command line: image_classification.py --model ...
         argv = ["train", *argv]
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f"{PROG}: error: unknown command {name!r}{suggest(name, COMMANDS)}; "
-              f"commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        print(
+            f"{PROG}: error: unknown command {name!r}{suggest(name, COMMANDS)}; commands: {', '.join(COMMANDS)}",
+            file=sys.stderr,
+        )
         return 2
     try:
         return COMMANDS[name](rest)

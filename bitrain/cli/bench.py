@@ -17,8 +17,9 @@ import contextlib
 import copy
 import statistics
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -74,8 +75,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def hand_written(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Any, device: torch.device,
-                 amp_dtype: torch.dtype | None, log_interval: int) -> Runner:
+def hand_written(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: Any,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    log_interval: int,
+) -> Runner:
     """The seed's loop (running loss read every ``log_interval`` batches), with autocast/GradScaler."""
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     state = {"epoch": 0}
@@ -102,9 +109,17 @@ def hand_written(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Any
     return Runner("hand-written", run)
 
 
-def trainer_runner(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Any, device: torch.device,
-                   amp_dtype: torch.dtype | None, log_interval: int, compile: bool, channels_last: bool,
-                   lr: float) -> Runner:
+def trainer_runner(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: Any,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    log_interval: int,
+    compile: bool,
+    channels_last: bool,
+    lr: float,
+) -> Runner:
     """bitrain's Trainer: one ``fit()`` epoch of ``steps`` batches per call."""
     from bitrain.train.trainer import Trainer
 
@@ -113,10 +128,20 @@ def trainer_runner(model: nn.Module, optimizer: torch.optim.Optimizer, loader: A
     def run(steps: int) -> None:
         if holder.get("steps") != steps:  # one Trainer per epoch length, as in a real run
             holder["steps"] = steps
-            holder["t"] = Trainer(model, optimizer, StepLoader(loader, steps), None, epochs=0,
-                                  schedule=lambda step: lr, device=device, amp_dtype=amp_dtype,
-                                  compile=compile, channels_last=channels_last, log_interval=log_interval,
-                                  save_frequency=0)
+            holder["t"] = Trainer(
+                model,
+                optimizer,
+                StepLoader(loader, steps),
+                None,
+                epochs=0,
+                schedule=lambda step: lr,
+                device=device,
+                amp_dtype=amp_dtype,
+                compile=compile,
+                channels_last=channels_last,
+                log_interval=log_interval,
+                save_frequency=0,
+            )
         t = holder["t"]
         t.epochs = t.state.epoch + 1  # one more epoch
         t.fit()
@@ -124,8 +149,14 @@ def trainer_runner(model: nn.Module, optimizer: torch.optim.Optimizer, loader: A
     return Runner("trainer", run)
 
 
-def lightning_runner(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Any, device: torch.device,
-                     amp_dtype: torch.dtype | None, log_interval: int) -> Runner | None:
+def lightning_runner(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: Any,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    log_interval: int,
+) -> Runner | None:
     """PyTorch Lightning's Trainer on the same work, or None when Lightning is not installed.
     Timed from the first batch's start to the last batch's end (its setup and teardown left out)."""
     try:
@@ -171,18 +202,36 @@ def lightning_runner(model: nn.Module, optimizer: torch.optim.Optimizer, loader:
         batches.set_epoch(state["epoch"])
         state["epoch"] += 1
         state["steps"] = steps
-        trainer = L.Trainer(accelerator=device.type, devices=1, precision=precision, max_epochs=1,
-                            logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                            enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-                            log_every_n_steps=log_interval or 50, callbacks=[Clock()])
+        trainer = L.Trainer(
+            accelerator=device.type,
+            devices=1,
+            precision=precision,
+            max_epochs=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+            log_every_n_steps=log_interval or 50,
+            callbacks=[Clock()],
+        )
         trainer.fit(module, train_dataloaders=batches)
         return state["t1"] - state["t0"]  # first batch's start to last batch's end (one fetch fewer)
 
     return Runner("lightning", run)
 
 
-def measure(runners: Sequence[Runner], *, steps: int, rounds: int, warmup: int, batch_size: int,
-            device: torch.device, clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
+def measure(
+    runners: Sequence[Runner],
+    *,
+    steps: int,
+    rounds: int,
+    warmup: int,
+    batch_size: int,
+    device: torch.device,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, list[float]]:
     """Samples/sec of every runner per round; rounds interleave the runners (A, B, A, B, ...)
     after one warm-up call each (compilation, allocator, caches). ``clock``: wall time, or
     ``time.process_time`` (CPU seconds of this process: on a shared CPU, time spent preempted by
@@ -207,8 +256,12 @@ def _parser() -> argparse.ArgumentParser:
 
     p = ArgParser(prog="bitrain bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="tiny_resnet_e", help="model name (default: tiny_resnet_e)")
-    p.add_argument("--dataset", default="digits", choices=("digits", "dummy"),
-                   help="digits (8x8, 1 channel) or dummy (3 x image-size x image-size)")
+    p.add_argument(
+        "--dataset",
+        default="digits",
+        choices=("digits", "dummy"),
+        help="digits (8x8, 1 channel) or dummy (3 x image-size x image-size)",
+    )
     p.add_argument("--image-size", type=int, default=32, help="dummy images' side in pixels (default 32)")
     p.add_argument("--bits", type=int, default=1, help="weight bits (32: full precision; default 1)")
     p.add_argument("--bits-a", type=int, default=1, help="activation bits (default 1)")
@@ -224,8 +277,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=0.01, help="learning rate (default 0.01)")
     p.add_argument("--log-interval", type=int, default=50, help="batches between loss reads (default 50)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    p.add_argument("--clock", default="wall", choices=("wall", "cpu"),
-                   help="wall time, or this process's CPU time (steadier on a shared CPU; use with --threads 1)")
+    p.add_argument(
+        "--clock",
+        default="wall",
+        choices=("wall", "cpu"),
+        help="wall time, or this process's CPU time (steadier on a shared CPU; use with --threads 1)",
+    )
     p.add_argument("--seed", type=int, default=123)
     return p
 
@@ -255,12 +312,24 @@ def main(argv: Sequence[str]) -> int:
     from bitrain.models import build_model
     from bitrain.train.optim import build_optimizer
 
-    train, _, info = build_data(ns.dataset, batch_size=ns.batch_size, device=device, seed=ns.seed,
-                                channels_last=ns.channels_last, dummy_shape=(3, ns.image_size, ns.image_size),
-                                dummy_size=max(1024, 4 * ns.batch_size))
+    train, _, info = build_data(
+        ns.dataset,
+        batch_size=ns.batch_size,
+        device=device,
+        seed=ns.seed,
+        channels_last=ns.channels_last,
+        dummy_shape=(3, ns.image_size, ns.image_size),
+        dummy_size=max(1024, 4 * ns.batch_size),
+    )
     torch.manual_seed(ns.seed)
-    base = build_model(ns.model, num_classes=info.num_classes, in_channels=info.in_channels,
-                       image_size=info.image_size, bits=ns.bits, bits_a=ns.bits_a).to(device)
+    base = build_model(
+        ns.model,
+        num_classes=info.num_classes,
+        in_channels=info.in_channels,
+        image_size=info.image_size,
+        bits=ns.bits,
+        bits_a=ns.bits_a,
+    ).to(device)
     if ns.channels_last:
         base = base.to(memory_format=torch.channels_last)
     amp = DTYPES[ns.dtype]
@@ -278,19 +347,33 @@ def main(argv: Sequence[str]) -> int:
     if lit is not None:
         runners.append(lit)
 
-    where = f"{device} ({torch.get_num_threads()} threads)" if device.type == "cpu" else torch.cuda.get_device_name(device)
-    print(f"bitrain bench: {ns.model} ({ns.bits}/{ns.bits_a}-bit) on {ns.dataset} {info.in_channels}x{info.image_size}"
-          f"x{info.image_size}, batch {ns.batch_size}, {ns.dtype}{', channels_last' if ns.channels_last else ''}"
-          f"{', compiled' if ns.compile else ''}, {where}; {ns.rounds} rounds x {ns.steps} steps after "
-          f"{ns.warmup} warm-up steps{'' if lit else '; Lightning not installed'}", flush=True)
+    where = (
+        f"{device} ({torch.get_num_threads()} threads)" if device.type == "cpu" else torch.cuda.get_device_name(device)
+    )
+    print(
+        f"bitrain bench: {ns.model} ({ns.bits}/{ns.bits_a}-bit) on {ns.dataset} {info.in_channels}x{info.image_size}"
+        f"x{info.image_size}, batch {ns.batch_size}, {ns.dtype}{', channels_last' if ns.channels_last else ''}"
+        f"{', compiled' if ns.compile else ''}, {where}; {ns.rounds} rounds x {ns.steps} steps after "
+        f"{ns.warmup} warm-up steps{'' if lit else '; Lightning not installed'}",
+        flush=True,
+    )
     clock = time.process_time if ns.clock == "cpu" else time.perf_counter
     if ns.clock == "cpu" and device.type != "cpu":
         raise UserError("--clock cpu measures CPU time: use it with --device cpu")
-    speeds = measure(runners, steps=ns.steps, rounds=ns.rounds, warmup=ns.warmup, batch_size=ns.batch_size,
-                     device=device, clock=clock)
+    speeds = measure(
+        runners,
+        steps=ns.steps,
+        rounds=ns.rounds,
+        warmup=ns.warmup,
+        batch_size=ns.batch_size,
+        device=device,
+        clock=clock,
+    )
     for name, v in speeds.items():
-        print(f"{name:<13} {statistics.median(v):10.1f} samples/sec "
-              f"(median of {len(v)}; min {min(v):.1f}, max {max(v):.1f})")
+        print(
+            f"{name:<13} {statistics.median(v):10.1f} samples/sec "
+            f"(median of {len(v)}; min {min(v):.1f}, max {max(v):.1f})"
+        )
     for a, b in (("trainer", "hand-written"), ("trainer", "lightning"), ("lightning", "hand-written")):
         if a in speeds and b in speeds:
             print(f"ratio {a}/{b}: {paired_ratio(speeds[a], speeds[b]):.2f}")

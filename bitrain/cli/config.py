@@ -8,25 +8,45 @@ with an error that names the option and the accepted values.
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from bitrain.errors import UserError, suggest
 from bitrain.data.sets import DATA_SETS
-from bitrain.names import (APPROXIMATIONS, AUGMENTATIONS, BITS, DTYPES, INITIALIZATIONS, KBIT_QUANTIZERS,
-                           LR_MODES, OPTIMIZERS, STEMS)
+from bitrain.errors import UserError, suggest
+from bitrain.names import (
+    APPROXIMATIONS,
+    AUGMENTATIONS,
+    BITS,
+    DTYPES,
+    INITIALIZATIONS,
+    KBIT_QUANTIZERS,
+    LR_MODES,
+    OPTIMIZERS,
+    STEMS,
+)
 
 
-
-def _f(default: Any, help: str, *, flags: tuple[str, ...] = (), choices: tuple | None = None,
-       nargs: str | None = None, const: Any = None, run_control: bool = False):
-    meta = {"help": help, "flags": flags, "choices": choices, "nargs": nargs, "const": const,
-            "run_control": run_control}
+def _f(
+    default: Any,
+    help: str,
+    *,
+    flags: tuple[str, ...] = (),
+    choices: tuple | None = None,
+    nargs: str | None = None,
+    const: Any = None,
+    run_control: bool = False,
+):
+    meta = {
+        "help": help,
+        "flags": flags,
+        "choices": choices,
+        "nargs": nargs,
+        "const": const,
+        "run_control": run_control,
+    }
     return field(default=default, metadata=meta)
 
 
@@ -38,12 +58,15 @@ class TrainConfig:
     model: str | None = _f(None, "model name (bitrain models lists them); default: a small net for the data set")
     bits: int = _f(1, "weight bits of the quantized layers (32 = full precision)", choices=BITS)
     bits_a: int = _f(1, "activation bits of the quantized layers (32 = full precision)", choices=BITS)
-    activation_method: str = _f("det_sign", "activation quantizer (det_sign, approx_sign, ...)", flags=("--activation",))
+    activation_method: str = _f(
+        "det_sign", "activation quantizer (det_sign, approx_sign, ...)", flags=("--activation",)
+    )
     weight_quantization: str = _f("det_sign", "weight quantizer")
     clip_threshold: float = _f(1.0, "gradient cancel: zero the gradient where |x| > t")
     approximation: str = _f("", "scaling: '' | xnor | binet", choices=APPROXIMATIONS)
-    initial_layers: str = _f("imagenet", "stem: imagenet | grouped_stem (thumbnail is automatic below 50 px)",
-                             choices=STEMS)
+    initial_layers: str = _f(
+        "imagenet", "stem: imagenet | grouped_stem (thumbnail is automatic below 50 px)", choices=STEMS
+    )
     initialization: str = _f("gaussian", "weight initialisation", choices=INITIALIZATIONS)
     fp_downsample_sc: bool = _f(False, "ResNetE: full-precision downsample shortcut")
     pool_downsample_sc: bool = _f(False, "ResNetE: pooling in the downsample shortcut")
@@ -60,9 +83,12 @@ class TrainConfig:
     data_dir: str | None = _f(None, "data set folder", flags=("--data-path",))
     batch_size: int = _f(32, "batch size per device (global = per device x world size)")
     num_workers: int = _f(4, "loader worker processes (image folders)", flags=("-j", "--num-worker"))
-    augmentation: str = _f("medium", "augmentation: low/medium/high (ImageNet); none turns CIFAR's off; "
-                           "crop, crop-flip add it to digits/MNIST/dummy",
-                           choices=AUGMENTATIONS)
+    augmentation: str = _f(
+        "medium",
+        "augmentation: low/medium/high (ImageNet); none turns CIFAR's off; "
+        "crop, crop-flip add it to digits/MNIST/dummy",
+        choices=AUGMENTATIONS,
+    )
     image_size: int = _f(224, "imagenet/imagefolder: training input size in px")
     dummy_shape: str = _f("3,32,32", "dummy data set: C,H,W")
     dummy_classes: int = _f(10, "dummy data set: number of classes")
@@ -84,15 +110,24 @@ class TrainConfig:
     mixup_off_epoch: int = _f(0, "epoch from which mixup is off (0: never)")
     clip_grad_norm: float | None = _f(None, "clip the gradient norm to this value")
     clip_latent_weights: float | None = _f(None, "clamp binary layers' latent weights to [-v, v] after each step")
-    bn_recalibrate: int = _f(20, "re-estimate BatchNorm statistics over the first N train batches before each "
-                             "validation, so val top-1 is that of the saved weights (0: BMXNet's running averages)")
-    teacher: str | None = _f(None, "knowledge distillation from this model (a checkpoint, model.safetensors or run "
-                             "directory; eval mode, no grad)")
+    bn_recalibrate: int = _f(
+        20,
+        "re-estimate BatchNorm statistics over the first N train batches before each "
+        "validation, so val top-1 is that of the saved weights (0: BMXNet's running averages)",
+    )
+    teacher: str | None = _f(
+        None,
+        "knowledge distillation from this model (a checkpoint, model.safetensors or run directory; eval mode, no grad)",
+    )
     distill_temperature: float = _f(1.0, "distillation: softmax temperature T (loss scaled by T^2)")
-    distill_alpha: float = _f(1.0, "distillation: weight of the teacher's KL; 1 - alpha goes to the label loss "
-                              "(ReActNet: 1)")
-    init_from: str | None = _f(None, "start from these weights (a checkpoint or model.safetensors; shapes checked), "
-                               "e.g. step 2 of a two-step binary training")
+    distill_alpha: float = _f(
+        1.0, "distillation: weight of the teacher's KL; 1 - alpha goes to the label loss (ReActNet: 1)"
+    )
+    init_from: str | None = _f(
+        None,
+        "start from these weights (a checkpoint or model.safetensors; shapes checked), "
+        "e.g. step 2 of a two-step binary training",
+    )
     bop_threshold: float = _f(1e-8, "Bop: flip threshold")
     bop_gamma: float = _f(1e-4, "Bop: adaptivity rate")
     # run
@@ -100,10 +135,14 @@ class TrainConfig:
     seed: int = _f(123, "random seed")
     start_epoch: int = _f(0, "epoch to start at (resume sets it by itself)", run_control=True)
     dtype: str = _f("float32", "compute dtype (bfloat16/float16 through autocast)", choices=DTYPES)
-    gpus: str | None = _f(None, "GPU ids, e.g. 0 or 0,1 (several: one process each through torchrun); default: GPU 0 if present")
+    gpus: str | None = _f(
+        None, "GPU ids, e.g. 0 or 0,1 (several: one process each through torchrun); default: GPU 0 if present"
+    )
     cpu: bool = _f(False, "train on the CPU")
     compile: bool = _f(False, "torch.compile the model (BMXNet's hybridize)")
-    mode: str = _f("imperative", "BMXNet's mode: hybrid/symbolic mean --compile", choices=("imperative", "hybrid", "symbolic"))
+    mode: str = _f(
+        "imperative", "BMXNet's mode: hybrid/symbolic mean --compile", choices=("imperative", "hybrid", "symbolic")
+    )
     channels_last: bool = _f(False, "channels_last memory format")
     sync_bn: bool = _f(False, "synchronised BatchNorm across ranks")
     dry_run: bool = _f(False, "build the model, print its summary, exit", run_control=True)
@@ -119,16 +158,21 @@ class TrainConfig:
     save_frequency: int | None = _f(None, "epochs between numbered checkpoints (default 10; 1 for imagenet)")
     checkpoint_interval: int = _f(0, "also save last.pt every N steps inside an epoch (0: off)")
     checkpoint_minutes: float = _f(0.0, "also save last.pt every M minutes inside an epoch (0: off)")
-    write_summary: str | None = _f(None, "TensorBoard histograms too; optional value: event folder", nargs="?", const="")
+    write_summary: str | None = _f(
+        None, "TensorBoard histograms too; optional value: event folder", nargs="?", const=""
+    )
     skip_nonfinite: bool = _f(False, "skip steps whose loss is NaN/inf instead of stopping")
     overwrite: bool = _f(False, "reuse a run directory that holds another run", run_control=True)
 
-    def with_(self, **changes: Any) -> "TrainConfig":
+    def with_(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self, include_run_control: bool = True) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)
-                if include_run_control or not f.metadata.get("run_control")}
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if include_run_control or not f.metadata.get("run_control")
+        }
 
 
 FIELDS = {f.name: f for f in fields(TrainConfig)}
@@ -199,6 +243,7 @@ def check_keys(d: dict[str, Any], source: str) -> dict[str, Any]:
 
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Range checks that need more than the type."""
+
     def need(cond: bool, msg: str) -> None:
         if not cond:
             raise UserError(msg)
@@ -222,19 +267,29 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     need(cfg.start_epoch >= 0, f"--start-epoch must be >= 0, got {cfg.start_epoch}")
     need(cfg.checkpoint_interval >= 0, f"--checkpoint-interval must be >= 0, got {cfg.checkpoint_interval}")
     need(cfg.checkpoint_minutes >= 0, f"--checkpoint-minutes must be >= 0, got {cfg.checkpoint_minutes}")
-    need(cfg.save_frequency is None or cfg.save_frequency >= 0, f"--save-frequency must be >= 0, got {cfg.save_frequency}")
+    need(
+        cfg.save_frequency is None or cfg.save_frequency >= 0,
+        f"--save-frequency must be >= 0, got {cfg.save_frequency}",
+    )
     need(cfg.interrupt_at is None or cfg.interrupt_at >= 1, f"--interrupt-at must be >= 1, got {cfg.interrupt_at}")
-    need(cfg.clip_grad_norm is None or cfg.clip_grad_norm > 0, f"--clip-grad-norm must be positive, got {cfg.clip_grad_norm}")
+    need(
+        cfg.clip_grad_norm is None or cfg.clip_grad_norm > 0,
+        f"--clip-grad-norm must be positive, got {cfg.clip_grad_norm}",
+    )
     need(cfg.dummy_classes >= 2, f"--dummy-classes must be at least 2, got {cfg.dummy_classes}")
     for bits_name, method_name in (("bits", "weight_quantization"), ("bits_a", "activation_method")):
         bits, method = getattr(cfg, bits_name), getattr(cfg, method_name)
         if 1 < bits < 32 and method not in KBIT_QUANTIZERS:
-            raise UserError(f"{flag(bits_name)} {bits} needs a k-bit {flag(method_name)} "
-                            f"({', '.join(KBIT_QUANTIZERS)}); {method!r} is a 1-bit quantizer")
+            raise UserError(
+                f"{flag(bits_name)} {bits} needs a k-bit {flag(method_name)} "
+                f"({', '.join(KBIT_QUANTIZERS)}); {method!r} is a 1-bit quantizer"
+            )
     parse_floats("lr_steps", cfg.lr_steps)
     shape = parse_ints("dummy_shape", cfg.dummy_shape)
-    need(len(shape) == 3 and all(s > 0 for s in shape) and shape[1] == shape[2],
-         f"--dummy-shape must be C,H,W with H == W, got {cfg.dummy_shape!r}")
+    need(
+        len(shape) == 3 and all(s > 0 for s in shape) and shape[1] == shape[2],
+        f"--dummy-shape must be C,H,W with H == W, got {cfg.dummy_shape!r}",
+    )
     need(cfg.dummy_size >= 1, f"--dummy-size must be at least 1, got {cfg.dummy_size}")
     need(cfg.image_size >= 8, f"--image-size must be at least 8, got {cfg.image_size}")
     if cfg.gpus:
@@ -278,8 +333,10 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file() and path.parent == Path(".") and path.suffix in ("", ".yaml"):
         if path.stem in list_recipes():
             return load_yaml(RECIPES_DIR / f"{path.stem}.yaml")
-        raise UserError(f"--config {path} does not exist and is not a recipe{suggest(path.stem, list_recipes())}; "
-                        f"recipes: {', '.join(list_recipes())}")
+        raise UserError(
+            f"--config {path} does not exist and is not a recipe{suggest(path.stem, list_recipes())}; "
+            f"recipes: {', '.join(list_recipes())}"
+        )
     if not path.is_file():
         raise UserError(f"--config {path} does not exist")
     try:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from bitrain.cli.args import PROG, ArgParser
 
@@ -26,6 +27,8 @@ def main(argv: Sequence[str]) -> int:
     ns = p.parse_args(list(argv))
     info = export_checkpoint(ns.checkpoint, ns.out)
     ratio = info["float_state_bytes"] / info["bytes"]
-    print(f"exported {info['packed_layers']} packed 1-bit layers to {info['path']}: {info['bytes']:,} bytes "
-          f"({ratio:.1f}x smaller than the {info['float_state_bytes']:,} bytes of float state)")
+    print(
+        f"exported {info['packed_layers']} packed 1-bit layers to {info['path']}: {info['bytes']:,} bytes "
+        f"({ratio:.1f}x smaller than the {info['float_state_bytes']:,} bytes of float state)"
+    )
     return 0

@@ -19,7 +19,7 @@ import os
 import signal
 import sys
 import uuid
-from typing import Sequence
+from collections.abc import Sequence
 
 # Seconds the agent waits, after a failure or a signal, for the other ranks to end (they finish
 # the step in progress and write their checkpoint) before it kills them.
@@ -69,10 +69,17 @@ def launch_ranks(argv: Sequence[str], nproc: int) -> int:
         # as torchrun: N ranks on one machine share its cores instead of each taking all of them
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
     config = LaunchConfig(
-        min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"bitrain-{uuid.uuid4().hex[:12]}",
-        rdzv_backend="c10d", rdzv_endpoint="localhost:0",  # torchrun --standalone
-        max_restarts=0, monitor_interval=0.1, signals_to_handle=FORWARDED_SIGNALS,
-        shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=f"bitrain-{uuid.uuid4().hex[:12]}",
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",  # torchrun --standalone
+        max_restarts=0,
+        monitor_interval=0.1,
+        signals_to_handle=FORWARDED_SIGNALS,
+        shutdown_timeout=SHUTDOWN_TIMEOUT_S,
+    )
     entry_args = ("-m", "bitrain", "train", *argv)
     try:
         elastic_launch(config, sys.executable)(*entry_args)
@@ -80,13 +87,19 @@ def launch_ranks(argv: Sequence[str], nproc: int) -> int:
         failures = {rank: f.exitcode for rank, f in e.failures.items()}
         code = exit_code_of(failures)
         if code == 1:
-            print(f"bitrain: the distributed run failed ({_describe(failures)}); the first failing "
-                  "rank's traceback is above", file=sys.stderr)
+            print(
+                f"bitrain: the distributed run failed ({_describe(failures)}); the first failing "
+                "rank's traceback is above",
+                file=sys.stderr,
+            )
         return code
     except (SignalException, KeyboardInterrupt) as e:
         # the agent forwarded the stop to the ranks and waited for them to checkpoint and end
         name = getattr(e, "sigval", None)
-        print(f"bitrain: launcher received {getattr(name, 'name', 'SIGINT')}; the ranks were asked to "
-              "checkpoint and stop", file=sys.stderr)
+        print(
+            f"bitrain: launcher received {getattr(name, 'name', 'SIGINT')}; the ranks were asked to "
+            "checkpoint and stop",
+            file=sys.stderr,
+        )
         return 3
     return 0

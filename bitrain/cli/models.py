@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from bitrain.errors import UserError
 
@@ -11,8 +11,11 @@ def main(argv: Sequence[str]) -> int:
     """``bitrain models``: the zoo as a table."""
     from bitrain.cli.args import PROG, ArgParser
 
-    ArgParser(prog=f"{PROG} models", description="The model zoo: parameters (1000 classes, 3 channels, "
-            "default input size) and the share of them in 1-bit layers.").parse_args(list(argv))
+    ArgParser(
+        prog=f"{PROG} models",
+        description="The model zoo: parameters (1000 classes, 3 channels, "
+        "default input size) and the share of them in 1-bit layers.",
+    ).parse_args(list(argv))
     import torch
 
     from bitrain.binary.layers import binary_layers

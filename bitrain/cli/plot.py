@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import csv
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from bitrain.errors import UserError
 
@@ -75,8 +75,10 @@ def _pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise UserError("bitrain plot needs matplotlib, an optional dependency: "
-                        "pip install 'bitrain[plot]' (or pip install matplotlib)") from None
+        raise UserError(
+            "bitrain plot needs matplotlib, an optional dependency: "
+            "pip install 'bitrain[plot]' (or pip install matplotlib)"
+        ) from None
     matplotlib.use("Agg")  # files only: works without a display
     import matplotlib.pyplot as plt
 
@@ -92,7 +94,11 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path | None = None) -> 
     if len(set(names)) < len(names):  # same folder name in different places: show the paths
         for r, d in zip(runs, run_dirs):
             r.name = str(d)
-    out = Path(out) if out else (Path(run_dirs[0]) if Path(run_dirs[0]).is_dir() else Path(run_dirs[0]).parent) / DEFAULT_NAME
+    out = (
+        Path(out)
+        if out
+        else (Path(run_dirs[0]) if Path(run_dirs[0]).is_dir() else Path(run_dirs[0]).parent) / DEFAULT_NAME
+    )
     if out.suffix.lower() != ".png":
         raise UserError(f"--out {out}: the plot is a PNG; give a file name ending in .png")
     plt = _pyplot()
@@ -105,8 +111,11 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path | None = None) -> 
                     ax_loss.plot(side["x"], side["loss"], style, color=color, marker=".", label=f"{run.name} {label}")
                     ax_acc.plot(side["x"], side["acc1"], style, color=color, marker=".", label=f"{run.name} {label}")
             ax_lr.plot(run.lr["x"], run.lr["lr"], "-", color=color, label=run.name)
-        for ax, title, ylabel in ((ax_loss, "loss", "cross-entropy"), (ax_acc, "top-1 accuracy", "%"),
-                                  (ax_lr, "learning rate", "lr")):
+        for ax, title, ylabel in (
+            (ax_loss, "loss", "cross-entropy"),
+            (ax_acc, "top-1 accuracy", "%"),
+            (ax_lr, "learning rate", "lr"),
+        ):
             ax.set_title(title)
             ax.set_xlabel("epoch")
             ax.set_ylabel(ylabel)
@@ -126,8 +135,10 @@ def main(argv: Sequence[str]) -> int:
     """``bitrain plot RUN_DIR [RUN_DIR ...] [--out FILE.png]``: write the PNG and print its path."""
     from bitrain.cli.args import ArgParser
 
-    p = ArgParser(prog="bitrain plot", description="Loss, top-1 and lr against epoch from each run's "
-                "metrics.csv; several runs are overlaid.")
+    p = ArgParser(
+        prog="bitrain plot",
+        description="Loss, top-1 and lr against epoch from each run's metrics.csv; several runs are overlaid.",
+    )
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directory (holding metrics.csv)")
     p.add_argument("--out", help=f"PNG to write (default: FIRST_RUN_DIR/{DEFAULT_NAME})")
     ns = p.parse_args(list(argv))

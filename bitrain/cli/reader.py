@@ -9,8 +9,9 @@ weights (``model.safetensors``), a packed 1-bit export (``bitrain export``), or 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import torch.nn as nn
 
@@ -35,8 +36,10 @@ def resolve_source(path: str | Path) -> Path:
         for candidate in ("checkpoints/best.pt", "checkpoints/last.pt", "model.safetensors"):
             if (path / candidate).is_file():
                 return path / candidate
-        raise UserError(f"{path} is a folder without checkpoints/best.pt, checkpoints/last.pt or "
-                        "model.safetensors; pass a checkpoint file")
+        raise UserError(
+            f"{path} is a folder without checkpoints/best.pt, checkpoints/last.pt or "
+            "model.safetensors; pass a checkpoint file"
+        )
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
     return path
@@ -61,13 +64,16 @@ def load_model(path: str | Path) -> LoadedModel:
         config = {**config, **(extra.get("config") or {})}  # an export that records its data wins
         return LoadedModel(packed.load_packed(source, build_model), dict(meta["model_args"]), config, extra, source)
     if "model_args" not in raw:
-        raise UserError(f"{source} has no bitrain metadata (model_args); it is neither a run's "
-                        "model.safetensors nor a packed export")
+        raise UserError(
+            f"{source} has no bitrain metadata (model_args); it is neither a run's "
+            "model.safetensors nor a packed export"
+        )
     from safetensors.torch import load_file
 
     args = json.loads(raw["model_args"])
-    return LoadedModel(_with_weights(build_model(**args), load_file(str(source)), source, args), args, config, {},
-                       source)
+    return LoadedModel(
+        _with_weights(build_model(**args), load_file(str(source)), source, args), args, config, {}, source
+    )
 
 
 def read_state_dict(path: str | Path) -> dict[str, Any]:
@@ -80,8 +86,10 @@ def read_state_dict(path: str | Path) -> dict[str, Any]:
             raise UserError(f"checkpoint {source} holds no model weights")
         return dict(payload["model"])
     if _safetensors_metadata(source).get("format") == packed.FORMAT:
-        raise UserError(f"{source} is a packed 1-bit export (signs only); start from the run's checkpoint "
-                        "or model.safetensors instead")
+        raise UserError(
+            f"{source} is a packed 1-bit export (signs only); start from the run's checkpoint "
+            "or model.safetensors instead"
+        )
     from safetensors.torch import load_file
 
     return load_file(str(source))
@@ -97,8 +105,9 @@ def _with_weights(model: nn.Module, state: dict, path: Path, args: dict) -> nn.M
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        raise UserError(f"{path}: weights do not fit model {args.get('name')!r} "
-                        f"({str(e).splitlines()[0][:200]})") from None
+        raise UserError(
+            f"{path}: weights do not fit model {args.get('name')!r} ({str(e).splitlines()[0][:200]})"
+        ) from None
     return model.eval()
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from bitrain.cli.train import main as train_main
 from bitrain.cli.train import model_args, print_summary, resolve_config

@@ -12,14 +12,15 @@ import argparse
 import os
 import sys
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from bitrain import console
 from bitrain.cli import config as C
 from bitrain.cli.args import PROG, ArgParser
+from bitrain.cli.rundir import default_run_dir, lock_run_dir, prepare_run_dir, save_final_weights
 from bitrain.data.sets import DATA_SETS
-from bitrain.cli.rundir import default_run_dir, prepare_run_dir, save_final_weights
 from bitrain.errors import UserError
 
 if TYPE_CHECKING:
@@ -50,8 +51,11 @@ def _explicit(ns: argparse.Namespace) -> dict[str, Any]:
 def resolve_config(argv: Sequence[str]) -> tuple[C.TrainConfig, dict | None, Path | None]:
     """argv -> (config, resumed checkpoint payload or None, its path). Precedence: defaults <
     data-set defaults < resumed checkpoint's config < --config YAML < explicit flags."""
-    p = ArgParser(prog=f"{PROG} train", argument_default=argparse.SUPPRESS,
-                description="Train an image classifier (BMXNet v2 options).")
+    p = ArgParser(
+        prog=f"{PROG} train",
+        argument_default=argparse.SUPPRESS,
+        description="Train an image classifier (BMXNet v2 options).",
+    )
     add_train_args(p)
     ns = p.parse_args(list(argv))
     flags = _explicit(ns)
@@ -70,7 +74,7 @@ def resolve_config(argv: Sequence[str]) -> tuple[C.TrainConfig, dict | None, Pat
         ds_layer.pop("lr", None), ds_layer.pop("lr_mode", None)
     cfg = C.from_layers(ds_layer, ckpt_layer, run_layer)
     if cfg.resume_states:
-        warnings.warn("--resume-states is ignored: a bitrain checkpoint restores the optimizer itself")
+        warnings.warn("--resume-states is ignored: a bitrain checkpoint restores the optimizer itself", stacklevel=2)
     return cfg, payload, ckpt_path
 
 
@@ -91,7 +95,7 @@ def _find_resume(resume: str, prefix: str | None) -> tuple[dict | None, Path | N
     return payload, path, (None if prefix else run_dir)
 
 
-def select_device(cfg: C.TrainConfig) -> "torch.device":
+def select_device(cfg: C.TrainConfig) -> torch.device:
     import torch
 
     if cfg.cpu:
@@ -109,15 +113,36 @@ def select_device(cfg: C.TrainConfig) -> "torch.device":
 
 def model_args(cfg: C.TrainConfig, info: Any) -> dict[str, Any]:
     """Exactly the keyword arguments of ``build_model`` (stored in checkpoints and exports)."""
-    arch = {k: getattr(cfg, k) for k in ("fp_downsample_sc", "pool_downsample_sc", "downsample_sc_groups", "slices",
-                                         "reduction", "growth_rate", "init_features", "downsample_structure",
-                                         "block_config", "dilated")}
-    return {"name": cfg.model, "num_classes": info.num_classes, "in_channels": info.in_channels,
-            "image_size": info.image_size, "bits": cfg.bits, "bits_a": cfg.bits_a,
-            "activation_method": cfg.activation_method, "weight_quantization": cfg.weight_quantization,
-            "clip_threshold": cfg.clip_threshold, "approximation": cfg.approximation,
-            "initial_layers": cfg.initial_layers, "initialization": cfg.initialization,
-            **{k: v for k, v in arch.items() if v not in (None, False)}}
+    arch = {
+        k: getattr(cfg, k)
+        for k in (
+            "fp_downsample_sc",
+            "pool_downsample_sc",
+            "downsample_sc_groups",
+            "slices",
+            "reduction",
+            "growth_rate",
+            "init_features",
+            "downsample_structure",
+            "block_config",
+            "dilated",
+        )
+    }
+    return {
+        "name": cfg.model,
+        "num_classes": info.num_classes,
+        "in_channels": info.in_channels,
+        "image_size": info.image_size,
+        "bits": cfg.bits,
+        "bits_a": cfg.bits_a,
+        "activation_method": cfg.activation_method,
+        "weight_quantization": cfg.weight_quantization,
+        "clip_threshold": cfg.clip_threshold,
+        "approximation": cfg.approximation,
+        "initial_layers": cfg.initial_layers,
+        "initialization": cfg.initialization,
+        **{k: v for k, v in arch.items() if v not in (None, False)},
+    }
 
 
 def main(argv: Sequence[str]) -> int:
@@ -128,11 +153,11 @@ def main(argv: Sequence[str]) -> int:
     cfg, payload, ckpt_path = resolve_config(argv)
     import torch
 
+    from bitrain.data import build_data
+    from bitrain.models import build_model
     from bitrain.train import checkpoint as ckpt
     from bitrain.train import dist
     from bitrain.train.callbacks import ConsoleLogger, CSVLogger, ProgressETA, TensorBoardLogger
-    from bitrain.data import build_data
-    from bitrain.models import build_model
     from bitrain.train.optim import build_optimizer
     from bitrain.train.trainer import Trainer, TrainerStop
 
@@ -144,11 +169,21 @@ def main(argv: Sequence[str]) -> int:
     info_d = dist.init_from_env(device.type, device=device)
     torch.manual_seed(cfg.seed + info_d.rank)
     train_loader, val_loader, info = build_data(
-        cfg.dataset, data_dir=cfg.data_dir, batch_size=cfg.batch_size, device=device, seed=cfg.seed,
-        rank=info_d.rank, world_size=info_d.world_size, num_workers=cfg.num_workers, augmentation=cfg.augmentation,
-        channels_last=cfg.channels_last, dummy_shape=tuple(C.parse_ints("dummy_shape", cfg.dummy_shape)),
-        dummy_classes=cfg.dummy_classes, dummy_size=cfg.dummy_size,
-        **({"image_size": cfg.image_size} if cfg.dataset in ("imagenet", "imagefolder") else {}))
+        cfg.dataset,
+        data_dir=cfg.data_dir,
+        batch_size=cfg.batch_size,
+        device=device,
+        seed=cfg.seed,
+        rank=info_d.rank,
+        world_size=info_d.world_size,
+        num_workers=cfg.num_workers,
+        augmentation=cfg.augmentation,
+        channels_last=cfg.channels_last,
+        dummy_shape=tuple(C.parse_ints("dummy_shape", cfg.dummy_shape)),
+        dummy_classes=cfg.dummy_classes,
+        dummy_size=cfg.dummy_size,
+        **({"image_size": cfg.image_size} if cfg.dataset in ("imagenet", "imagefolder") else {}),
+    )
     margs = model_args(cfg, info)
     model = build_model(**margs)
     if cfg.dry_run or cfg.plot_network:
@@ -157,33 +192,78 @@ def main(argv: Sequence[str]) -> int:
             return 0
 
     run_dir = Path(cfg.prefix) if cfg.prefix else default_run_dir(cfg.model, cfg.dataset)
-    optimizer = build_optimizer(model, cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum, wd=cfg.wd,
-                                bop_threshold=cfg.bop_threshold, bop_gamma=cfg.bop_gamma)
+    optimizer = build_optimizer(
+        model,
+        cfg.optimizer,
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        wd=cfg.wd,
+        bop_threshold=cfg.bop_threshold,
+        bop_gamma=cfg.bop_gamma,
+    )
     trainer = Trainer(
-        model, optimizer, train_loader, val_loader, epochs=cfg.epochs, lr=cfg.lr, lr_mode=cfg.lr_mode,
-        lr_factor=cfg.lr_factor, lr_steps=C.parse_floats("lr_steps", cfg.lr_steps), warmup_epochs=cfg.warmup_epochs,
-        warmup_lr=cfg.warmup_lr, run_dir=run_dir, device=device, dtype=cfg.dtype,
-        compile=cfg.compile or cfg.mode != "imperative", channels_last=cfg.channels_last, sync_bn=cfg.sync_bn,
-        label_smoothing=cfg.label_smoothing, mixup_alpha=cfg.mixup_alpha if cfg.mixup else 0.0,
-        mixup_off_epoch=cfg.mixup_off_epoch, clip_grad_norm=cfg.clip_grad_norm,
-        clip_latent_weights=cfg.clip_latent_weights, bn_recalibrate=cfg.bn_recalibrate, log_interval=cfg.log_interval,
+        model,
+        optimizer,
+        train_loader,
+        val_loader,
+        epochs=cfg.epochs,
+        lr=cfg.lr,
+        lr_mode=cfg.lr_mode,
+        lr_factor=cfg.lr_factor,
+        lr_steps=C.parse_floats("lr_steps", cfg.lr_steps),
+        warmup_epochs=cfg.warmup_epochs,
+        warmup_lr=cfg.warmup_lr,
+        run_dir=run_dir,
+        device=device,
+        dtype=cfg.dtype,
+        compile=cfg.compile or cfg.mode != "imperative",
+        channels_last=cfg.channels_last,
+        sync_bn=cfg.sync_bn,
+        label_smoothing=cfg.label_smoothing,
+        mixup_alpha=cfg.mixup_alpha if cfg.mixup else 0.0,
+        mixup_off_epoch=cfg.mixup_off_epoch,
+        clip_grad_norm=cfg.clip_grad_norm,
+        clip_latent_weights=cfg.clip_latent_weights,
+        bn_recalibrate=cfg.bn_recalibrate,
+        log_interval=cfg.log_interval,
         teacher=load_teacher(cfg.teacher, margs) if cfg.teacher else None,
-        distill_temperature=cfg.distill_temperature, distill_alpha=cfg.distill_alpha,
-        save_frequency=cfg.save_frequency, checkpoint_interval=cfg.checkpoint_interval,
-        checkpoint_minutes=cfg.checkpoint_minutes, interrupt_at=cfg.interrupt_at, test_run=cfg.test_run,
-        skip_nonfinite=cfg.skip_nonfinite, seed=cfg.seed, start_epoch=cfg.start_epoch, profile=cfg.profile,
+        distill_temperature=cfg.distill_temperature,
+        distill_alpha=cfg.distill_alpha,
+        save_frequency=cfg.save_frequency,
+        checkpoint_interval=cfg.checkpoint_interval,
+        checkpoint_minutes=cfg.checkpoint_minutes,
+        interrupt_at=cfg.interrupt_at,
+        test_run=cfg.test_run,
+        skip_nonfinite=cfg.skip_nonfinite,
+        seed=cfg.seed,
+        start_epoch=cfg.start_epoch,
+        profile=cfg.profile,
         checkpoint_name=f"{cfg.model}_{cfg.bits}bit",
-        checkpoint_extra={"config": cfg.to_dict(include_run_control=False), "model_args": margs,
-                          "data": {"dataset": info.name, "mean": list(info.mean), "std": list(info.std),
-                                   "image_size": info.image_size, "num_classes": info.num_classes}})
+        checkpoint_extra={
+            "config": cfg.to_dict(include_run_control=False),
+            "model_args": margs,
+            "data": {
+                "dataset": info.name,
+                "mean": list(info.mean),
+                "std": list(info.std),
+                "image_size": info.image_size,
+                "num_classes": info.num_classes,
+            },
+        },
+    )
     if payload is not None:  # applied once; a checkpoint of another model fails here, before the run dir is touched
         _load_or_explain(trainer, payload, ckpt_path)
     elif cfg.init_from:  # a fresh run from other weights (a resumed one has its own in the checkpoint)
         init_weights_from(model, cfg.init_from)
+    run_lock = lock_run_dir(run_dir) if info_d.is_main else None  # one run per --prefix, before anything in it changes
     if info_d.is_main:
         try:  # --resume with nothing to resume yet (e.g. killed before the first checkpoint) starts fresh there
-            prepare_run_dir(run_dir, resuming=payload is not None or cfg.resume is not None,
-                            overwrite=cfg.overwrite, log_name=cfg.log)
+            prepare_run_dir(
+                run_dir,
+                resuming=payload is not None or cfg.resume is not None,
+                overwrite=cfg.overwrite,
+                log_name=cfg.log,
+            )
             ckpt.clean_stale_temp_files(run_dir / "checkpoints")
             C.dump_yaml(cfg, run_dir / "config.yaml")
         except OSError as e:
@@ -195,15 +275,21 @@ def main(argv: Sequence[str]) -> int:
         live = console.live()
         progress = ProgressETA(cfg.progress, live=live)
         tb_dir = Path(cfg.write_summary) if cfg.write_summary else run_dir / "tb"
-        callbacks = [progress, ConsoleLogger(run_dir / cfg.log, console=progress.console),
-                     CSVLogger(run_dir / "metrics.csv"), TensorBoardLogger(tb_dir, histograms=cfg.write_summary is not None)]
+        callbacks = [
+            progress,
+            ConsoleLogger(run_dir / cfg.log, console=progress.console),
+            CSVLogger(run_dir / "metrics.csv"),
+            TensorBoardLogger(tb_dir, histograms=cfg.write_summary is not None),
+        ]
     trainer.attach(callbacks, payload)  # a resumed run's logs continue where its checkpoint left them
     say = trainer.message
     if payload is not None:
         s = trainer.state
         say(f"resumed from {ckpt_path}: epoch {s.epoch}, batch {s.batch}, step {s.step}")
-    say(f"bitrain: training {cfg.model} ({cfg.bits}-bit weights, {cfg.bits_a}-bit activations) on {info.name} "
-        f"({info.num_train} train / {info.num_val} val) on {device}, world size {info_d.world_size}; run dir {run_dir}")
+    say(
+        f"bitrain: training {cfg.model} ({cfg.bits}-bit weights, {cfg.bits_a}-bit activations) on {info.name} "
+        f"({info.num_train} train / {info.num_val} val) on {device}, world size {info_d.world_size}; run dir {run_dir}"
+    )
     interrupted = False
     try:
         result = trainer.fit()
@@ -225,6 +311,8 @@ def main(argv: Sequence[str]) -> int:
         return 1
     finally:
         _close(callbacks)
+        if run_lock is not None:
+            run_lock.close()
         if interrupted:  # ranks leave together: torchrun stops the others when the first exits non-zero
             dist.barrier()
         dist.cleanup()
@@ -261,8 +349,10 @@ def load_teacher(path: str, student_args: dict[str, Any]) -> Any:
     loaded = load_model(path)
     for key in ("num_classes", "in_channels"):
         if loaded.model_args.get(key) != student_args.get(key):
-            raise UserError(f"--teacher {path}: built for {key}={loaded.model_args.get(key)}, the student has "
-                            f"{key}={student_args.get(key)}")
+            raise UserError(
+                f"--teacher {path}: built for {key}={loaded.model_args.get(key)}, the student has "
+                f"{key}={student_args.get(key)}"
+            )
     return loaded.model
 
 
@@ -275,8 +365,10 @@ def init_weights_from(model: Any, path: str) -> None:
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:
-        raise UserError(f"--init-from {path}: its weights do not fit the model (missing {missing[:3]}, "
-                        f"unexpected {unexpected[:3]}{'...' if len(missing) + len(unexpected) > 6 else ''})")
+        raise UserError(
+            f"--init-from {path}: its weights do not fit the model (missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}{'...' if len(missing) + len(unexpected) > 6 else ''})"
+        )
     wrong = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if state[k].shape != v.shape]
     if wrong:
         raise UserError(f"--init-from {path}: shapes differ ({'; '.join(wrong[:3])})")

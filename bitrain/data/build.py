@@ -9,18 +9,16 @@ decoded by CPU workers in `bitrain.data.imagefolder`. Both follow the same Loade
 from __future__ import annotations
 
 import importlib
-
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from bitrain.data.base import DataInfo, Loader
-from bitrain.errors import UserError
-from bitrain.data.sets import DATA_SETS
-from bitrain.names import AUGMENTATIONS
 from bitrain.data.loader import DeviceLoader, mix_seed
-
+from bitrain.data.sets import DATA_SETS
+from bitrain.errors import UserError
+from bitrain.names import AUGMENTATIONS
 
 _DUMMY_SEED = 0xD0_D0  # the dummy set never depends on --seed
 _DIGITS_VAL_EVERY = 5  # digits: the 5th, 10th, ... sample of each class (file order) is val
@@ -46,8 +44,7 @@ def load_digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
     return x[~val], y[~val], x[val], y[val]
 
 
-def make_dummy(shape: tuple[int, int, int], num_classes: int, n: int, split: int = 0
-               ) -> tuple[np.ndarray, np.ndarray]:
+def make_dummy(shape: tuple[int, int, int], num_classes: int, n: int, split: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """n synthetic uint8 images of `shape` with learnable labels (BMXNet's dummy, but learnable).
 
     Class c has a fixed random 4x4 template per channel (levels 48..207) blown up to H x W;
@@ -74,8 +71,7 @@ def load_digits(name: str = "digits", root: Path | None = None):
     return load_digits_split()
 
 
-def _in_memory(name: str, data_dir: str | None, dummy_shape: tuple[int, int, int],
-               dummy_classes: int, dummy_size: int):
+def _in_memory(name: str, data_dir: str | None, dummy_shape: tuple[int, int, int], dummy_classes: int, dummy_size: int):
     spec = DATA_SETS[name]
     if name == "dummy":
         if len(dummy_shape) != 3 or dummy_shape[1] != dummy_shape[2] or min(dummy_shape) < 1:
@@ -106,13 +102,24 @@ def _memory_augmentation(name: str, augmentation: str, size: int) -> tuple[int, 
     return DATA_SETS[name].crop_flip
 
 
-def build_data(name: str, *, data_dir: str | None = None, batch_size: int,
-               device: str | torch.device = "cpu", seed: int = 123, rank: int = 0,
-               world_size: int = 1, num_workers: int = 4, augmentation: str = "medium",
-               dtype: torch.dtype = torch.float32, channels_last: bool = False,
-               dummy_shape: tuple[int, int, int] = (3, 32, 32), dummy_classes: int = 10,
-               dummy_size: int = 1024, image_size: int | None = None
-               ) -> tuple[Loader, Loader, DataInfo]:
+def build_data(
+    name: str,
+    *,
+    data_dir: str | None = None,
+    batch_size: int,
+    device: str | torch.device = "cpu",
+    seed: int = 123,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 4,
+    augmentation: str = "medium",
+    dtype: torch.dtype = torch.float32,
+    channels_last: bool = False,
+    dummy_shape: tuple[int, int, int] = (3, 32, 32),
+    dummy_classes: int = 10,
+    dummy_size: int = 1024,
+    image_size: int | None = None,
+) -> tuple[Loader, Loader, DataInfo]:
     """Train loader, val loader and DataInfo of data set `name` (one of DATASETS).
 
     batch_size is per rank; rank/world_size shard the data (see bitrain.data.loader).
@@ -129,20 +136,37 @@ def build_data(name: str, *, data_dir: str | None = None, batch_size: int,
         from bitrain.data.imagefolder import build_imagefolder
 
         return build_imagefolder(
-            name, data_dir=data_dir, batch_size=batch_size, device=device, seed=seed, rank=rank,
-            world_size=world_size, num_workers=num_workers, augmentation=augmentation,
-            dtype=dtype, channels_last=channels_last, image_size=image_size or 224)
+            name,
+            data_dir=data_dir,
+            batch_size=batch_size,
+            device=device,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+            num_workers=num_workers,
+            augmentation=augmentation,
+            dtype=dtype,
+            channels_last=channels_last,
+            image_size=image_size or 224,
+        )
     if image_size is not None:
         raise UserError(f"--image-size applies to imagenet/imagefolder only, not {name}")
-    (x_tr, y_tr, x_va, y_va), classes, (mean, std) = _in_memory(
-        name, data_dir, dummy_shape, dummy_classes, dummy_size)
+    (x_tr, y_tr, x_va, y_va), classes, (mean, std) = _in_memory(name, data_dir, dummy_shape, dummy_classes, dummy_size)
     c, size = x_tr.shape[1], x_tr.shape[2]
     info = DataInfo(name, classes, c, size, len(y_tr), len(y_va), tuple(mean), tuple(std))
     pad, flip = _memory_augmentation(name, augmentation, size)
-    common = dict(batch_size=batch_size, mean=mean, std=std, seed=seed, rank=rank,
-                  world_size=world_size, dtype=dtype, channels_last=channels_last)
-    train = DeviceLoader(torch.from_numpy(x_tr).to(device), torch.from_numpy(y_tr).to(device),
-                         train=True, pad=pad, flip=flip, **common)
-    val = DeviceLoader(torch.from_numpy(x_va).to(device), torch.from_numpy(y_va).to(device),
-                       train=False, **common)
+    common = dict(
+        batch_size=batch_size,
+        mean=mean,
+        std=std,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        dtype=dtype,
+        channels_last=channels_last,
+    )
+    train = DeviceLoader(
+        torch.from_numpy(x_tr).to(device), torch.from_numpy(y_tr).to(device), train=True, pad=pad, flip=flip, **common
+    )
+    val = DeviceLoader(torch.from_numpy(x_va).to(device), torch.from_numpy(y_va).to(device), train=False, **common)
     return train, val, info

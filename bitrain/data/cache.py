@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import tempfile
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
 
-from bitrain.console import progress
 from bitrain.errors import UserError
 
 T = TypeVar("T")
@@ -49,9 +47,14 @@ def load_cache(path: Path, image_shape: tuple[int, int, int]) -> Arrays | None:
         warnings.warn(f"ignoring unreadable data cache {path}: {e}", stacklevel=2)
         return None
     x_tr, y_tr, x_va, y_va = arrays
-    ok = (x_tr.dtype == np.uint8 and x_va.dtype == np.uint8
-          and x_tr.shape[1:] == image_shape and x_va.shape[1:] == image_shape
-          and y_tr.shape == x_tr.shape[:1] and y_va.shape == x_va.shape[:1])
+    ok = (
+        x_tr.dtype == np.uint8
+        and x_va.dtype == np.uint8
+        and x_tr.shape[1:] == image_shape
+        and x_va.shape[1:] == image_shape
+        and y_tr.shape == x_tr.shape[:1]
+        and y_va.shape == x_va.shape[:1]
+    )
     if not ok:
         warnings.warn(f"ignoring inconsistent data cache {path}", stacklevel=2)
         return None
@@ -81,8 +84,13 @@ def save_cache(path: Path, arrays: Arrays) -> None:
         raise
 
 
-def cached_convert(folder: Path, name: str, image_shape: tuple[int, int, int],
-                   convert: Callable[[Path], Arrays], cache_dir: Path | None = None) -> Arrays:
+def cached_convert(
+    folder: Path,
+    name: str,
+    image_shape: tuple[int, int, int],
+    convert: Callable[[Path], Arrays],
+    cache_dir: Path | None = None,
+) -> Arrays:
     """Arrays of data set `name` in `folder`: from its cache (in `cache_dir`, default `folder`), else
     converted and cached."""
     cache = (folder if cache_dir is None else cache_dir) / f"bitrain-{name}.npz"
@@ -102,14 +110,13 @@ def torchvision_download(dataset: str, root: Path, files: Iterable[str], folder_
         import torchvision.datasets as tvd
     except ImportError:
         raise UserError(
-            f"{dataset} files not found: put {listing} into {folder_hint} "
-            f"(or install torchvision to download them)") from None
-    cls = {"mnist": tvd.MNIST, "fashion-mnist": tvd.FashionMNIST,
-           "cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100}[dataset]
+            f"{dataset} files not found: put {listing} into {folder_hint} (or install torchvision to download them)"
+        ) from None
+    cls = {"mnist": tvd.MNIST, "fashion-mnist": tvd.FashionMNIST, "cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100}[
+        dataset
+    ]
     try:
         for train in (True, False):
             cls(root=str(root), train=train, download=True)
     except Exception as e:  # network, disk, checksum: all mean "put the files there yourself"
-        raise UserError(
-            f"{dataset}: download into {root} failed ({e}); put {listing} into {folder_hint}"
-        ) from None
+        raise UserError(f"{dataset}: download into {root} failed ({e}); put {listing} into {folder_hint}") from None

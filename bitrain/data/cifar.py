@@ -5,6 +5,8 @@ planes of 32x32) and a label list. ``_SafeUnpickler.find_class`` allows only wha
 numpy array needs (``_reconstruct``, ``_frombuffer``, ``ndarray``, ``dtype``, and
 ``_codecs.encode`` that protocol-2 pickles written by Python 3 use for bytes); any other
 global — the way a malicious pickle runs code — is refused, and the file reported as corrupt.
+The dict's keys may be str (the release read with ``encoding="latin1"``) or bytes (re-pickled
+after the CIFAR page's Python 3 recipe, ``pickle.load(f, encoding="bytes")``: b"data", b"labels").
 """
 
 from __future__ import annotations
@@ -22,8 +24,7 @@ from bitrain.errors import UserError
 
 # per data set: (torchvision folder, train files, val files, label key, number of classes)
 LAYOUT = {
-    "cifar10": ("cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)),
-                ("test_batch",), "labels", 10),
+    "cifar10": ("cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)), ("test_batch",), "labels", 10),
     "cifar100": ("cifar-100-python", ("train",), ("test",), "fine_labels", 100),
 }
 
@@ -53,11 +54,15 @@ def read_batch(path: Path, label_key: str, num_classes: int) -> tuple[np.ndarray
         obj = _SafeUnpickler(io.BytesIO(path.read_bytes()), encoding="latin1").load()
     except Exception as e:  # truncated, garbage, or a refused global: all "corrupt"
         raise UserError(f"corrupt CIFAR file {path}: {type(e).__name__}: {e}") from None
+    if isinstance(obj, dict):  # bytes keys as their str (latin-1 never fails); a str key wins a tie
+        obj = {
+            **{k.decode("latin1"): v for k, v in obj.items() if isinstance(k, bytes)},
+            **{k: v for k, v in obj.items() if not isinstance(k, bytes)},
+        }
     if not isinstance(obj, dict) or "data" not in obj or label_key not in obj:
         raise UserError(f"corrupt CIFAR file {path}: expected a dict with 'data' and '{label_key}'")
     data, labels = obj["data"], np.asarray(obj[label_key])
-    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 \
-            or data.shape[1] != 3 * 32 * 32:
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
         raise UserError(f"corrupt CIFAR file {path}: 'data' is not a uint8 N x 3072 array")
     if labels.shape != (data.shape[0],) or labels.dtype.kind not in "iu":
         raise UserError(f"corrupt CIFAR file {path}: {labels.shape} labels for {data.shape[0]} images")

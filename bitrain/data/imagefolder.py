@@ -26,8 +26,8 @@ import torch
 from PIL import Image
 
 from bitrain.data.base import DataInfo
-from bitrain.errors import UserError
 from bitrain.data.loader import EpochShards, epoch_permutation, normalize_affine, normalize_batch, train_batch_slice
+from bitrain.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".webp", ".tif", ".tiff")
 # BMXNet's ImageNet mean/std (pixel units 123.68 ... / 58.393 ...) in [0, 1] units.
@@ -37,16 +37,15 @@ CROP_RATIO = 0.875  # val: resize the short side to ceil(size / 0.875) (256 for 
 JITTER = 0.4  # "high": brightness, contrast, saturation factors in [0.6, 1.4]
 LIGHTING_STD = 0.1  # "high": AlexNet PCA lighting, eigen-values/vectors of ImageNet RGB (0..255)
 _EIGVAL = np.array([55.46, 4.794, 1.148], dtype=np.float32)
-_EIGVEC = np.array([[-0.5675, 0.7192, 0.4009],
-                    [-0.5808, -0.0045, -0.8140],
-                    [-0.5836, -0.6948, 0.4203]], dtype=np.float32)
+_EIGVEC = np.array(
+    [[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]], dtype=np.float32
+)
 _GRAY = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 _MAX_REPLACEMENTS = 64  # consecutive bad files after which the tree is declared broken
 _BROKEN, _LEFT_OUT = -1, -2  # item labels: no readable file in _MAX_REPLACEMENTS tries; a val file left out
 
 
-def scan_split(root: Path, split: str, classes: list[str] | None = None
-               ) -> tuple[list[str], list[str], np.ndarray]:
+def scan_split(root: Path, split: str, classes: list[str] | None = None) -> tuple[list[str], list[str], np.ndarray]:
     """(classes, file paths, int64 labels) of root/split/<class>/**; classes sorted by name.
 
     classes: the train split's list, so val labels use the same numbering.
@@ -76,9 +75,13 @@ def scan_split(root: Path, split: str, classes: list[str] | None = None
     return classes, paths, np.asarray(labels, dtype=np.int64)
 
 
-def random_resized_crop_box(w: int, h: int, rng: np.random.Generator,
-                            scale: tuple[float, float] = (0.08, 1.0),
-                            ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+def random_resized_crop_box(
+    w: int,
+    h: int,
+    rng: np.random.Generator,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> tuple[int, int, int, int]:
     """(x0, y0, crop w, crop h): area fraction ~ U(scale), log aspect ~ U(log ratio), 10 tries;
     then the centre crop with the aspect clamped into `ratio` (as gluoncv/torchvision)."""
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
@@ -130,8 +133,7 @@ def _open(path: str, short: int | None) -> Image.Image:
     return img.convert("RGB")
 
 
-def transform(path: str, size: int, augmentation: str, rng: np.random.Generator | None
-              ) -> np.ndarray:
+def transform(path: str, size: int, augmentation: str, rng: np.random.Generator | None) -> np.ndarray:
     """Decode one image and make it a uint8 (size, size, 3) array.
 
     rng None (val) or augmentation "none": resize short side to ceil(size/0.875), centre crop.
@@ -166,8 +168,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     """Item (epoch, i) -> (uint8 HWC array, label, [(bad path, reason), ...]). Train: a bad file is
     replaced by the next readable one; val: label ``_LEFT_OUT`` (the collate drops the item)."""
 
-    def __init__(self, paths: list[str], labels: np.ndarray, *, size: int, augmentation: str,
-                 train: bool, seed: int) -> None:
+    def __init__(
+        self, paths: list[str], labels: np.ndarray, *, size: int, augmentation: str, train: bool, seed: int
+    ) -> None:
         self.paths, self.labels = paths, labels
         self.size, self.augmentation, self.train, self.seed = size, augmentation, train, seed
 
@@ -180,11 +183,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         for step in range(min(len(self.paths), _MAX_REPLACEMENTS) if self.train else 1):
             j = (i + step) % len(self.paths)
             # a fresh generator per try, so a replacement uses the same draws as sample i would
-            rng = (np.random.default_rng([self.seed & 0xFFFF_FFFF_FFFF_FFFF, epoch, i])
-                   if self.train else None)
+            rng = np.random.default_rng([self.seed & 0xFFFF_FFFF_FFFF_FFFF, epoch, i]) if self.train else None
             try:
-                return transform(self.paths[j], self.size, self.augmentation, rng), \
-                    int(self.labels[j]), bad
+                return transform(self.paths[j], self.size, self.augmentation, rng), int(self.labels[j]), bad
             except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... on bad files
                 why = str(e).replace(repr(self.paths[j]), "").replace(self.paths[j], "")  # named once, by the line
                 bad.append((self.paths[j], " ".join(f"{type(e).__name__}: {why}".split())[:200]))
@@ -223,11 +224,20 @@ class _EpochBatches:
 class ImageFolderLoader(EpochShards):
     """The Loader protocol (see bitrain.data) over an ImageFolderDataset, decoded by CPU workers."""
 
-    def __init__(self, dataset: ImageFolderDataset, *, batch_size: int, device: torch.device,
-                 seed: int, rank: int, world_size: int, num_workers: int,
-                 dtype: torch.dtype, channels_last: bool) -> None:
-        self._init_shards(len(dataset), batch_size=batch_size, train=dataset.train, rank=rank,
-                          world_size=world_size)
+    def __init__(
+        self,
+        dataset: ImageFolderDataset,
+        *,
+        batch_size: int,
+        device: torch.device,
+        seed: int,
+        rank: int,
+        world_size: int,
+        num_workers: int,
+        dtype: torch.dtype,
+        channels_last: bool,
+    ) -> None:
+        self._init_shards(len(dataset), batch_size=batch_size, train=dataset.train, rank=rank, world_size=world_size)
         self.dataset, self.device = dataset, device
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.dtype, self.channels_last = dtype, channels_last
@@ -236,20 +246,26 @@ class ImageFolderLoader(EpochShards):
         self.skipped_files: set[str] = set()
         self.num_left_out = 0  # val: files left out of the last full pass
         self._reported_left_out = 0
+        self.split_name = "val"  # in that count's line (bitrain eval --split train may set "train")
         self._sampler = _EpochBatches()
         self._loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=self._sampler, num_workers=num_workers, collate_fn=_collate,
-            pin_memory=device.type == "cuda", worker_init_fn=_worker_init,
-            persistent_workers=num_workers > 0)
+            dataset,
+            batch_sampler=self._sampler,
+            num_workers=num_workers,
+            collate_fn=_collate,
+            pin_memory=device.type == "cuda",
+            worker_init_fn=_worker_init,
+            persistent_workers=num_workers > 0,
+        )
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """Sample indices of this rank's batches in `epoch` (train: shuffled; val: fixed)."""
         if self.train:
             perm = epoch_permutation(len(self.dataset), self.seed, epoch).tolist()
-            return [perm[train_batch_slice(k, self.batch_size, self.rank, self.world_size)]
-                    for k in range(self._len)]
-        return [list(range(lo, min(lo + self.batch_size, self._hi)))
-                for lo in range(self._lo, self._hi, self.batch_size)]
+            return [perm[train_batch_slice(k, self.batch_size, self.rank, self.world_size)] for k in range(self._len)]
+        return [
+            list(range(lo, min(lo + self.batch_size, self._hi))) for lo in range(self._lo, self._hi, self.batch_size)
+        ]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         epoch, start = self._epoch, self._start
@@ -266,8 +282,9 @@ class ImageFolderLoader(EpochShards):
             for o in out:
                 in_a_row = in_a_row + 1 if o else 0
                 if in_a_row >= in_a_row_max:
-                    raise UserError(f"{in_a_row} unreadable images in a row up to {bad[-1][0]}: "
-                                    "is the image folder broken?")
+                    raise UserError(
+                        f"{in_a_row} unreadable images in a row up to {bad[-1][0]}: is the image folder broken?"
+                    )
             left_out += sum(out)
             if not len(y):  # a val batch of unreadable files only
                 continue
@@ -279,8 +296,12 @@ class ImageFolderLoader(EpochShards):
             if left_out != self._reported_left_out:
                 self._reported_left_out = left_out
                 where = f" (rank {self.rank})" if self.world_size > 1 else ""
-                print(f"val{where}: {left_out} unreadable image{'s' if left_out != 1 else ''} skipped; the "
-                      f"metrics are over the other {self.num_samples - left_out}", file=sys.stderr)
+                s = "s" if left_out != 1 else ""
+                print(
+                    f"{self.split_name}{where}: {left_out} unreadable image{s} skipped; the metrics are over the "
+                    f"other {self.num_samples - left_out}",
+                    file=sys.stderr,
+                )
 
     def _report(self, bad: list[tuple[str, str]], broken: bool) -> None:
         for path, reason in bad:
@@ -290,18 +311,32 @@ class ImageFolderLoader(EpochShards):
                 instead = "using the next file in its place" if self.train else "left out of validation"
                 print(f"skipping unreadable image {path} ({reason}); {instead}", file=sys.stderr)
         if broken:
-            raise UserError(f"{_MAX_REPLACEMENTS} unreadable images in a row from {bad[-1][0]}: "
-                            "is the image folder broken?")
+            raise UserError(
+                f"{_MAX_REPLACEMENTS} unreadable images in a row from {bad[-1][0]}: is the image folder broken?"
+            )
 
 
-def build_imagefolder(name: str, *, data_dir: str | None, batch_size: int, device: torch.device,
-                      seed: int, rank: int, world_size: int, num_workers: int, augmentation: str,
-                      dtype: torch.dtype, channels_last: bool, image_size: int = 224):
+def build_imagefolder(
+    name: str,
+    *,
+    data_dir: str | None,
+    batch_size: int,
+    device: torch.device,
+    seed: int,
+    rank: int,
+    world_size: int,
+    num_workers: int,
+    augmentation: str,
+    dtype: torch.dtype,
+    channels_last: bool,
+    image_size: int = 224,
+):
     """(train loader, val loader, DataInfo) of a train/<class>/, val/<class>/ tree at data_dir."""
 
     if not data_dir:
-        raise UserError(f"--data-dir is required for {name}: a folder holding train/<class>/<image> "
-                        "and val/<class>/<image>")
+        raise UserError(
+            f"--data-dir is required for {name}: a folder holding train/<class>/<image> and val/<class>/<image>"
+        )
     if image_size < 1:
         raise UserError(f"--image-size must be >= 1, got {image_size}")
     if num_workers < 0:
@@ -311,15 +346,22 @@ def build_imagefolder(name: str, *, data_dir: str | None, batch_size: int, devic
         raise UserError(f"--data-dir {root} is not a folder (expected train/<class>/, val/<class>/)")
     classes, tr_paths, tr_labels = scan_split(root, "train")
     _, va_paths, va_labels = scan_split(root, "val", classes)
-    info = DataInfo(name, len(classes), 3, image_size, len(tr_paths), len(va_paths),
-                    IMAGENET_MEAN, IMAGENET_STD)
-    common = dict(batch_size=batch_size, device=device, seed=seed, rank=rank,
-                  world_size=world_size, num_workers=num_workers, dtype=dtype,
-                  channels_last=channels_last)
-    train = ImageFolderLoader(ImageFolderDataset(tr_paths, tr_labels, size=image_size,
-                                                 augmentation=augmentation, train=True, seed=seed),
-                              **common)
-    val = ImageFolderLoader(ImageFolderDataset(va_paths, va_labels, size=image_size,
-                                               augmentation="none", train=False, seed=seed),
-                            **common)
+    info = DataInfo(name, len(classes), 3, image_size, len(tr_paths), len(va_paths), IMAGENET_MEAN, IMAGENET_STD)
+    common = dict(
+        batch_size=batch_size,
+        device=device,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        num_workers=num_workers,
+        dtype=dtype,
+        channels_last=channels_last,
+    )
+    train = ImageFolderLoader(
+        ImageFolderDataset(tr_paths, tr_labels, size=image_size, augmentation=augmentation, train=True, seed=seed),
+        **common,
+    )
+    val = ImageFolderLoader(
+        ImageFolderDataset(va_paths, va_labels, size=image_size, augmentation="none", train=False, seed=seed), **common
+    )
     return train, val, info

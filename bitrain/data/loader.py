@@ -74,8 +74,9 @@ def val_shard(n: int, rank: int, world_size: int) -> tuple[int, int]:
     return rank * n // world_size, (rank + 1) * n // world_size
 
 
-def normalize_affine(mean: Sequence[float], std: Sequence[float], device: torch.device
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def normalize_affine(
+    mean: Sequence[float], std: Sequence[float], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, shift) of shape (1, C, 1, 1) with x_norm = uint8 * scale + shift == (x/255 - mean)/std."""
     m = torch.tensor(mean, dtype=torch.float64)
     s = torch.tensor(std, dtype=torch.float64)
@@ -84,8 +85,9 @@ def normalize_affine(mean: Sequence[float], std: Sequence[float], device: torch.
     return scale, shift
 
 
-def normalize_batch(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
-                    dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
+def normalize_batch(
+    x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, dtype: torch.dtype, channels_last: bool
+) -> torch.Tensor:
     """uint8 NCHW (any strides) -> normalised `dtype` NCHW, contiguous or channels_last."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = x.contiguous(memory_format=fmt)  # on uint8: 1 byte per element moved, not 4
@@ -134,10 +136,23 @@ class DeviceLoader(EpochShards):
     Yields (x, y): x `dtype` normalised with mean/std (per channel, [0, 1] units), y int64.
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int,
-                 train: bool, mean: Sequence[float], std: Sequence[float], seed: int = 123,
-                 rank: int = 0, world_size: int = 1, pad: int = 0, flip: bool = False,
-                 dtype: torch.dtype = torch.float32, channels_last: bool = False) -> None:
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        batch_size: int,
+        train: bool,
+        mean: Sequence[float],
+        std: Sequence[float],
+        seed: int = 123,
+        rank: int = 0,
+        world_size: int = 1,
+        pad: int = 0,
+        flip: bool = False,
+        dtype: torch.dtype = torch.float32,
+        channels_last: bool = False,
+    ) -> None:
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(f"images must be uint8 NCHW, got {images.dtype} {tuple(images.shape)}")
         if labels.shape != images.shape[:1]:
@@ -186,8 +201,7 @@ class DeviceLoader(EpochShards):
             return self._train_batches(self.epoch_plan(epoch), start)
         return self._val_batches(start)
 
-    def _train_batches(self, plan: torch.Tensor, start: int
-                       ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _train_batches(self, plan: torch.Tensor, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for k in range(start, self._len):
             rows = plan[train_batch_slice(k, self.batch_size, self.rank, self.world_size)]
             yield self.augment(rows), self.labels[rows[:, 0]]
@@ -196,8 +210,7 @@ class DeviceLoader(EpochShards):
         for k in range(start, self._len):
             lo = self._lo + k * self.batch_size
             hi = min(lo + self.batch_size, self._hi)
-            x = normalize_batch(self.images[lo:hi], self.scale, self.shift, self.dtype,
-                                self.channels_last)
+            x = normalize_batch(self.images[lo:hi], self.scale, self.shift, self.dtype, self.channels_last)
             yield x, self.labels[lo:hi]
 
     def augment(self, rows: torch.Tensor) -> torch.Tensor:

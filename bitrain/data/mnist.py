@@ -12,13 +12,14 @@ from bitrain.console import progress
 from bitrain.data.cache import Arrays, cached_convert, find_file, torchvision_download
 from bitrain.errors import UserError
 
-FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-         "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 # torchvision's layout under --data-dir
 SUBDIRS = {"mnist": "MNIST/raw", "fashion-mnist": "FashionMNIST/raw"}
 # where distributions install the release files (Debian: apt-get install dataset-fashion-mnist)
-SYSTEM_DIRS = {"mnist": (Path("/usr/share/datasets/mnist"),),
-               "fashion-mnist": (Path("/usr/share/datasets/fashion-mnist"),)}
+SYSTEM_DIRS = {
+    "mnist": (Path("/usr/share/datasets/mnist"),),
+    "fashion-mnist": (Path("/usr/share/datasets/fashion-mnist"),),
+}
 _UBYTE = 0x08  # IDX type code of unsigned bytes
 
 
@@ -31,8 +32,10 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
         except (OSError, EOFError, zlib.error) as e:
             raise UserError(f"corrupt gzip file {path}: {e}") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != _UBYTE or raw[3] != ndim:
-        raise UserError(f"{path} is not an IDX file of {ndim}-d unsigned bytes "
-                        f"(magic {raw[:4].hex() or 'missing'}, expected 000008{ndim:02x})")
+        raise UserError(
+            f"{path} is not an IDX file of {ndim}-d unsigned bytes "
+            f"(magic {raw[:4].hex() or 'missing'}, expected 000008{ndim:02x})"
+        )
     header = 4 + 4 * ndim
     if len(raw) < header:
         raise UserError(f"{path} is truncated: {len(raw)} bytes, header alone is {header}")

@@ -19,5 +19,14 @@ from bitrain.models._registry import (
 )
 from bitrain.names import ARCH_OPTIONS
 
-__all__ = ["MODELS", "ARCH_OPTIONS", "ModelInfo", "register", "list_models", "get_builder", "model_info",
-           "arch_options", "build_model"]
+__all__ = [
+    "MODELS",
+    "ARCH_OPTIONS",
+    "ModelInfo",
+    "register",
+    "list_models",
+    "get_builder",
+    "model_info",
+    "arch_options",
+    "build_model",
+]

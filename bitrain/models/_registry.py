@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import difflib
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch.nn as nn
 
@@ -19,7 +19,6 @@ from bitrain.names import ARCH_OPTIONS
 
 Builder = Callable[..., nn.Module]
 MODELS: dict[str, Builder] = {}
-
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -40,8 +40,12 @@ def make_stem(variant: str, in_channels: int, channels: int) -> list[nn.Module]:
             raise UserError(f"--initial-layers grouped_stem needs a multiple of 16 stem channels, got {channels}")
         half = channels // 2
         layers = [
-            nn.Conv2d(in_channels, half, 3, 2, 1, bias=False), nn.BatchNorm2d(half), nn.ReLU(inplace=True),
-            nn.Conv2d(half, half, 3, 1, 1, groups=4, bias=False), nn.BatchNorm2d(half), nn.ReLU(inplace=True),
+            nn.Conv2d(in_channels, half, 3, 2, 1, bias=False),
+            nn.BatchNorm2d(half),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(half, half, 3, 1, 1, groups=4, bias=False),
+            nn.BatchNorm2d(half),
+            nn.ReLU(inplace=True),
             nn.Conv2d(half, channels, 3, 1, 1, groups=8, bias=False),
         ]
     else:
@@ -49,8 +53,9 @@ def make_stem(variant: str, in_channels: int, channels: int) -> list[nn.Module]:
     return layers + [nn.BatchNorm2d(channels), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1)]
 
 
-def resnet_features(stages: list[nn.Module], *, in_channels: int, channels: Sequence[int], version: int,
-                    initial_layers: str) -> nn.Sequential:
+def resnet_features(
+    stages: list[nn.Module], *, in_channels: int, channels: Sequence[int], version: int, initial_layers: str
+) -> nn.Sequential:
     """BMXNet's ResNet body around the stages (binary ResNet and ResNetE alike): input BatchNorm
     (no affine: BMXNet's input normaliser), stem, [BN after the stem: v1 with a pooled stem],
     the stages, [BN: v2], ReLU. ``channels``: stem width, then stage widths."""
@@ -141,7 +146,7 @@ def init_weights(model: nn.Module, method: str) -> None:
         if isinstance(m, (nn.Conv2d, nn.Linear)) and m.weight.requires_grad:
             fan_in, fan_out = _fans(m.weight)
             factor = fan_in if method in ("gaussian", "msraprelu_in") else (fan_in + fan_out) / 2
-            magnitude = 2.0 if method in ("gaussian", "default") else 2.0 / (1 + 0.25 ** 2)
+            magnitude = 2.0 if method in ("gaussian", "default") else 2.0 / (1 + 0.25**2)
             scale = math.sqrt(magnitude / factor)
             if method == "default":
                 m.weight.uniform_(-scale, scale)
@@ -161,8 +166,11 @@ def padded_same_maxpool(x: torch.Tensor) -> torch.Tensor:
 
 def param_counts(model: nn.Module) -> tuple[int, int]:
     """(binary, float) parameter counts: weights of layers with ``bits == 1`` are binary, the rest float."""
-    binary = sum(m.weight.numel() for m in model.modules()
-                 if getattr(m, "bits", None) == 1 and isinstance(getattr(m, "weight", None), torch.Tensor))
+    binary = sum(
+        m.weight.numel()
+        for m in model.modules()
+        if getattr(m, "bits", None) == 1 and isinstance(getattr(m, "weight", None), torch.Tensor)
+    )
     return binary, sum(p.numel() for p in model.parameters()) - binary
 
 

@@ -9,13 +9,13 @@ instead of pooling. The base class is shared with MeliusNet.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 
-from bitrain.errors import UserError
 from bitrain.binary.layers import QConv2d
+from bitrain.errors import UserError
 from bitrain.models._registry import register
 from bitrain.models.common import ChannelShuffle, check_groups, head, make_stem, parse_floats, parse_ints
 
@@ -72,13 +72,24 @@ def transition(structure: str, c_in: int, c_out: int, dilation: int) -> nn.Seque
 class DenseNetBase(nn.Module):
     """stem -> [stage of base blocks, transition]* -> BN, ReLU -> global pool -> full-precision linear."""
 
-    def __init__(self, block_config: Sequence[int], reduction: Sequence[float], downsample: str, *,
-                 num_classes: int, in_channels: int, initial_layers: str, init_features: int = 64,
-                 growth_rate: int = 64, dilated: bool = False):
+    def __init__(
+        self,
+        block_config: Sequence[int],
+        reduction: Sequence[float],
+        downsample: str,
+        *,
+        num_classes: int,
+        in_channels: int,
+        initial_layers: str,
+        init_features: int = 64,
+        growth_rate: int = 64,
+        dilated: bool = False,
+    ):
         super().__init__()
         if len(reduction) != len(block_config) - 1:
-            raise UserError(f"--reduction: need {len(block_config) - 1} values (one per transition), "
-                            f"got {len(reduction)}")
+            raise UserError(
+                f"--reduction: need {len(block_config) - 1} values (one per transition), got {len(reduction)}"
+            )
         if dilated and len(block_config) > len(DILATIONS):
             raise UserError(f"--dilated supports at most {len(DILATIONS)} stages, got --block-config {block_config}")
         if init_features < 1 or growth_rate < 1:
@@ -115,45 +126,91 @@ def dense_options(option_defaults: tuple, reduction, downsample_structure, n_tra
     return red, default_downsample if downsample_structure is None else str(downsample_structure)
 
 
-def _densenet(cls, block_config, reduction_default, downsample_default, *, reduction=None,
-              downsample_structure=None, **kw) -> nn.Module:
+def _densenet(
+    cls, block_config, reduction_default, downsample_default, *, reduction=None, downsample_structure=None, **kw
+) -> nn.Module:
     kw.pop("image_size")
-    red, ds = dense_options((reduction_default, downsample_default), reduction, downsample_structure,
-                            len(block_config) - 1)
+    red, ds = dense_options(
+        (reduction_default, downsample_default), reduction, downsample_structure, len(block_config) - 1
+    )
     return cls(block_config, red, ds, **kw)
 
 
 @register("densenet28", family="densenet")
 def densenet28(*, reduction=None, growth_rate=64, init_features=64, downsample_structure=None, dilated=False, **kw):
     """BinaryDenseNet-28: blocks [6, 6, 6, 5], channels divided by 2.7, 2.7, 2.2 in the transitions."""
-    return _densenet(DenseNetBase, [6, 6, 6, 5], [2.7, 2.7, 2.2], DOWNSAMPLE, reduction=reduction,
-                     downsample_structure=downsample_structure, growth_rate=growth_rate,
-                     init_features=init_features, dilated=dilated, **kw)
+    return _densenet(
+        DenseNetBase,
+        [6, 6, 6, 5],
+        [2.7, 2.7, 2.2],
+        DOWNSAMPLE,
+        reduction=reduction,
+        downsample_structure=downsample_structure,
+        growth_rate=growth_rate,
+        init_features=init_features,
+        dilated=dilated,
+        **kw,
+    )
 
 
 @register("densenet37", family="densenet")
 def densenet37(*, reduction=None, growth_rate=64, init_features=64, downsample_structure=None, dilated=False, **kw):
     """BinaryDenseNet-37: blocks [6, 8, 12, 6], reductions 3.3, 3.3, 4."""
-    return _densenet(DenseNetBase, [6, 8, 12, 6], [3.3, 3.3, 4.0], DOWNSAMPLE, reduction=reduction,
-                     downsample_structure=downsample_structure, growth_rate=growth_rate,
-                     init_features=init_features, dilated=dilated, **kw)
+    return _densenet(
+        DenseNetBase,
+        [6, 8, 12, 6],
+        [3.3, 3.3, 4.0],
+        DOWNSAMPLE,
+        reduction=reduction,
+        downsample_structure=downsample_structure,
+        growth_rate=growth_rate,
+        init_features=init_features,
+        dilated=dilated,
+        **kw,
+    )
 
 
 @register("densenet45", family="densenet")
 def densenet45(*, reduction=None, growth_rate=64, init_features=64, downsample_structure=None, dilated=False, **kw):
     """BinaryDenseNet-45: blocks [6, 12, 14, 8], reductions 2.7, 3.3, 4."""
-    return _densenet(DenseNetBase, [6, 12, 14, 8], [2.7, 3.3, 4.0], DOWNSAMPLE, reduction=reduction,
-                     downsample_structure=downsample_structure, growth_rate=growth_rate,
-                     init_features=init_features, dilated=dilated, **kw)
+    return _densenet(
+        DenseNetBase,
+        [6, 12, 14, 8],
+        [2.7, 3.3, 4.0],
+        DOWNSAMPLE,
+        reduction=reduction,
+        downsample_structure=downsample_structure,
+        growth_rate=growth_rate,
+        init_features=init_features,
+        dilated=dilated,
+        **kw,
+    )
 
 
 @register("densenet_flex", family="densenet")
-def densenet_flex(*, block_config=None, reduction=None, growth_rate=64, init_features=64,
-                  downsample_structure=None, dilated=False, **kw):
+def densenet_flex(
+    *,
+    block_config=None,
+    reduction=None,
+    growth_rate=64,
+    init_features=64,
+    downsample_structure=None,
+    dilated=False,
+    **kw,
+):
     """BinaryDenseNet with ``block_config`` (required) and reduction 2 per transition unless given."""
     if block_config is None:
         raise UserError("model densenet_flex needs --block-config, e.g. 6,6,6,5")
     blocks = parse_ints("--block-config", block_config)
-    return _densenet(DenseNetBase, blocks, [2.0] * (len(blocks) - 1), DOWNSAMPLE, reduction=reduction,
-                     downsample_structure=downsample_structure, growth_rate=growth_rate,
-                     init_features=init_features, dilated=dilated, **kw)
+    return _densenet(
+        DenseNetBase,
+        blocks,
+        [2.0] * (len(blocks) - 1),
+        DOWNSAMPLE,
+        reduction=reduction,
+        downsample_structure=downsample_structure,
+        growth_rate=growth_rate,
+        init_features=init_features,
+        dilated=dilated,
+        **kw,
+    )

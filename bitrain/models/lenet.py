@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from bitrain.errors import UserError
 from bitrain.binary.layers import QConv2d, QLinear
+from bitrain.errors import UserError
 from bitrain.models._registry import register
 
 CHANNELS, HIDDEN = 64, 1000
@@ -22,13 +22,18 @@ class LeNet(nn.Module):
         if side < 1:
             raise UserError(f"model lenet needs inputs of at least 4 px, got --image-size {image_size}")
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, CHANNELS, 5, padding=pad), nn.BatchNorm2d(CHANNELS), nn.Tanh(),
+            nn.Conv2d(in_channels, CHANNELS, 5, padding=pad),
+            nn.BatchNorm2d(CHANNELS),
+            nn.Tanh(),
             nn.MaxPool2d(2, 2),
-            QConv2d(CHANNELS, CHANNELS, 5, 1, pad), nn.BatchNorm2d(CHANNELS), nn.MaxPool2d(2, 2),
+            QConv2d(CHANNELS, CHANNELS, 5, 1, pad),
+            nn.BatchNorm2d(CHANNELS),
+            nn.MaxPool2d(2, 2),
             nn.Flatten(),
         )
-        self.output = nn.Sequential(QLinear(CHANNELS * side * side, HIDDEN), nn.BatchNorm1d(HIDDEN),
-                                    nn.Linear(HIDDEN, num_classes))
+        self.output = nn.Sequential(
+            QLinear(CHANNELS * side * side, HIDDEN), nn.BatchNorm1d(HIDDEN), nn.Linear(HIDDEN, num_classes)
+        )
 
     def forward(self, x):
         return self.output(self.features(x))

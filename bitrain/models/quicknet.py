@@ -19,8 +19,7 @@ from bitrain.models.common import head, make_stem, padded_same_maxpool
 class ResidualBlock(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.body = nn.Sequential(QConv2d(channels, channels, 3, 1, 1), nn.ReLU(inplace=True),
-                                  nn.BatchNorm2d(channels))
+        self.body = nn.Sequential(QConv2d(channels, channels, 3, 1, 1), nn.ReLU(inplace=True), nn.BatchNorm2d(channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x) + x
@@ -52,14 +51,21 @@ class Transition(nn.Module):
 
 def quicknet_stem(in_channels: int, channels: int) -> list[nn.Module]:
     quarter = channels // 4
-    return [nn.Conv2d(in_channels, quarter, 3, 2, 1, bias=False), nn.BatchNorm2d(quarter), nn.ReLU(inplace=True),
-            nn.Conv2d(quarter, quarter, 3, 2, 1, groups=quarter, bias=False), nn.BatchNorm2d(quarter),
-            nn.Conv2d(quarter, channels, 1, bias=False), nn.BatchNorm2d(channels)]
+    return [
+        nn.Conv2d(in_channels, quarter, 3, 2, 1, bias=False),
+        nn.BatchNorm2d(quarter),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(quarter, quarter, 3, 2, 1, groups=quarter, bias=False),
+        nn.BatchNorm2d(quarter),
+        nn.Conv2d(quarter, channels, 1, bias=False),
+        nn.BatchNorm2d(channels),
+    ]
 
 
 class QuickNet(nn.Module):
-    def __init__(self, blocks: list[int], filters: list[int], *, num_classes: int, in_channels: int,
-                 initial_layers: str):
+    def __init__(
+        self, blocks: list[int], filters: list[int], *, num_classes: int, in_channels: int, initial_layers: str
+    ):
         super().__init__()
         if initial_layers == "imagenet":
             feats = quicknet_stem(in_channels, filters[0])

@@ -20,8 +20,13 @@ def _body(kind: str, c_in: int, c_out: int, stride: int, last_bn: bool) -> list[
         layers = [QConv2d(c_in, c_out, 3, stride, 1), nn.BatchNorm2d(c_out), QConv2d(c_out, c_out, 3, 1, 1)]
     else:
         mid = c_out // 4
-        layers = [QConv2d(c_in, mid, 1), nn.BatchNorm2d(mid), QConv2d(mid, mid, 3, stride, 1),
-                  nn.BatchNorm2d(mid), QConv2d(mid, c_out, 1)]
+        layers = [
+            QConv2d(c_in, mid, 1),
+            nn.BatchNorm2d(mid),
+            QConv2d(mid, mid, 3, stride, 1),
+            nn.BatchNorm2d(mid),
+            QConv2d(mid, c_out, 1),
+        ]
     return layers + [nn.BatchNorm2d(c_out)] if last_bn else layers
 
 
@@ -58,8 +63,17 @@ class BlockV2(nn.Module):
 class BinaryResNet(nn.Module):
     """features (input BN, stem, 4 stages, [BN,] ReLU) -> global pool -> full-precision linear."""
 
-    def __init__(self, layers: list[int], channels: list[int], kind: str, version: int, *, num_classes: int,
-                 in_channels: int, initial_layers: str):
+    def __init__(
+        self,
+        layers: list[int],
+        channels: list[int],
+        kind: str,
+        version: int,
+        *,
+        num_classes: int,
+        in_channels: int,
+        initial_layers: str,
+    ):
         super().__init__()
         block = BlockV1 if version == 1 else BlockV2
         stages: list[nn.Module] = []
@@ -68,8 +82,9 @@ class BinaryResNet(nn.Module):
             stage = [block(kind, channels[i], channels[i + 1], stride)]
             stage += [block(kind, channels[i + 1], channels[i + 1], 1) for _ in range(n - 1)]
             stages.append(nn.Sequential(*stage))
-        self.features = resnet_features(stages, in_channels=in_channels, channels=channels, version=version,
-                                        initial_layers=initial_layers)
+        self.features = resnet_features(
+            stages, in_channels=in_channels, channels=channels, version=version, initial_layers=initial_layers
+        )
         self.output = nn.Sequential(*head(channels[-1], num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from bitrain.errors import UserError
 from bitrain.binary.layers import QConv2d
+from bitrain.errors import UserError
 from bitrain.models._registry import register
 from bitrain.models.common import check_groups, head, resnet_features, shortcut_pool, sliced_add
 
@@ -37,8 +37,19 @@ class BlockE(nn.Module):
     With ``slices`` > 1 the conv writes C/slices channels, added onto slice ``write_on`` of the shortcut.
     """
 
-    def __init__(self, version: int, c_in: int, c_out: int, stride: int, *, fp: bool, pool: bool, groups: int,
-                 slices: int = 1, write_on: int = 0):
+    def __init__(
+        self,
+        version: int,
+        c_in: int,
+        c_out: int,
+        stride: int,
+        *,
+        fp: bool,
+        pool: bool,
+        groups: int,
+        slices: int = 1,
+        write_on: int = 0,
+    ):
         super().__init__()
         self.version = version
         self.start = (c_out // slices) * write_on  # first shortcut channel this conv adds onto
@@ -63,9 +74,20 @@ class BlockE(nn.Module):
 class ResNetE(nn.Module):
     """features (input BN, stem, 4 stages of BlockE, [BN,] ReLU) -> global pool -> full-precision linear."""
 
-    def __init__(self, layers: list[int], channels: list[int], version: int, *, num_classes: int, in_channels: int,
-                 initial_layers: str, fp_downsample_sc: bool = False, pool_downsample_sc: bool = False,
-                 downsample_sc_groups: int = 1, slices: int = 1):
+    def __init__(
+        self,
+        layers: list[int],
+        channels: list[int],
+        version: int,
+        *,
+        num_classes: int,
+        in_channels: int,
+        initial_layers: str,
+        fp_downsample_sc: bool = False,
+        pool_downsample_sc: bool = False,
+        downsample_sc_groups: int = 1,
+        slices: int = 1,
+    ):
         super().__init__()
         if slices not in (1, 2, 4, 8):
             raise UserError(f"--slices {slices}: valid values are 1, 2, 4, 8")
@@ -77,15 +99,20 @@ class ResNetE(nn.Module):
             c_in, c_out, stride = channels[i], channels[i + 1], 1 if i == 0 else 2
             convs = 2 * n  # two single-conv blocks per ResNet block
             if c_in == c_out and stride == 1:  # no downsampling: every conv can be sliced
-                stage = [BlockE(version, c_in, c_out, 1, slices=slices, write_on=k % slices, **opts)
-                         for k in range(convs * slices)]
+                stage = [
+                    BlockE(version, c_in, c_out, 1, slices=slices, write_on=k % slices, **opts)
+                    for k in range(convs * slices)
+                ]
             else:  # the downsampling conv stays whole
                 stage = [BlockE(version, c_in, c_out, stride, **opts)]
-                stage += [BlockE(version, c_out, c_out, 1, slices=slices, write_on=k % slices, **opts)
-                          for k in range((convs - 1) * slices)]
+                stage += [
+                    BlockE(version, c_out, c_out, 1, slices=slices, write_on=k % slices, **opts)
+                    for k in range((convs - 1) * slices)
+                ]
             stages.append(nn.Sequential(*stage))
-        self.features = resnet_features(stages, in_channels=in_channels, channels=channels, version=version,
-                                        initial_layers=initial_layers)
+        self.features = resnet_features(
+            stages, in_channels=in_channels, channels=channels, version=version, initial_layers=initial_layers
+        )
         self.output = nn.Sequential(*head(channels[-1], num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -104,40 +131,88 @@ def _arch(kw: dict) -> dict:
 @register("resnet18_e1", family="resnet_e")
 def resnet18_e1(*, fp_downsample_sc=False, pool_downsample_sc=False, downsample_sc_groups=1, slices=1, **kw):
     """ResNetE-18 (E1, post-norm): [2, 2, 2, 2] blocks = 16 binary 3x3 convs, each with a shortcut."""
-    return ResNetE([2, 2, 2, 2], _BASIC, 1, fp_downsample_sc=fp_downsample_sc, pool_downsample_sc=pool_downsample_sc,
-                   downsample_sc_groups=downsample_sc_groups, slices=slices, **_arch(kw))
+    return ResNetE(
+        [2, 2, 2, 2],
+        _BASIC,
+        1,
+        fp_downsample_sc=fp_downsample_sc,
+        pool_downsample_sc=pool_downsample_sc,
+        downsample_sc_groups=downsample_sc_groups,
+        slices=slices,
+        **_arch(kw),
+    )
 
 
 @register("resnet34_e1", family="resnet_e")
 def resnet34_e1(*, fp_downsample_sc=False, pool_downsample_sc=False, downsample_sc_groups=1, slices=1, **kw):
     """ResNetE-34 (E1): [3, 4, 6, 3] blocks = 32 binary 3x3 convs."""
-    return ResNetE([3, 4, 6, 3], _BASIC, 1, fp_downsample_sc=fp_downsample_sc, pool_downsample_sc=pool_downsample_sc,
-                   downsample_sc_groups=downsample_sc_groups, slices=slices, **_arch(kw))
+    return ResNetE(
+        [3, 4, 6, 3],
+        _BASIC,
+        1,
+        fp_downsample_sc=fp_downsample_sc,
+        pool_downsample_sc=pool_downsample_sc,
+        downsample_sc_groups=downsample_sc_groups,
+        slices=slices,
+        **_arch(kw),
+    )
 
 
 @register("resnet50_e1", family="resnet_e")
 def resnet50_e1(*, fp_downsample_sc=False, pool_downsample_sc=False, downsample_sc_groups=1, slices=1, **kw):
     """ResNetE-50 (E1): [3, 4, 6, 3] blocks at widths 256-2048 (BMXNet's spec)."""
-    return ResNetE([3, 4, 6, 3], _WIDE, 1, fp_downsample_sc=fp_downsample_sc, pool_downsample_sc=pool_downsample_sc,
-                   downsample_sc_groups=downsample_sc_groups, slices=slices, **_arch(kw))
+    return ResNetE(
+        [3, 4, 6, 3],
+        _WIDE,
+        1,
+        fp_downsample_sc=fp_downsample_sc,
+        pool_downsample_sc=pool_downsample_sc,
+        downsample_sc_groups=downsample_sc_groups,
+        slices=slices,
+        **_arch(kw),
+    )
 
 
 @register("resnet18_e2", family="resnet_e")
 def resnet18_e2(*, fp_downsample_sc=False, pool_downsample_sc=False, downsample_sc_groups=1, slices=1, **kw):
     """ResNetE-18 (E2, pre-norm): [2, 2, 2, 2] blocks."""
-    return ResNetE([2, 2, 2, 2], _BASIC, 2, fp_downsample_sc=fp_downsample_sc, pool_downsample_sc=pool_downsample_sc,
-                   downsample_sc_groups=downsample_sc_groups, slices=slices, **_arch(kw))
+    return ResNetE(
+        [2, 2, 2, 2],
+        _BASIC,
+        2,
+        fp_downsample_sc=fp_downsample_sc,
+        pool_downsample_sc=pool_downsample_sc,
+        downsample_sc_groups=downsample_sc_groups,
+        slices=slices,
+        **_arch(kw),
+    )
 
 
 @register("resnet34_e2", family="resnet_e")
 def resnet34_e2(*, fp_downsample_sc=False, pool_downsample_sc=False, downsample_sc_groups=1, slices=1, **kw):
     """ResNetE-34 (E2, pre-norm): [3, 4, 6, 3] blocks."""
-    return ResNetE([3, 4, 6, 3], _BASIC, 2, fp_downsample_sc=fp_downsample_sc, pool_downsample_sc=pool_downsample_sc,
-                   downsample_sc_groups=downsample_sc_groups, slices=slices, **_arch(kw))
+    return ResNetE(
+        [3, 4, 6, 3],
+        _BASIC,
+        2,
+        fp_downsample_sc=fp_downsample_sc,
+        pool_downsample_sc=pool_downsample_sc,
+        downsample_sc_groups=downsample_sc_groups,
+        slices=slices,
+        **_arch(kw),
+    )
 
 
 @register("resnet50_e2", family="resnet_e")
 def resnet50_e2(*, fp_downsample_sc=False, pool_downsample_sc=False, downsample_sc_groups=1, slices=1, **kw):
     """ResNetE-50 (E2, pre-norm): [3, 4, 6, 3] blocks at widths 256-2048 (BMXNet's spec)."""
-    return ResNetE([3, 4, 6, 3], _WIDE, 2, fp_downsample_sc=fp_downsample_sc, pool_downsample_sc=pool_downsample_sc,
-                   downsample_sc_groups=downsample_sc_groups, slices=slices, **_arch(kw))
+    return ResNetE(
+        [3, 4, 6, 3],
+        _WIDE,
+        2,
+        fp_downsample_sc=fp_downsample_sc,
+        pool_downsample_sc=pool_downsample_sc,
+        downsample_sc_groups=downsample_sc_groups,
+        slices=slices,
+        **_arch(kw),
+    )

@@ -23,22 +23,32 @@ class BasicBlockE(nn.Module):
         self.body = nn.Sequential(QConv2d(c_in, c_out, 3, stride, 1), nn.BatchNorm2d(c_out))
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False),
-                                          nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out))
+            self.shortcut = nn.Sequential(
+                nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False),
+                nn.Conv2d(c_in, c_out, 1, bias=False),
+                nn.BatchNorm2d(c_out),
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x) + self.shortcut(x)
 
 
 @register("tiny_resnet_e", family="small", image_size=8)
-def tiny_resnet_e(*, num_classes: int, in_channels: int, image_size: int, initial_layers: str = "thumbnail",
-                  width: int = 32) -> nn.Module:
+def tiny_resnet_e(
+    *, num_classes: int, in_channels: int, image_size: int, initial_layers: str = "thumbnail", width: int = 32
+) -> nn.Module:
     """Stem 3x3 -> 2 blocks at ``width`` -> 2 blocks at 2*width (stride 2) -> pool -> linear."""
     w = width
     stride = 2 if image_size >= 8 else 1
     return nn.Sequential(
-        nn.Conv2d(in_channels, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w),
-        BasicBlockE(w, w), BasicBlockE(w, w),
-        BasicBlockE(w, 2 * w, stride), BasicBlockE(2 * w, 2 * w),
-        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * w, num_classes),
+        nn.Conv2d(in_channels, w, 3, 1, 1, bias=False),
+        nn.BatchNorm2d(w),
+        BasicBlockE(w, w),
+        BasicBlockE(w, w),
+        BasicBlockE(w, 2 * w, stride),
+        BasicBlockE(2 * w, 2 * w),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(2 * w, num_classes),
     )

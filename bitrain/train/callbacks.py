@@ -116,8 +116,10 @@ class ConsoleLogger(Callback):
     def on_row(self, row: dict[str, Any]) -> None:
         e = row["epoch"]
         if row["split"] == "batch":
-            self._log(f"Epoch[{e}] Batch [{row['batch']}]\tSpeed: {row['samples_per_sec']:.1f} samples/sec\t"
-                      f"{_fmt_metrics(row)}\tlr={row['lr']:.6g}")
+            self._log(
+                f"Epoch[{e}] Batch [{row['batch']}]\tSpeed: {row['samples_per_sec']:.1f} samples/sec\t"
+                f"{_fmt_metrics(row)}\tlr={row['lr']:.6g}"
+            )
         else:
             name = {"train": "training", "val": "validation"}[row["split"]]
             self._log(f"[Epoch {e}] {name}: {_fmt_metrics(row)}")
@@ -259,8 +261,14 @@ class ProgressETA(Callback):
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.console = console or Console()
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TimeRemainingColumn(), console=self.console, transient=True)
+            self.bar = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                console=self.console,
+                transient=True,
+            )
         self.epochs = 1
         self.start_epoch = 0
         self.task = None

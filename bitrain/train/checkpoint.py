@@ -17,8 +17,9 @@ import io
 import os
 import shutil
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -33,7 +34,7 @@ class CheckpointWriteError(OSError):
     """A checkpoint could not be written (disk full, read-only folder); the previous one is intact."""
 
 
-def _digest(obj: Any, h: "hashlib._Hash") -> None:
+def _digest(obj: Any, h: hashlib._Hash) -> None:
     """Feed a nested dict/list/tensor structure into ``h`` in a canonical order."""
     if isinstance(obj, torch.Tensor):
         t = obj.detach().cpu().contiguous()
@@ -70,7 +71,9 @@ def save_checkpoint(path: str | Path, payload: dict) -> None:
     try:
         atomic_write_bytes(path, buf.getvalue())
     except OSError as e:  # disk full, read-only folder: the previous file is untouched
-        raise CheckpointWriteError(e.errno, f"could not write checkpoint {path}: {e.strerror}; the previous checkpoint is intact") from e
+        raise CheckpointWriteError(
+            e.errno, f"could not write checkpoint {path}: {e.strerror}; the previous checkpoint is intact"
+        ) from e
 
 
 def save_last(folder: str | Path, payload: dict, also: Sequence[str | Path] = ()) -> Path:
@@ -93,8 +96,9 @@ def save_last(folder: str | Path, payload: dict, also: Sequence[str | Path] = ()
         os.replace(tmp, last)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise CheckpointWriteError(e.errno, f"could not publish checkpoint in {folder}: {e.strerror}; "
-                                            "the previous checkpoint is intact") from e
+        raise CheckpointWriteError(
+            e.errno, f"could not publish checkpoint in {folder}: {e.strerror}; the previous checkpoint is intact"
+        ) from e
     fsync_dir(folder)
     return last
 

@@ -104,7 +104,7 @@ class AllReduceBatchNorm(nn.modules.batchnorm._BatchNorm):
         c = x.shape[1]
         n = stats[-1]
         mean = stats[:c] / n
-        var = (stats[c:2 * c] / n - mean * mean).clamp_min(0)  # biased, as BatchNorm normalises with
+        var = (stats[c : 2 * c] / n - mean * mean).clamp_min(0)  # biased, as BatchNorm normalises with
         if self.track_running_stats and self.running_mean is not None:
             with torch.no_grad():
                 self.num_batches_tracked += 1
@@ -125,8 +125,7 @@ def convert_sync_batchnorm(model: nn.Module, device_type: str) -> nn.Module:
     if device_type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if isinstance(model, nn.modules.batchnorm._BatchNorm) and not isinstance(model, AllReduceBatchNorm):
-        new = AllReduceBatchNorm(model.num_features, model.eps, model.momentum, model.affine,
-                                 model.track_running_stats)
+        new = AllReduceBatchNorm(model.num_features, model.eps, model.momentum, model.affine, model.track_running_stats)
         # the same Parameter/buffer objects: an optimizer built on the model keeps training them
         for name, p in model.named_parameters(recurse=False):
             setattr(new, name, p)

@@ -20,8 +20,9 @@ def mix_inputs(x: torch.Tensor, lam: float, perm: torch.Tensor) -> torch.Tensor:
     return lam * x + (1 - lam) * x[perm.to(x.device)]
 
 
-def mixed_cross_entropy(logits: torch.Tensor, y: torch.Tensor, lam: float, perm: torch.Tensor,
-                        label_smoothing: float = 0.0) -> torch.Tensor:
+def mixed_cross_entropy(
+    logits: torch.Tensor, y: torch.Tensor, lam: float, perm: torch.Tensor, label_smoothing: float = 0.0
+) -> torch.Tensor:
     """The loss on mixed one-hot targets, which is the same mix of the two hard-label losses."""
     a = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
     b = F.cross_entropy(logits, y[perm.to(y.device)], label_smoothing=label_smoothing)

@@ -3,7 +3,7 @@ biases and binary (latent) weights."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -39,8 +39,17 @@ def param_groups(model: nn.Module, wd: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model: nn.Module, name: str, *, lr: float, momentum: float = 0.9, wd: float = 0.0,
-                    bop_threshold: float = 1e-8, bop_gamma: float = 1e-4, bop_inner: str = "adam") -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module,
+    name: str,
+    *,
+    lr: float,
+    momentum: float = 0.9,
+    wd: float = 0.0,
+    bop_threshold: float = 1e-8,
+    bop_gamma: float = 1e-4,
+    bop_inner: str = "adam",
+) -> torch.optim.Optimizer:
     """``name`` in sgd, nag, adam, radam, adamw, bop (binary weights flipped by Bop, the rest by ``bop_inner``)."""
     if name == "bop":
         from bitrain.binary.bop import build_bop  # binary-only optimizer, lives with the binary layers

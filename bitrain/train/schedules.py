@@ -9,12 +9,11 @@ ignores it; bitrain honours it), then the main schedule over the remaining epoch
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Callable, Sequence
 
 from bitrain.errors import UserError
 from bitrain.names import LR_MODES
-
 
 
 def lr_at(

@@ -27,11 +27,11 @@ class NonFiniteLoss(TrainerStop):
 class TrainState:
     """Everything resume needs besides module/optimizer/scaler tensors (nanoGPT's loop_state)."""
 
-    epoch: int = 0           # epoch in progress, or the next one to start
-    batch: int = 0           # batches of ``epoch`` already trained (0 = at its start)
-    step: int = 0            # optimizer steps over the whole run: the schedule's input
-    samples: int = 0         # samples seen over the run, all ranks: TensorBoard's x axis
-    best_acc: float = -1.0   # best validation top-1 so far
+    epoch: int = 0  # epoch in progress, or the next one to start
+    batch: int = 0  # batches of ``epoch`` already trained (0 = at its start)
+    step: int = 0  # optimizer steps over the whole run: the schedule's input
+    samples: int = 0  # samples seen over the run, all ranks: TensorBoard's x axis
+    best_acc: float = -1.0  # best validation top-1 so far
     epoch_elapsed: float = 0.0  # seconds already spent in ``epoch`` before a mid-epoch resume
     epoch_times: list[float] = field(default_factory=list)
     nonfinite_skipped: int = 0

@@ -12,23 +12,24 @@ import contextlib
 import dataclasses
 import math
 import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from bitrain.binary.layers import clip_latent_weights_, latent_weight_warning
+from bitrain.binary.schedule import set_quantizer_epoch
+from bitrain.errors import UserError
 from bitrain.train import checkpoint as ckpt
 from bitrain.train import dist
 from bitrain.train.callbacks import Callback
-from bitrain.binary.layers import clip_latent_weights_, latent_weight_warning
-from bitrain.errors import UserError
 from bitrain.train.metrics import EpochMetrics
-from bitrain.train.optim import build_optimizer
 from bitrain.train.mixup import distillation_loss, mix_inputs, mixed_cross_entropy, mixup_params
+from bitrain.train.optim import build_optimizer
 from bitrain.train.preempt import StopFlag
-from bitrain.binary.schedule import set_quantizer_epoch
 from bitrain.train.schedules import make_schedule
 from bitrain.train.state import Interrupted, NonFiniteLoss, TrainerStop, TrainState
 
@@ -49,9 +50,15 @@ def autocast_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable, *, device: torch.device | str = "cpu",
-             amp_dtype: torch.dtype | None = None, max_batches: int | None = None,
-             metrics: EpochMetrics | None = None) -> dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    loader: Iterable,
+    *,
+    device: torch.device | str = "cpu",
+    amp_dtype: torch.dtype | None = None,
+    max_batches: int | None = None,
+    metrics: EpochMetrics | None = None,
+) -> dict[str, float]:
     """Top-1, top-5 and mean loss of ``model`` over ``loader`` (eval mode, no grad), exact over all
     samples and, under DDP, over all ranks."""
     device = torch.device(device)
@@ -137,9 +144,16 @@ class Trainer:
             self.net = torch.compile(self.net)
         self.steps_per_epoch = 1 if test_run else len(train_loader)
         if schedule is None and lr_mode is not None:
-            schedule = make_schedule(lr=lr, mode=lr_mode, steps_per_epoch=self.steps_per_epoch, epochs=epochs,
-                                     warmup_epochs=warmup_epochs, warmup_lr=warmup_lr, lr_steps=list(lr_steps),
-                                     lr_factor=lr_factor)
+            schedule = make_schedule(
+                lr=lr,
+                mode=lr_mode,
+                steps_per_epoch=self.steps_per_epoch,
+                epochs=epochs,
+                warmup_epochs=warmup_epochs,
+                warmup_lr=warmup_lr,
+                lr_steps=list(lr_steps),
+                lr_factor=lr_factor,
+            )
         if isinstance(optimizer, str):  # a name: BMXNet's parameter groups, lr from the schedule or ``lr``
             optimizer = build_optimizer(self.model, optimizer, lr=schedule(0) if schedule else lr)
         self.optimizer, self.train_loader, self.val_loader = optimizer, train_loader, val_loader
@@ -155,8 +169,10 @@ class Trainer:
             raise UserError(f"--bn-recalibrate must be >= 0, got {bn_recalibrate}")
         self.bn_recalibrate = bn_recalibrate
         if not distill_temperature > 0 or not 0 <= distill_alpha <= 1:
-            raise UserError(f"--distill-temperature must be > 0 and --distill-alpha in [0, 1], got "
-                            f"{distill_temperature} and {distill_alpha}")
+            raise UserError(
+                f"--distill-temperature must be > 0 and --distill-alpha in [0, 1], got "
+                f"{distill_temperature} and {distill_alpha}"
+            )
         # the teacher: eval mode, no gradients, never saved (a checkpoint's config names its file)
         self.teacher = teacher.to(self.device).eval().requires_grad_(False) if teacher is not None else None
         self.distill_temperature, self.distill_alpha = distill_temperature, distill_alpha
@@ -167,8 +183,11 @@ class Trainer:
         self.checkpoint_extra = dict(checkpoint_extra or {})
         self.profile_steps = PROFILE_STEPS if profile else 0
         self.global_batch = train_loader.batch_size * self.dist.world_size
-        self.state = TrainState(epoch=start_epoch, step=start_epoch * self.steps_per_epoch,
-                                samples=start_epoch * self.steps_per_epoch * self.global_batch)
+        self.state = TrainState(
+            epoch=start_epoch,
+            step=start_epoch * self.steps_per_epoch,
+            samples=start_epoch * self.steps_per_epoch * self.global_batch,
+        )
         self.train_metrics = EpochMetrics(self.device)
         self.val_metrics = EpochMetrics(self.device)
         # first step whose loss was non-finite (inf = none); a device tensor: no sync per step
@@ -180,8 +199,15 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train until ``epochs``; returns the final metrics. Raises Interrupted / NonFiniteLoss."""
         s = self.state
-        self._emit("on_fit_start", {"epochs": self.epochs, "start_epoch": s.epoch,
-                                    "steps_per_epoch": self.steps_per_epoch, "global_batch": self.global_batch})
+        self._emit(
+            "on_fit_start",
+            {
+                "epochs": self.epochs,
+                "start_epoch": s.epoch,
+                "steps_per_epoch": self.steps_per_epoch,
+                "global_batch": self.global_batch,
+            },
+        )
         if s.step == 0:
             self._emit("on_histograms", self.model, s.samples)
         note = None if self.clip_latent_weights else latent_weight_warning(self.model)
@@ -190,9 +216,12 @@ class Trainer:
         val: dict[str, float] = {}
         with self._signals:
             while s.epoch < self.epochs:
-                self._emit("on_epoch_start", s.epoch,  # the lr of the epoch's first step; the samples before it
-                           self.schedule(s.step - s.batch) if self.schedule else self.optimizer.param_groups[0]["lr"],
-                           s.samples - s.batch * self.global_batch)
+                self._emit(
+                    "on_epoch_start",
+                    s.epoch,  # the lr of the epoch's first step; the samples before it
+                    self.schedule(s.step - s.batch) if self.schedule else self.optimizer.param_groups[0]["lr"],
+                    s.samples - s.batch * self.global_batch,
+                )
                 set_quantizer_epoch(self.model, s.epoch)  # scheduled quantizers: a function of the epoch
                 train, epoch_time = self._train_epoch()
                 val = self.evaluate()
@@ -206,7 +235,9 @@ class Trainer:
                 forced = self.interrupt_at is not None and epoch + 1 == self.interrupt_at
                 self._save_epoch(epoch, val.get("acc1", float("nan")), forced=forced)
                 if forced:
-                    raise Interrupted(f"[Epoch {epoch}] interrupting because --interrupt-at was set to {self.interrupt_at}")
+                    raise Interrupted(
+                        f"[Epoch {epoch}] interrupting because --interrupt-at was set to {self.interrupt_at}"
+                    )
         self._emit("on_fit_end", {"best_acc": s.best_acc, "val": val})
         return {"best_acc": s.best_acc, "val": val, "avg_epoch_time": self.average_epoch_time()}
 
@@ -255,8 +286,10 @@ class Trainer:
             loss = self._loss(logits, y, mix, self._teacher_logits(x))
         if self.skip_nonfinite and not bool(torch.isfinite(loss)):  # opt-in: one sync per step
             self.state.nonfinite_skipped += 1
-            self._emit("on_message", f"step {self.state.step}: non-finite loss, step skipped "
-                                     f"({self.state.nonfinite_skipped} so far)")
+            self._emit(
+                "on_message",
+                f"step {self.state.step}: non-finite loss, step skipped ({self.state.nonfinite_skipped} so far)",
+            )
             return loss.detach()
         self.scaler.scale(loss).backward()
         if self.clip_grad_norm:
@@ -272,8 +305,13 @@ class Trainer:
         torch.minimum(self._first_bad, bad, out=self._first_bad)
         return loss
 
-    def _loss(self, logits: torch.Tensor, y: torch.Tensor, mix: tuple[float, torch.Tensor] | None,
-              teacher_logits: torch.Tensor | None = None) -> torch.Tensor:
+    def _loss(
+        self,
+        logits: torch.Tensor,
+        y: torch.Tensor,
+        mix: tuple[float, torch.Tensor] | None,
+        teacher_logits: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         logits = logits.float()
         alpha = self.distill_alpha if teacher_logits is not None else 0.0
         loss = 0.0
@@ -305,8 +343,14 @@ class Trainer:
             self.recalibrate_bn(self.bn_recalibrate)
         self.val_loader.set_epoch(0)
         dist.sync_buffers(self.model)  # every rank validates the model rank 0 saves
-        return evaluate(self.model, self.val_loader, device=self.device, amp_dtype=self.amp_dtype,
-                        max_batches=1 if self.test_run else None, metrics=self.val_metrics)
+        return evaluate(
+            self.model,
+            self.val_loader,
+            device=self.device,
+            amp_dtype=self.amp_dtype,
+            max_batches=1 if self.test_run else None,
+            metrics=self.val_metrics,
+        )
 
     @torch.no_grad()
     def recalibrate_bn(self, batches: int) -> float:
@@ -318,8 +362,9 @@ class Trainer:
         statistics are the exact average (momentum None) over the first ``batches`` train batches of
         epoch 0's order: a fixed, deterministic set, so the validated, saved and resumed model agree.
         """
-        bns = [m for m in self.model.modules()
-               if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+        bns = [
+            m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+        ]
         if not bns:
             return 0.0
         t0 = time.perf_counter()
@@ -342,8 +387,10 @@ class Trainer:
         seconds = time.perf_counter() - t0
         if not self._recalibration_reported:
             self._recalibration_reported = True
-            self._emit("on_message", f"BatchNorm statistics re-estimated over {count} train batches before "
-                                     f"validating ({seconds:.2f}s)")
+            self._emit(
+                "on_message",
+                f"BatchNorm statistics re-estimated over {count} train batches before validating ({seconds:.2f}s)",
+            )
         return seconds
 
     # ------------------------------------------------------------------ checkpoints
@@ -428,8 +475,10 @@ class Trainer:
     def _check_finite(self) -> None:
         bad = float(self._first_bad)
         if math.isfinite(bad):
-            raise NonFiniteLoss(f"loss became non-finite at step {int(bad)} (epoch {self.state.epoch}); "
-                                "the last good checkpoint is kept; lower --lr, or use --skip-nonfinite")
+            raise NonFiniteLoss(
+                f"loss became non-finite at step {int(bad)} (epoch {self.state.epoch}); "
+                "the last good checkpoint is kept; lower --lr, or use --skip-nonfinite"
+            )
 
     # ------------------------------------------------------------------ small helpers
     def _set_lr(self, step: int) -> float:
@@ -454,23 +503,43 @@ class Trainer:
         # skip the first (slow) step and warm up on the second when the epoch is long enough
         skip = 1 if self.steps_per_epoch >= self.profile_steps + 2 else 0
         active = max(1, min(self.profile_steps, self.steps_per_epoch - 2 * skip))
-        return profile(activities=acts, schedule=schedule(wait=skip, warmup=skip, active=active),
-                       on_trace_ready=tensorboard_trace_handler(str(self.run_dir / "profile")))
+        return profile(
+            activities=acts,
+            schedule=schedule(wait=skip, warmup=skip, active=active),
+            on_trace_ready=tensorboard_trace_handler(str(self.run_dir / "profile")),
+        )
 
     def _log_batch(self, lr: float, speed: float) -> None:
         self._check_finite()
         m = self.train_metrics.compute()
         self._log_row("batch", self.state.epoch, m, lr=lr, speed=speed, batch=self.state.batch)
 
-    def _log_row(self, split: str, epoch: int, m: dict[str, float], lr: float | None = None,
-                 speed: float | None = None, batch: int | None = None, epoch_time: float | None = None) -> None:
+    def _log_row(
+        self,
+        split: str,
+        epoch: int,
+        m: dict[str, float],
+        lr: float | None = None,
+        speed: float | None = None,
+        batch: int | None = None,
+        epoch_time: float | None = None,
+    ) -> None:
         if not m:
             return
         s = self.state
-        row = {"split": split, "epoch": epoch, "batch": batch, "step": s.step, "samples": s.samples,
-               "loss": m.get("loss"), "acc1": m.get("acc1"), "acc5": m.get("acc5"),
-               "lr": lr if lr is not None else self.optimizer.param_groups[0]["lr"],
-               "samples_per_sec": speed, "epoch_time": epoch_time}
+        row = {
+            "split": split,
+            "epoch": epoch,
+            "batch": batch,
+            "step": s.step,
+            "samples": s.samples,
+            "loss": m.get("loss"),
+            "acc1": m.get("acc1"),
+            "acc5": m.get("acc5"),
+            "lr": lr if lr is not None else self.optimizer.param_groups[0]["lr"],
+            "samples_per_sec": speed,
+            "epoch_time": epoch_time,
+        }
         self._emit("on_row", row)
 
     def average_epoch_time(self) -> float:
@@ -486,4 +555,3 @@ class Trainer:
     def _emit(self, event: str, *args) -> None:
         for cb in self.callbacks:
             getattr(cb, event)(*args)
-
