@@ -166,8 +166,10 @@ def test_mnist_idx_plain_and_gz_and_cache(tmp_path, gz):
 
 def test_fashion_mnist_torchvision_layout_and_build_data(tmp_path):
     x_tr, y_tr, x_va, y_va = make_mnist(tmp_path / "FashionMNIST" / "raw", n_train=24, gz=True)
-    tr, va, info = build_data("fashion-mnist", data_dir=str(tmp_path), batch_size=8)
+    tr, va, info = build_data("fashion-mnist", data_dir=str(tmp_path), batch_size=8, augmentation="none")
     assert (info.num_train, info.num_val, info.in_channels, info.image_size) == (24, 7, 1, 28)
+    default, _, _ = build_data("fashion-mnist", data_dir=str(tmp_path), batch_size=8)
+    assert (default.pad, default.flip) == (2, True)  # its default augmentation: pad-2 random crop + flip
     assert torch.cat([y for _, y in va]).tolist() == y_va.tolist()
     xv = torch.cat([x for x, _ in va])
     torch.testing.assert_close(xv, torch.from_numpy(x_va[:, None]).float() / 255)

@@ -14,12 +14,15 @@ from bitrain.cli.config import FIELDS, RECIPES_DIR, list_recipes, load_yaml
 
 # recipe -> (command-line overrides that shrink it to seconds on a CPU, the published top-1 in %)
 SMALL_IMAGENET = ("--dataset", "dummy", "--dummy-shape", "3,64,64", "--dummy-size", "8", "--batch-size", "2")
+SMALL_28 = ("--dataset", "dummy", "--dummy-shape", "1,28,28", "--dummy-size", "8", "--batch-size", "2")
 RECIPES = {
     "digits": ((), "97"),
     "cifar10_resnet18": (
         ("--dataset", "dummy", "--dummy-shape", "3,32,32", "--dummy-size", "8", "--batch-size", "2"),
         "90",
     ),
+    "fashion_mnist": (SMALL_28, "92.86"),
+    "mnist": (SMALL_28, "99"),
     "imagenet_resnete18": (SMALL_IMAGENET, "60.0"),
     "imagenet_densenet28": (SMALL_IMAGENET, "61.7"),
     "imagenet_meliusnet22": (SMALL_IMAGENET, "62.9"),

@@ -26,8 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bitrain.errors import UserError
-
-DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from bitrain.names import DTYPES
+from bitrain.train.trainer import autocast_dtype
 
 
 class StepLoader:
@@ -136,7 +136,7 @@ def trainer_runner(
                 epochs=0,
                 schedule=lambda step: lr,
                 device=device,
-                amp_dtype=amp_dtype,
+                dtype=amp_dtype,
                 compile=compile,
                 channels_last=channels_last,
                 log_interval=log_interval,
@@ -269,7 +269,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=20, help="timed steps per runner per round (default 20)")
     p.add_argument("--rounds", type=int, default=15, help="interleaved rounds (default 15)")
     p.add_argument("--warmup", type=int, default=10, help="warm-up steps per runner (default 10)")
-    p.add_argument("--dtype", default="float32", choices=tuple(DTYPES), help="autocast dtype (default float32)")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="autocast dtype (default float32)")
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (every runner)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
@@ -332,7 +332,7 @@ def main(argv: Sequence[str]) -> int:
     ).to(device)
     if ns.channels_last:
         base = base.to(memory_format=torch.channels_last)
-    amp = DTYPES[ns.dtype]
+    amp = autocast_dtype(ns.dtype)
 
     def copy_with_optimizer() -> tuple[nn.Module, torch.optim.Optimizer]:
         m = copy.deepcopy(base)

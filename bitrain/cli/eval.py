@@ -19,6 +19,8 @@ import torch
 from bitrain import console
 from bitrain.cli.reader import load_model
 from bitrain.errors import UserError
+from bitrain.names import DTYPES
+from bitrain.train.trainer import autocast_dtype
 
 SPLITS = ("val", "train")
 # options of the checkpoint's training config that select and shape the data
@@ -176,15 +178,13 @@ def main(argv: Sequence[str]) -> int:
         type=int,
         help="loader worker processes (image folders)",
     )
-    p.add_argument(
-        "--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="compute dtype (autocast)"
-    )
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype (autocast)")
     p.add_argument("--cpu", action="store_true", help="evaluate on the CPU")
     p.add_argument("--gpus", help="GPU id to use, e.g. 0 (default: GPU 0 if present)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     ns = p.parse_args(list(argv))
     device = _device(ns.cpu, ns.gpus)
-    amp = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[ns.dtype]
+    amp = autocast_dtype(ns.dtype)
     r = evaluate_file(
         ns.checkpoint,
         dataset=ns.dataset,

@@ -22,6 +22,7 @@ from bitrain.cli.args import PROG, ArgParser
 from bitrain.cli.rundir import default_run_dir, lock_run_dir, prepare_run_dir, save_final_weights
 from bitrain.data.sets import DATA_SETS
 from bitrain.errors import UserError
+from bitrain.names import ARCH_OPTIONS
 
 if TYPE_CHECKING:
     import torch
@@ -48,6 +49,9 @@ def _explicit(ns: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in vars(ns).items() if k in C.FIELDS}
 
 
+SCHEDULE_OPTIONS = ("lr", "lr_mode", "warmup_epochs", "warmup_lr", "lr_steps", "lr_factor")
+
+
 def resolve_config(argv: Sequence[str]) -> tuple[C.TrainConfig, dict | None, Path | None]:
     """argv -> (config, resumed checkpoint payload or None, its path). Precedence: defaults <
     data-set defaults < resumed checkpoint's config < --config YAML < explicit flags."""
@@ -70,8 +74,12 @@ def resolve_config(argv: Sequence[str]) -> tuple[C.TrainConfig, dict | None, Pat
     ckpt_layer = C.check_keys(payload.get("config", {}), "the checkpoint's config") if payload else {}
     dataset = run_layer.get("dataset", ckpt_layer.get("dataset", "digits"))
     ds_layer = dict(DATA_SETS[dataset].defaults) if dataset in DATA_SETS else {}
-    if "lr" in run_layer or "lr_mode" in run_layer:  # a user who sets the schedule gets BMXNet's defaults for the rest
-        ds_layer.pop("lr", None), ds_layer.pop("lr_mode", None)
+    if any(k in run_layer for k in SCHEDULE_OPTIONS):  # who sets the schedule gets BMXNet's defaults for the rest
+        for k in SCHEDULE_OPTIONS:
+            ds_layer.pop(k, None)
+    if "model" in run_layer or "model" in ckpt_layer:  # the default model's architecture options are its own
+        for k in ARCH_OPTIONS:
+            ds_layer.pop(k, None)
     cfg = C.from_layers(ds_layer, ckpt_layer, run_layer)
     if cfg.resume_states:
         warnings.warn("--resume-states is ignored: a bitrain checkpoint restores the optimizer itself", stacklevel=2)

@@ -6,7 +6,7 @@ numpy array needs (``_reconstruct``, ``_frombuffer``, ``ndarray``, ``dtype``, an
 ``_codecs.encode`` that protocol-2 pickles written by Python 3 use for bytes); any other
 global — the way a malicious pickle runs code — is refused, and the file reported as corrupt.
 The dict's keys may be str (the release read with ``encoding="latin1"``) or bytes (re-pickled
-after the CIFAR page's Python 3 recipe, ``pickle.load(f, encoding="bytes")``: b"data", b"labels").
+after the CIFAR page's Python 3 recipe, which unpickles with encoding="bytes": b"data", b"labels").
 """
 
 from __future__ import annotations

@@ -30,6 +30,44 @@ class DataSet:
     defaults: dict[str, Any] = field(default_factory=dict)
 
 
+# Defaults without flags (issue "defaults that work"): a binary net that trains well on each data set.
+# MNIST-like: small_resnet_e, Adam with a short warmup and a cosine decay to 0, latent weights clipped to
+# [-1, 1], pad-2 random crops (+ flips for Fashion-MNIST; digits are not mirror-symmetric).
+# CIFAR / ImageNet: BMXNet v2's published settings (docs/recipes.md).
+_SMALL_28 = {
+    "model": "small_resnet_e",
+    "batch_size": 128,
+    "optimizer": "adam",
+    "lr": 0.003,
+    "lr_mode": "cosine",
+    "warmup_epochs": 0.5,
+    "clip_latent_weights": 1.0,
+    "save_frequency": 5,
+}
+_CIFAR_DEFAULTS = {
+    "model": "resnet18_e1",
+    "epochs": 150,
+    "batch_size": 128,
+    "optimizer": "adam",
+    "lr": 0.02,
+    "lr_mode": "cosine",
+    "warmup_epochs": 5,
+    "clip_threshold": 1.3,
+    "save_frequency": 10,
+}
+_IMAGENET_DEFAULTS = {
+    "model": "resnet18_e1",
+    "fp_downsample_sc": True,
+    "pool_downsample_sc": True,
+    "epochs": 120,
+    "batch_size": 128,
+    "optimizer": "radam",
+    "lr": 0.002,
+    "lr_mode": "cosine",
+    "clip_threshold": 1.3,
+    "save_frequency": 1,
+}
+
 _SETS = (
     # digits: 1,442 training images of 8x8; the default run (binary net) takes ~10 s on 2 cores
     DataSet(
@@ -48,36 +86,19 @@ _SETS = (
     ),
     DataSet("dummy", None, defaults={"epochs": 120, "save_frequency": 10, "model": "tiny_resnet_e"}),
     DataSet(
-        "mnist",
-        "bitrain.data.mnist:load_mnist",
-        10,
-        *_UNIT,
-        defaults={"epochs": 120, "save_frequency": 10, "model": "tiny_resnet_e"},
+        "mnist", "bitrain.data.mnist:load_mnist", 10, *_UNIT, crop_flip=(2, False), defaults={**_SMALL_28, "epochs": 10}
     ),
     DataSet(
         "fashion-mnist",
         "bitrain.data.mnist:load_mnist",
         10,
         *_UNIT,
-        defaults={"epochs": 120, "save_frequency": 10, "model": "tiny_resnet_e"},
+        crop_flip=(2, True),
+        defaults={**_SMALL_28, "epochs": 20},
     ),
-    DataSet(
-        "cifar10",
-        "bitrain.data.cifar:load_cifar",
-        10,
-        *_CIFAR,
-        crop_flip=(4, True),
-        defaults={"epochs": 120, "save_frequency": 10, "model": "resnet18_e1"},
-    ),
-    DataSet(
-        "cifar100",
-        "bitrain.data.cifar:load_cifar",
-        100,
-        *_CIFAR,
-        crop_flip=(4, True),
-        defaults={"epochs": 120, "save_frequency": 10, "model": "resnet18_e1"},
-    ),
-    DataSet("imagenet", None, folder=True, defaults={"epochs": 120, "save_frequency": 1, "model": "resnet18_e1"}),
+    DataSet("cifar10", "bitrain.data.cifar:load_cifar", 10, *_CIFAR, crop_flip=(4, True), defaults=_CIFAR_DEFAULTS),
+    DataSet("cifar100", "bitrain.data.cifar:load_cifar", 100, *_CIFAR, crop_flip=(4, True), defaults=_CIFAR_DEFAULTS),
+    DataSet("imagenet", None, folder=True, defaults=_IMAGENET_DEFAULTS),
     DataSet("imagefolder", None, folder=True, defaults={"epochs": 120, "save_frequency": 1, "model": "resnet18_e1"}),
 )
 DATA_SETS: dict[str, DataSet] = {d.name: d for d in _SETS}
