@@ -1,12 +1,14 @@
 """Accuracy benchmark: run packaged recipes with ``bitrain train --config NAME`` and print one table.
 
-    python benchmarks/bench_accuracy.py [RECIPE...] [--out DIR] [--extra "--epochs 2"]
+    python benchmarks/bench_accuracy.py [RECIPE...] [--out DIR] [--extra "--epochs 2"] [--reuse]
 
 For each recipe: model, bits (weights/activations), trainable parameters, model size (1-bit weights at
 1/32), share of binary MACs, epochs, wall time, best and final val top-1, and the published figure
 beside it. Without RECIPE it runs the ones whose data is on this machine (digits, mnist and
 fashion-mnist when their files are found). Each run is a real ``bitrain train`` process; its run
-directory stays in ``--out`` (default ``runs/bench-accuracy``) for ``bitrain eval`` / ``bitrain plot``.
+directory stays in ``--out`` (default ``runs/bench-accuracy``) for ``bitrain eval`` / ``bitrain plot``;
+``--reuse`` tabulates finished run directories there instead of training again (wall time from the
+first to the last line of their train.log).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import shlex
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import yaml
@@ -78,6 +81,13 @@ def _row(recipe: str, run_dir: Path, seconds: float) -> dict[str, str]:
     }
 
 
+def _logged_seconds(log: Path) -> float:
+    """Seconds from the first to the last line of a run's train.log (its lines start with asctime)."""
+    stamps = [line[:23] for line in log.read_text(encoding="utf-8").splitlines() if line[:4].isdigit()]
+    first, last = (datetime.strptime(t, "%Y-%m-%d %H:%M:%S,%f") for t in (stamps[0], stamps[-1]))
+    return (last - first).total_seconds()
+
+
 def main(argv: list[str] | None = None) -> int:
     from bitrain.cli.config import list_recipes
 
@@ -85,11 +95,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("recipes", nargs="*", help=f"recipes (default: those with data here); all: {list_recipes()}")
     p.add_argument("--out", default="runs/bench-accuracy", help="folder for the run directories")
     p.add_argument("--extra", default="", help="more bitrain train flags for every run, e.g. '--epochs 2'")
+    p.add_argument("--reuse", action="store_true", help="tabulate the finished runs in --out, train nothing")
     ns = p.parse_args(argv)
     recipes = ns.recipes or [r for r in list_recipes() if _available(r)]
     rows = []
     for recipe in recipes:
         run_dir = Path(ns.out) / recipe
+        if ns.reuse:
+            rows.append(_row(recipe, run_dir, _logged_seconds(run_dir / "train.log")))
+            continue
         cmd = [sys.executable, "-m", "bitrain", "train", "--config", recipe, "--prefix", str(run_dir), "--overwrite"]
         cmd += shlex.split(ns.extra)
         print("$", " ".join(cmd), flush=True)

@@ -108,3 +108,22 @@ def test_hand_written_and_trainer_runners_train_the_same_way():
     assert any(not torch.equal(a[k], base.state_dict()[k]) for k in a)  # they trained
     for k in a:  # the same batches, the same updates: the same weights
         assert torch.allclose(a[k].float(), b[k].float(), rtol=1e-5, atol=1e-6), k
+
+
+def test_accuracy_benchmark_prints_one_row_per_recipe(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_accuracy.py"
+    args = [sys.executable, str(script), "digits", "--out", str(tmp_path), "--extra", "--epochs 2 --cpu"]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    table = [line for line in r.stdout.splitlines() if line.startswith("|")]
+    assert table[0].split("|")[1].strip() == "recipe" and "best val" in table[0] and "published" in table[0]
+    row = [c.strip() for c in table[2].split("|")[1:-1]]
+    assert row[:3] == ["digits", "tiny_resnet_e", "1/1"] and row[6] == "2"  # 2 epochs
+    best, final = (float(c.rstrip(" %")) for c in row[8:10])
+    assert 50 < final <= best <= 100
+    again = subprocess.run([*args[:5], "--reuse"], capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and [c.strip() for c in again.stdout.splitlines()[-1].split("|")][9:11] == row[8:10]

@@ -103,7 +103,10 @@ def test_readme_flag_table_lists_the_names():
 
 def test_the_names_and_the_help_need_no_torch():
     code = (
-        "import sys, bitrain.names, bitrain.data.sets, bitrain.cli.config, bitrain.cli; "
-        "sys.exit(1 if 'torch' in sys.modules else 0)"
+        "import sys, contextlib, io, bitrain.names, bitrain.data.sets, bitrain.cli.config\n"
+        "from bitrain.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    codes = [main(['--help']), main(['train', '--help'])]\n"
+        "sys.exit(1 if 'torch' in sys.modules or codes != [0, 0] else 0)"
     )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -12,12 +12,14 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 
 from bitrain import console
 from bitrain.cli.reader import load_model
+from bitrain.cli.train import select_device
 from bitrain.errors import UserError
 from bitrain.names import DTYPES
 from bitrain.train.trainer import autocast_dtype
@@ -183,7 +185,7 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--gpus", help="GPU id to use, e.g. 0 (default: GPU 0 if present)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     ns = p.parse_args(list(argv))
-    device = _device(ns.cpu, ns.gpus)
+    device = select_device(SimpleNamespace(cpu=ns.cpu, gpus=ns.gpus))
     amp = autocast_dtype(ns.dtype)
     r = evaluate_file(
         ns.checkpoint,
@@ -204,19 +206,3 @@ def main(argv: Sequence[str]) -> int:
             f"top-1 {r['acc1']:.4f}  top-5 {r['acc5']:.4f}  loss {r['loss']:.4f}"
         )
     return 0
-
-
-def _device(cpu: bool, gpus: str | None) -> torch.device:
-    if cpu:
-        return torch.device("cpu")
-    if gpus:
-        try:
-            ids = [int(t) for t in gpus.split(",") if t.strip()]
-        except ValueError:
-            raise UserError(f"--gpus must be a GPU id such as 0, got {gpus!r}") from None
-        if not torch.cuda.is_available():
-            raise UserError(f"--gpus {gpus}: no CUDA device is available (use --cpu)")
-        if not ids or max(ids) >= torch.cuda.device_count():
-            raise UserError(f"--gpus {gpus}: only {torch.cuda.device_count()} CUDA device(s) present")
-        return torch.device("cuda", ids[0])
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

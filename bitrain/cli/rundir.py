@@ -10,17 +10,18 @@ import shutil
 import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 try:
     import fcntl
 except ImportError:  # not POSIX (Windows): no lock
     fcntl = None  # type: ignore[assignment]
 
-import torch.nn as nn
-
 from bitrain.errors import UserError
 from bitrain.files import atomic_write_bytes
+
+if TYPE_CHECKING:
+    import torch.nn as nn
 
 #: what a fresh run writes; --overwrite removes exactly these (and nothing else) from a used folder
 RUN_OUTPUTS = ("checkpoints", "tb", "metrics.csv", "model.safetensors", "profile")

@@ -104,6 +104,7 @@ def _find_resume(resume: str, prefix: str | None) -> tuple[dict | None, Path | N
 
 
 def select_device(cfg: C.TrainConfig) -> torch.device:
+    """``--cpu`` / ``--gpus``: rank LOCAL_RANK's device (torchrun sets it; 0 in a single process)."""
     import torch
 
     if cfg.cpu:
@@ -111,6 +112,8 @@ def select_device(cfg: C.TrainConfig) -> torch.device:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if cfg.gpus:
         ids = C.parse_ints("gpus", cfg.gpus)
+        if not ids:
+            raise UserError(f"--gpus must be GPU ids such as 0 or 0,1, got {cfg.gpus!r}")
         if not torch.cuda.is_available():
             raise UserError(f"--gpus {cfg.gpus}: no CUDA device is available (use --cpu)")
         if max(ids) >= torch.cuda.device_count():
@@ -121,21 +124,7 @@ def select_device(cfg: C.TrainConfig) -> torch.device:
 
 def model_args(cfg: C.TrainConfig, info: Any) -> dict[str, Any]:
     """Exactly the keyword arguments of ``build_model`` (stored in checkpoints and exports)."""
-    arch = {
-        k: getattr(cfg, k)
-        for k in (
-            "fp_downsample_sc",
-            "pool_downsample_sc",
-            "downsample_sc_groups",
-            "slices",
-            "reduction",
-            "growth_rate",
-            "init_features",
-            "downsample_structure",
-            "block_config",
-            "dilated",
-        )
-    }
+    arch = {k: getattr(cfg, k) for k in ARCH_OPTIONS}
     return {
         "name": cfg.model,
         "num_classes": info.num_classes,
