@@ -211,3 +211,27 @@ def test_compiled_forward_backward_matches_eager():
     assert torch.equal(g_eager, g_comp)
     y = torch.compile(lambda v: quant.det_sign(v, T), backend="aot_eager")(_x())
     assert y.tolist() == [_sign_ref(v) for v in POINTS]  # -0.0 -> +1 under compile too
+
+
+@pytest.mark.parametrize("name", ["round", "dorefa"])
+@pytest.mark.parametrize("bits,x", [(1, 0.49999997), (2, 0.166666657), (3, 0.0714285672)])
+def test_k_bit_rounding_just_below_a_half_rounds_down(name, bits, x):
+    """floor(p + 0.5) in float32 rounded these up (p = x (2^k - 1) is 0.49999997); every reference gives 0."""
+    t = torch.tensor([x], dtype=torch.float32)
+    assert float((t * (2**bits - 1))[0]) < 0.5
+    assert quant.get_quantizer(name, bits)(t, bits=bits).item() == 0.0
+    n = 2**bits - 1
+    half = torch.tensor([0.5 / n], dtype=torch.float32)  # an exact half still rounds up, as BMXNet's round
+    assert quant.get_quantizer(name, bits)(half, bits=bits).item() == pytest.approx(1 / n)
+
+
+def test_dorefa_weight_rounding_matches_a_float64_reference():
+    torch.manual_seed(0)
+    w = torch.randn(4096)
+    for bits in (2, 3, 4):
+        got = quant.get_quantizer("dorefa", bits, "weight")(w, bits=bits)
+        th = torch.tanh(w.double())
+        v = th / (2 * th.abs().max()) + 0.5
+        n = 2**bits - 1
+        want = 2 * torch.floor(v * n + 0.5) / n - 1
+        assert (got.double() - want).abs().max() < 1e-6

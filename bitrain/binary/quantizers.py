@@ -188,6 +188,13 @@ def magnitude_aware_sign(x: torch.Tensor, clip_threshold: float = INF, bits: int
     return det_sign(x, clip_threshold) * alpha
 
 
+def round_half_up(p: torch.Tensor) -> torch.Tensor:
+    """Round p >= 0 to the nearest integer, halves up (BMXNet's round), exactly: ``floor(p + 0.5)`` in
+    float32 turns 0.49999997 into 1 because p + 0.5 rounds to 1.0; ``p - floor(p)`` is exact."""
+    f = torch.floor(p)
+    return f + (p - f >= 0.5).to(p.dtype)
+
+
 # --- k-bit quantizers ------------------------------------------------------------------------
 
 
@@ -199,7 +206,7 @@ class _RoundSte(torch.autograd.Function):
         ctx.save_for_backward(x)
         ctx.t, ctx.unit = t, clip_grad_to_unit
         n = float(2**bits - 1)
-        return torch.floor(x.clamp(0.0, 1.0) * n + 0.5) / n
+        return round_half_up(x.clamp(0.0, 1.0) * n) / n
 
     @staticmethod
     def backward(ctx, grad):
@@ -228,7 +235,7 @@ def dorefa_weight(w: torch.Tensor, clip_threshold: float = INF, bits: int = 1) -
     n = float(2**bits - 1)
     th = torch.tanh(w)
     v = th / (2.0 * th.detach().abs().max()) + 0.5
-    q = v + (torch.floor(v.detach() * n + 0.5) / n - v.detach())
+    q = v + (round_half_up(v.detach() * n) / n - v.detach())
     return _cancel_closed(2.0 * q - 1.0, w, clip_threshold)
 
 
