@@ -33,7 +33,16 @@ from bitrain.train.preempt import StopFlag
 from bitrain.train.schedules import make_schedule
 from bitrain.train.state import Interrupted, NonFiniteLoss, TrainerStop, TrainState
 
-__all__ = ["Trainer", "TrainState", "TrainerStop", "Interrupted", "NonFiniteLoss", "evaluate", "autocast_dtype"]
+__all__ = [
+    "Trainer",
+    "TrainState",
+    "TrainerStop",
+    "Interrupted",
+    "NonFiniteLoss",
+    "evaluate",
+    "autocast_dtype",
+    "recalibrate_bn",
+]
 
 PROFILE_STEPS = 5  # steps of the first epoch that --profile traces
 _AUTOCAST = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}  # keys: bitrain.names.DTYPES
@@ -76,6 +85,36 @@ def evaluate(
         metrics.update(logits, y, loss_sum)
     model.train(was_training)
     return metrics.compute()
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, batches: Iterable, count: int) -> int:
+    """Set every BatchNorm's running statistics of ``model`` to their exact average (momentum None) over
+    the first ``count`` batches ``(x, y)`` of ``batches``, in train mode; nothing else changes. Returns
+    the number of BatchNorm layers.
+
+    Why a binary net needs it: a fraction of its weight signs flips at every step, so the true statistics
+    move about as far within the running average's horizon (momentum 0.1: ~10 steps) as that average's
+    own error, and the next layer's sign() turns a 0.05-sigma error in a BN mean into points of accuracy
+    (docs/recipes.md has the measurement).
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches below
+    was_training = model.training
+    model.train()
+    try:
+        for i, (x, _) in enumerate(batches):
+            if i >= count:
+                break
+            model(x)
+    finally:
+        for m, momentum in zip(bns, momenta):
+            m.momentum = momentum
+        model.train(was_training)
+    return len(bns)
 
 
 class Trainer:
@@ -352,38 +391,15 @@ class Trainer:
             metrics=self.val_metrics,
         )
 
-    @torch.no_grad()
     def recalibrate_bn(self, batches: int) -> float:
-        """Re-estimate every BatchNorm's running statistics of the current weights; returns the seconds.
-
-        Why: in a binary net a fraction of the weight signs flip at every step, so the true statistics
-        move about as far within the EMA's horizon (momentum 0.1: ~10 steps) as the EMA's own error, and
-        the next layer's sign() turns a 0.05-sigma error in a BN mean into points of accuracy. Here the
-        statistics are the exact average (momentum None) over the first ``batches`` train batches of
-        epoch 0's order: a fixed, deterministic set, so the validated, saved and resumed model agree.
-        """
-        bns = [
-            m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-        ]
-        if not bns:
-            return 0.0
+        """Re-estimate the BatchNorm statistics of the current weights over the first ``batches`` train
+        batches of epoch 0's order (a fixed, deterministic set, so the validated, saved and resumed model
+        agree); see :func:`recalibrate_bn`. Returns the seconds it took."""
         t0 = time.perf_counter()
-        momenta = [m.momentum for m in bns]
-        for m in bns:
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average over the batches below
-        was_training = self.model.training
-        self.model.train()
-        self.train_loader.set_epoch(0)
         count = min(batches, self.steps_per_epoch)
+        self.train_loader.set_epoch(0)
         with self._autocast():
-            for i, (x, _) in enumerate(self.train_loader):
-                if i >= count:
-                    break
-                self.model(x)
-        for m, momentum in zip(bns, momenta):
-            m.momentum = momentum
-        self.model.train(was_training)
+            recalibrate_bn(self.model, self.train_loader, count)
         seconds = time.perf_counter() - t0
         if not self._recalibration_reported:
             self._recalibration_reported = True
