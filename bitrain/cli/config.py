@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from bitrain.data.sets import DATA_SETS
-from bitrain.errors import UserError, suggest
+from bitrain.errors import UserError, parse_list, suggest
 from bitrain.names import (
     APPROXIMATIONS,
     AUGMENTATIONS,
@@ -298,17 +298,13 @@ def validate(cfg: TrainConfig) -> TrainConfig:
 
 
 def parse_floats(name: str, text: str) -> list[float]:
-    try:
-        return [float(t) for t in str(text).split(",") if t.strip()]
-    except ValueError:
-        raise UserError(f"{flag(name)} must be comma-separated numbers, got {text!r}") from None
+    """A comma-separated config value (field ``name``) as floats."""
+    return parse_list(flag(name), text, float)
 
 
 def parse_ints(name: str, text: str) -> list[int]:
-    try:
-        return [int(t) for t in str(text).split(",") if t.strip()]
-    except ValueError:
-        raise UserError(f"{flag(name)} must be comma-separated integers, got {text!r}") from None
+    """A comma-separated config value (field ``name``) as integers."""
+    return parse_list(flag(name), text, int)
 
 
 def from_layers(*layers: dict[str, Any]) -> TrainConfig:

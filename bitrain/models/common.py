@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bitrain.errors import UserError
+from bitrain.errors import UserError, parse_list
 from bitrain.names import INITIALIZATIONS, STEMS
 
 THUMBNAIL_BELOW = 50  # px: inputs smaller than this get the one-conv stem (BMXNet's cifar/mnist rule)
@@ -104,24 +104,18 @@ def check_groups(option: str, groups: int, *channels: int) -> None:
         raise UserError(f"{option} {groups}: must be >= 1 and divide the channel counts {channels}")
 
 
-def parse_floats(option: str, value: str | Sequence[float], count: int | None = None) -> list[float]:
+def positive_floats(option: str, value: str | Sequence[float], count: int | None = None) -> list[float]:
     """'2,2.5,3' or [2, 2.5, 3] -> floats > 0 (exactly ``count`` of them if given)."""
-    try:
-        out = [float(v) for v in (value.split(",") if isinstance(value, str) else value)]
-    except (TypeError, ValueError):
-        raise UserError(f"{option}: expected comma-separated numbers, got {value!r}") from None
+    out = parse_list(option, value, float)
     if not out or any(v <= 0 for v in out) or (count is not None and len(out) != count):
         need = f"{count} " if count is not None else ""
         raise UserError(f"{option}: expected {need}numbers > 0 (one per transition), got {value!r}")
     return out
 
 
-def parse_ints(option: str, value: str | Sequence[int]) -> list[int]:
+def positive_ints(option: str, value: str | Sequence[int]) -> list[int]:
     """'6,6,6,5' or [6, 6, 6, 5] -> positive ints."""
-    try:
-        out = [int(v) for v in (value.split(",") if isinstance(value, str) else value)]
-    except (TypeError, ValueError):
-        raise UserError(f"{option}: expected comma-separated integers, got {value!r}") from None
+    out = parse_list(option, value, int)
     if not out or any(v < 1 for v in out):
         raise UserError(f"{option}: expected positive integers, got {value!r}")
     return out

@@ -17,7 +17,7 @@ import torch.nn as nn
 from bitrain.binary.layers import QConv2d
 from bitrain.errors import UserError
 from bitrain.models._registry import register
-from bitrain.models.common import ChannelShuffle, check_groups, head, make_stem, parse_floats, parse_ints
+from bitrain.models.common import ChannelShuffle, check_groups, head, make_stem, positive_floats, positive_ints
 
 DOWNSAMPLE = "bn,max_pool,relu,fp_conv"
 TRANSITION_TOKENS = ("bn", "relu", "max_pool", "pool", "fp_conv[:groups]", "q_conv", "cs[:groups]")
@@ -122,7 +122,7 @@ class DenseNetBase(nn.Module):
 def dense_options(option_defaults: tuple, reduction, downsample_structure, n_transitions: int) -> tuple:
     """(reduction list, downsample string) from user options or the model's defaults."""
     default_reduction, default_downsample = option_defaults
-    red = default_reduction if reduction is None else parse_floats("--reduction", reduction, n_transitions)
+    red = default_reduction if reduction is None else positive_floats("--reduction", reduction, n_transitions)
     return red, default_downsample if downsample_structure is None else str(downsample_structure)
 
 
@@ -201,7 +201,7 @@ def densenet_flex(
     """BinaryDenseNet with ``block_config`` (required) and reduction 2 per transition unless given."""
     if block_config is None:
         raise UserError("model densenet_flex needs --block-config, e.g. 6,6,6,5")
-    blocks = parse_ints("--block-config", block_config)
+    blocks = positive_ints("--block-config", block_config)
     return _densenet(
         DenseNetBase,
         blocks,

@@ -14,7 +14,7 @@ import torch.nn as nn
 from bitrain.binary.layers import QConv2d
 from bitrain.errors import UserError
 from bitrain.models._registry import register
-from bitrain.models.common import parse_ints, sliced_add
+from bitrain.models.common import positive_ints, sliced_add
 from bitrain.models.densenet import DOWNSAMPLE, DenseLayer, DenseNetBase, _densenet
 
 
@@ -172,7 +172,7 @@ def meliusnet_flex(
     """MeliusNet with ``block_config`` (required) and reduction 2 per transition unless given."""
     if block_config is None:
         raise UserError("model meliusnet_flex needs --block-config, e.g. 4,5,4,4")
-    blocks = parse_ints("--block-config", block_config)
+    blocks = positive_ints("--block-config", block_config)
     return _melius(
         blocks,
         [2.0] * (len(blocks) - 1),
