@@ -318,3 +318,20 @@ def test_without_sync_bn_every_rank_validates_rank_0s_model(tmp_path, probe):
     with torch.no_grad():
         correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in val)
     assert float(read_rows(run, "val")[-1]["acc1"]) == pytest.approx(correct / 355, abs=1e-9)
+
+
+def test_distillation_with_two_ranks_matches_one_rank(tmp_path, one_rank, probe):
+    """A teacher under DDP: each rank distils its shard; 2 ranks at B equal 1 rank at 2B, and the ranks agree."""
+    kd = ["--teacher", one_rank, "--distill-alpha", "0.5"]
+    single = tmp_path / "one"
+    _ok(_run(["-m", "bitrain", "train", *COMMON, *kd, "--batch-size", "64", "--prefix", single], tmp_path))
+    two = tmp_path / "two"
+    _ok(_run([*TORCHRUN, probe, "train", *COMMON, *kd, "--sync-bn", "--batch-size", "32", "--prefix", two], tmp_path))
+    a, b = final_weights(single), final_weights(two)
+    for k in a:
+        scale = a[k].double().abs().max().item()
+        assert (b[k].double() - a[k].double()).abs().max().item() <= 1e-3 * scale + 1e-6, k
+    from safetensors.torch import load_file
+
+    r1 = load_file(str(two / "rank1.safetensors"))
+    assert all(torch.equal(r1[k], b[k]) for k in b)
