@@ -44,8 +44,9 @@ def test_hand_counted_figures():
     assert rows["conv0"].weights_by_bits == {32: 4 * 1 * 3 * 3 + 4}
     assert rows["conv0"].output_shape == (4, 8, 8)
     assert rows["conv0"].macs_float == 4 * 8 * 8 * (1 * 3 * 3)
-    # bn0: gamma, beta, running mean, running var (4 each); num_batches_tracked is not a weight
-    assert rows["bn0"].weights_by_bits == {32: 4 * 4}
+    # bn0: gamma, beta are parameters; running mean and var (4 each) are buffers; num_batches_tracked neither
+    assert rows["bn0"].weights_by_bits == {32: 2 * 4} and rows["bn0"].buffers == 2 * 4
+    assert rows["bn0"].memory_bytes == 4 * 4 * 4
     assert rows["bn0"].macs_float == rows["bn0"].macs_binary == 0
     # q1: 8x4x3x3 one-bit weights; stride 2 -> 8x4x4 outputs, 4*3*3 binary MACs each
     assert rows["q1"].input_bits == 1
@@ -65,11 +66,13 @@ def test_hand_counted_figures():
     assert rows["fc"].macs_float == 10 * 8
     assert rows["pool"].output_shape == (8, 1, 1)
 
-    n_float = (36 + 4) + 16 + 90  # conv0, bn0, fc
+    n_float = (36 + 4) + 8 + 90  # conv0, bn0 (gamma, beta), fc
     n_bin = 288 + 288 + 64  # q1, q2, q3
     assert s.weights_by_bits == {1: n_bin, 32: n_float}
-    assert s.total_params == n_float + n_bin == 786
-    size = n_float * 4 + n_bin / 8  # 584 + 80 bytes
+    assert s.total_params == n_float + n_bin == 778  # parameters only, as torch and larq count them
+    assert s.total_buffers == 8  # bn0's running statistics: in the size, not in the parameters
+    assert s.total_params + s.total_buffers == sum(p.numel() for p in Tiny().state_dict().values()) - 1
+    size = (n_float + 8) * 4 + n_bin / 8  # 584 + 80 bytes
     assert s.size_bytes == size == 664
     assert s.size_mb == pytest.approx(664 / 2**20)
     assert s.float32_bytes == 786 * 4
@@ -89,7 +92,8 @@ def test_format_and_dict():
         "QConv2d",
         "4x4",
         "Total params",
-        "786",
+        "778",
+        "MiB",
         "664 bytes",
         "Compression ratio",
         "4.73",
@@ -100,7 +104,7 @@ def test_format_and_dict():
         assert needle in text, needle
     assert text == summarize(Tiny(), (1, 8, 8)).format()  # deterministic
     d = json.loads(json.dumps(s.to_dict()))  # JSON-ready
-    assert d["totals"]["params"] == 786
+    assert d["totals"]["params"] == 778 and d["totals"]["buffers"] == 8
     assert d["totals"]["macs_binary"] == 9216
     assert d["layers"][2]["name"] == "q1" and d["layers"][2]["output_shape"] == [8, 4, 4]
 

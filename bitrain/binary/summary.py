@@ -37,7 +37,8 @@ class LayerSummary:
     type: str
     input_bits: int
     output_shape: tuple[int, ...] | None  # without the batch dimension; None if never called
-    weights_by_bits: dict[int, int] = field(default_factory=dict)
+    weights_by_bits: dict[int, int] = field(default_factory=dict)  # parameters (trainable) by bit width
+    buffers: int = 0  # float buffers inference needs (BatchNorm's running statistics), stored at 32 bits
     memory_bytes: float = 0.0
     macs_binary: int = 0
     macs_float: int = 0
@@ -57,7 +58,12 @@ class Summary:
 
     @property
     def total_params(self) -> int:
+        """Parameters (trainable), as larq and torch count them; buffers are not parameters."""
         return sum(r.params for r in self.layers)
+
+    @property
+    def total_buffers(self) -> int:
+        return sum(r.buffers for r in self.layers)
 
     @property
     def weights_by_bits(self) -> dict[int, int]:
@@ -73,12 +79,13 @@ class Summary:
 
     @property
     def size_mb(self) -> float:
-        """Model size in MB of 2**20 bytes."""
+        """Model size in MiB (2**20 bytes)."""
         return self.size_bytes / 2**20
 
     @property
     def float32_bytes(self) -> int:
-        return 4 * self.total_params
+        """The same model with every parameter and buffer at 32 bits."""
+        return 4 * (self.total_params + self.total_buffers)
 
     @property
     def compression_ratio(self) -> float:
@@ -106,6 +113,7 @@ class Summary:
         """The whole-model figures as a flat dict."""
         return {
             "params": self.total_params,
+            "buffers": self.total_buffers,
             "weights_by_bits": self.weights_by_bits,
             "size_bytes": self.size_bytes,
             "size_mb": self.size_mb,
@@ -160,8 +168,9 @@ class Summary:
             line(total),
             rule,
             f"Total params                      {_num(self.total_params)} ({by_bits})",
-            f"Model size                        {self.size_mb:.2f} MB ({self.size_bytes:.0f} bytes)",
-            f"Float-32 equivalent               {self.float32_bytes / 2**20:.2f} MB",
+            f"Buffers (BatchNorm statistics)    {_num(self.total_buffers)} at 32 bit, in the model size",
+            f"Model size                        {self.size_mb:.2f} MiB ({self.size_bytes:.0f} bytes)",
+            f"Float-32 equivalent               {self.float32_bytes / 2**20:.2f} MiB",
             f"Compression ratio of memory       {self.compression_ratio:.2f}",
             f"Binary MACs / float MACs          {_num(self.macs_binary)} / {_num(self.macs_float)}"
             f" ({100 * self.binary_mac_share:.2f} % binary)",
@@ -194,17 +203,15 @@ def _reported_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return out
 
 
-def _weights(m: nn.Module) -> dict[int, int]:
-    """Weight count by bit width; a Q layer's ``weight`` at its bits, everything else at 32."""
+def _weights(m: nn.Module) -> tuple[dict[int, int], int]:
+    """(parameter count by bit width: a Q layer's ``weight`` at its bits, the rest at 32; float buffers)."""
     counts: dict[int, int] = defaultdict(int)
     recurse = isinstance(m, _Q_TYPES)  # a Q layer's children (its QActivation) are folded in
     for pname, p in m.named_parameters(recurse=recurse):
         bits = m.bits if isinstance(m, _Q_TYPES) and pname == "weight" else 32
         counts[bits] += p.numel()
-    for b in m.buffers(recurse=recurse):
-        if b.is_floating_point():
-            counts[32] += b.numel()
-    return dict(counts)
+    buffers = sum(b.numel() for b in m.buffers(recurse=recurse) if b.is_floating_point())
+    return dict(counts), buffers
 
 
 def _macs(m: nn.Module, out: torch.Tensor) -> int:
@@ -224,14 +231,15 @@ def summarize(model: nn.Module, input_shape: tuple[int, ...] = (3, 32, 32)) -> S
     modules = _reported_modules(model)
     rows: dict[str, LayerSummary] = {}
     for name, m in modules:
-        weights = _weights(m)
+        weights, buffers = _weights(m)
         rows[name] = LayerSummary(
             name=name,
             type=type(m).__name__,
             input_bits=m.bits_a if isinstance(m, _Q_TYPES) else 32,
             output_shape=None,
             weights_by_bits=weights,
-            memory_bytes=sum(n * b / 8 for b, n in weights.items()),
+            buffers=buffers,
+            memory_bytes=sum(n * b / 8 for b, n in weights.items()) + 4 * buffers,
         )
     order: list[str] = []
 
