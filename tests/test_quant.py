@@ -235,3 +235,11 @@ def test_dorefa_weight_rounding_matches_a_float64_reference():
         n = 2**bits - 1
         want = 2 * torch.floor(v * n + 0.5) / n - 1
         assert (got.double() - want).abs().max() < 1e-6
+
+
+def test_a_k_bit_quantizer_keeps_the_bits_it_was_asked_for():
+    w = torch.linspace(-2, 2, 101)
+    q2 = quant.get_quantizer("dorefa", 2, "weight")
+    assert torch.equal(q2(w), quant.dorefa_weight(w, bits=2))  # 2-bit without passing bits again
+    assert len(q2(w).unique()) == 4 and len(quant.get_quantizer("round", 3)(w.clamp(0, 1)).unique()) == 8
+    assert torch.equal(q2(w, bits=3), quant.dorefa_weight(w, bits=3))  # an explicit bits still wins

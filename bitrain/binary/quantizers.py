@@ -366,8 +366,9 @@ def get_quantizer(identifier: str | Quantizer | None, bits: int = 1, kind: str =
 
     A name resolves for ``bits`` and ``kind``: at 32 bits ``approx_sign`` is the polynomial
     activation, at 1 bit the sign with the Bi-Real gradient; ``dorefa`` for ``kind="weight"``
-    is the tanh-normalised weight form. Unknown names or a name that does not fit the bit
-    width raise UserError listing the valid names.
+    is the tanh-normalised weight form. A k-bit quantizer comes back with ``bits`` as its default,
+    so ``get_quantizer("dorefa", 2, "weight")(w)`` is 2-bit. Unknown names or a name that does not
+    fit the bit width raise UserError listing the valid names.
     """
     if identifier is None or callable(identifier):
         return identifier
@@ -378,4 +379,16 @@ def get_quantizer(identifier: str | Quantizer | None, bits: int = 1, kind: str =
         raise UserError(
             f"quantizer {identifier!r} does not fit {bits}-bit {kind}s; valid: {', '.join(valid_methods(bits, kind))}"
         )
-    return QUANTIZERS[identifier].resolve(bits, kind)
+    fn = QUANTIZERS[identifier].resolve(bits, kind)
+    if 1 < bits < 32:  # the width asked for becomes the default, not the function's own bits=1
+        return _with_default_bits(fn, bits)
+    return fn
+
+
+def _with_default_bits(fn: Quantizer, default: int) -> Quantizer:
+    def quantizer(x: torch.Tensor, clip_threshold: float = INF, bits: int = default) -> torch.Tensor:
+        return fn(x, clip_threshold, bits)
+
+    quantizer.__name__ = quantizer.__qualname__ = f"{fn.__name__}_{default}bit"
+    quantizer.__doc__ = fn.__doc__
+    return quantizer
