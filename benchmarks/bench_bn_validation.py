@@ -24,7 +24,8 @@ from bitrain import build_model, build_optimizer
 from bitrain.data.cache import default_data_dir
 from bitrain.data.loader import DeviceLoader
 from bitrain.data.mnist import load_mnist
-from bitrain.train.trainer import Trainer, evaluate, recalibrate_bn
+from bitrain.train.evaluation import evaluate, recalibrate_bn
+from bitrain.train.trainer import Trainer
 
 
 def _subset(x: np.ndarray, y: np.ndarray, per_class: int) -> tuple[torch.Tensor, torch.Tensor]:

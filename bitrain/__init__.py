@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Trainer": "bitrain.train.trainer",
     "TrainState": "bitrain.train.state",
-    "evaluate": "bitrain.train.trainer",
+    "evaluate": "bitrain.train.evaluation",
     "Interrupted": "bitrain.train.trainer",
     "NonFiniteLoss": "bitrain.train.trainer",
     "build_model": "bitrain.models",

@@ -56,5 +56,5 @@ def test_bitrain_evaluate_is_the_function_whatever_is_imported():
             importlib.import_module(info.name)
     from bitrain import evaluate
 
-    assert callable(evaluate) and evaluate.__module__ == "bitrain.train.trainer"
+    assert callable(evaluate) and evaluate.__module__ == "bitrain.train.evaluation"
     assert bitrain.evaluate is evaluate

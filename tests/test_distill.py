@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from conftest import assert_same_weights, final_weights, read_rows, run_cli
 
 from bitrain import build_data, build_model
+from bitrain.train.evaluation import evaluate
 from bitrain.train.mixup import distillation_loss
-from bitrain.train.trainer import Trainer, evaluate
+from bitrain.train.trainer import Trainer
 
 QUICK = ("--cpu", "--epochs", "2", "--batch-size", "128", "--log-interval", "0")
 

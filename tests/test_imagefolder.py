@@ -173,7 +173,7 @@ def test_corrupt_val_image_is_left_out_and_counted(tmp_path, capsys, workers):
 
 
 def test_val_metrics_are_over_the_readable_images_only(tmp_path):
-    from bitrain.train.trainer import evaluate
+    from bitrain.train.evaluation import evaluate
 
     root = make_tree(tmp_path)
     _, va_ok, _ = build_data("imagefolder", data_dir=str(root), batch_size=4, num_workers=0, image_size=8)

@@ -20,9 +20,9 @@ from bitrain.data.sets import DATA_SETS
 from bitrain.errors import UserError
 from bitrain.models import arch_options, build_model, list_models
 from bitrain.models.common import init_weights, resolve_stem
+from bitrain.train.evaluation import autocast_dtype
 from bitrain.train.optim import OPTIMIZERS, build_optimizer
 from bitrain.train.schedules import make_schedule
-from bitrain.train.trainer import autocast_dtype
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
 

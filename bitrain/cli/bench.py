@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from bitrain.errors import UserError
 from bitrain.names import DTYPES
-from bitrain.train.trainer import autocast_dtype
+from bitrain.train.evaluation import autocast_dtype
 
 
 class StepLoader:

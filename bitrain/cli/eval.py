@@ -22,7 +22,7 @@ from bitrain.cli.reader import load_model
 from bitrain.cli.train import select_device
 from bitrain.errors import UserError
 from bitrain.names import DTYPES
-from bitrain.train.trainer import autocast_dtype
+from bitrain.train.evaluation import autocast_dtype
 
 SPLITS = ("val", "train")
 # options of the checkpoint's training config that select and shape the data
@@ -131,7 +131,7 @@ def evaluate_file(
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     from bitrain.cli.config import parse_ints
     from bitrain.data import build_data
-    from bitrain.train.trainer import evaluate
+    from bitrain.train.evaluation import evaluate
 
     name = str(opts["dataset"])
     workers = int(opts.get("num_workers", 0))
