@@ -33,7 +33,10 @@ def test_summary_defaults_to_imagenet_input(capsys):
     assert run_cli("summary", "--model", "resnet18_e1") == 0
     out = capsys.readouterr().out
     # ResNetE-18: 11,157,504 binary weights (hand-counted in tests/test_summary.py) + float layers
-    assert "Total params                      11,699,374 (11,157,504 at 1 bit" in out  # BN statistics count as float
+    assert (
+        "Total params                      11,689,640 (11,157,504 at 1 bit" in out
+    )  # parameters only: BatchNorm statistics are buffers
+    assert "Buffers (BatchNorm statistics)    9,734" in out
     assert "1000" in out
     assert run_cli("summary", "--model", "resnet18_e1", "--image-size", "32") == 0
     small = capsys.readouterr().out
@@ -44,7 +47,7 @@ def test_summary_defaults_to_imagenet_input(capsys):
 def test_summary_for_a_dataset_builds_for_its_input(capsys):
     assert run_cli("summary", "--dataset", "digits") == 0
     out = capsys.readouterr().out
-    assert "Total params                      77,866" in out  # tiny_resnet_e, 1 channel, 10 classes
+    assert "Total params                      77,290" in out  # tiny_resnet_e, 1 channel, 10 classes
 
 
 def test_output_into_a_closed_pipe_is_not_an_error():
