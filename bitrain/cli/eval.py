@@ -20,6 +20,7 @@ import torch
 from bitrain import console
 from bitrain.cli.reader import load_model
 from bitrain.cli.train import select_device
+from bitrain.data.sets import DATA_SETS
 from bitrain.errors import UserError
 from bitrain.names import DTYPES
 from bitrain.train.evaluation import autocast_dtype
@@ -85,7 +86,7 @@ def _data_options(model_args: dict, config: dict, overrides: dict) -> dict[str, 
         size = model_args.get("image_size", 32)
         opts["dummy_shape"] = f"{model_args.get('in_channels', 3)},{size},{size}"
         opts.setdefault("dummy_classes", model_args.get("num_classes", 10))
-    if opts["dataset"] in ("imagenet", "imagefolder"):
+    if opts["dataset"] in DATA_SETS and DATA_SETS[opts["dataset"]].folder:
         opts.setdefault("image_size", model_args.get("image_size", 224))
     return opts
 
@@ -147,7 +148,7 @@ def evaluate_file(
         dummy_shape=tuple(parse_ints("dummy_shape", opts.get("dummy_shape", "3,32,32"))),
         dummy_classes=int(opts.get("dummy_classes", 10)),
         dummy_size=int(opts.get("dummy_size", 1024)),
-        **({"image_size": int(opts["image_size"])} if name in ("imagenet", "imagefolder") else {}),
+        **({"image_size": int(opts["image_size"])} if name in DATA_SETS and DATA_SETS[name].folder else {}),
     )
     _check_fits(margs, info, name)
     loader = eval_loader(train if split == "train" else val, info, batch_size=bs, num_workers=workers)

@@ -179,7 +179,7 @@ def main(argv: Sequence[str]) -> int:
         dummy_shape=tuple(C.parse_ints("dummy_shape", cfg.dummy_shape)),
         dummy_classes=cfg.dummy_classes,
         dummy_size=cfg.dummy_size,
-        **({"image_size": cfg.image_size} if cfg.dataset in ("imagenet", "imagefolder") else {}),
+        **({"image_size": cfg.image_size} if DATA_SETS[cfg.dataset].folder else {}),
     )
     margs = model_args(cfg, info)
     model = build_model(**margs)
