@@ -178,3 +178,39 @@ def test_the_lock_is_free_while_nobody_runs(tmp_path):
     t0 = time.monotonic()
     with lock_run_dir(tmp_path / "run") as lock:
         assert lock.locked and time.monotonic() - t0 < 1
+
+
+def test_resume_auto_refuses_a_checkpoint_that_went_stale_before_the_lock(tmp_path, monkeypatch, capsys):
+    """--resume auto reads the newest checkpoint, then takes the lock: a run that ended in between
+    (it wrote a newer last.pt) must not be continued from the older one."""
+    import shutil
+
+    from conftest import run_cli
+
+    from bitrain.cli import train as cli_train
+    from bitrain.train import checkpoint as ckpt
+
+    run = tmp_path / "run"
+    last = run / "checkpoints" / "last.pt"
+    common = ("train", "--cpu", "--model", "lenet", "--test-run", "--prefix", str(run))
+    assert run_cli(*common, "--epochs", "1") == 0
+    shutil.copy(last, tmp_path / "older.pt")
+    assert run_cli(*common, "--epochs", "2", "--resume", "auto") == 0
+    shutil.copy(last, tmp_path / "newer.pt")
+    shutil.copy(tmp_path / "older.pt", last)  # as the other run's files stood when this one read them
+    newer_step = ckpt.load_checkpoint(tmp_path / "newer.pt")["trainer"]["step"]
+
+    def lock_after_the_other_run_ends(run_dir):
+        shutil.copy(tmp_path / "newer.pt", last)
+        return rundir.lock_run_dir(run_dir)
+
+    monkeypatch.setattr(cli_train, "lock_run_dir", lock_after_the_other_run_ends)
+    capsys.readouterr()
+    assert run_cli(*common, "--epochs", "3", "--resume", "auto") == 2
+    err = capsys.readouterr().err
+    assert "changed while this run started" in err and "run the same command again" in err
+    assert ckpt.load_checkpoint(last)["trainer"]["step"] == newer_step  # nothing overwritten
+    assert _try_in_another_process(run)[0] == 0  # the lock was released
+    monkeypatch.undo()
+    assert run_cli(*common, "--epochs", "3", "--resume", "auto") == 0  # the rerun continues from the newest
+    assert ckpt.load_checkpoint(last)["trainer"]["step"] > newer_step

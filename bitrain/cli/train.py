@@ -253,6 +253,8 @@ def main(argv: Sequence[str]) -> int:
     elif cfg.init_from:  # a fresh run from other weights (a resumed one has its own in the checkpoint)
         init_weights_from(model, cfg.init_from)
     run_lock = lock_run_dir(run_dir) if info_d.is_main else None  # one run per --prefix, before anything in it changes
+    if run_lock is not None and cfg.resume == "auto":
+        _check_still_newest(run_lock, run_dir, payload, ckpt_path)
     if info_d.is_main:
         try:  # --resume with nothing to resume yet (e.g. killed before the first checkpoint) starts fresh there
             prepare_run_dir(
@@ -313,6 +315,23 @@ def main(argv: Sequence[str]) -> int:
         if interrupted:  # ranks leave together: torchrun stops the others when the first exits non-zero
             dist.barrier()
         dist.cleanup()
+
+
+def _check_still_newest(run_lock: Any, run_dir: Path, payload: dict | None, ckpt_path: Path | None) -> None:
+    """--resume auto read its checkpoint before it held the lock: a run that ended in between may have
+    written a newer one. Refuse to go on from a stale one (nothing is lost: run the command again)."""
+    from bitrain.train import checkpoint as ckpt
+
+    found = ckpt.find_resumable(run_dir / "checkpoints")
+    now = None if found is None else (found[0], found[1].get("trainer", {}).get("step"))
+    then = None if payload is None else (ckpt_path, payload.get("trainer", {}).get("step"))
+    if now == then:
+        return
+    run_lock.close()
+    raise UserError(
+        f"--resume auto: the checkpoints in {run_dir} changed while this run started (another run there "
+        "just ended); run the same command again to continue from the newest"
+    )
 
 
 def _load_or_explain(trainer: Any, payload: dict, path: Path | None) -> None:
