@@ -131,6 +131,18 @@ def resnet50_v2(**kw) -> nn.Module:
     return BinaryResNet([3, 4, 6, 3], _BOTTLENECK, "bottleneck", 2, **_net(kw))
 
 
+@register("resnet152_v1", family="resnet")
+def resnet152_v1(**kw) -> nn.Module:
+    """Binary ResNet-152 v1 (bitorch ``Resnet152V1``): bottleneck blocks [3, 8, 36, 3]."""
+    return BinaryResNet([3, 8, 36, 3], _BOTTLENECK, "bottleneck", 1, **_net(kw))
+
+
+@register("resnet152_v2", family="resnet")
+def resnet152_v2(**kw) -> nn.Module:
+    """Binary ResNet-152 v2 (bitorch ``Resnet152V2``, pre-norm): bottleneck blocks [3, 8, 36, 3]."""
+    return BinaryResNet([3, 8, 36, 3], _BOTTLENECK, "bottleneck", 2, **_net(kw))
+
+
 def _net(kw: dict) -> dict:
     # builders get num_classes, in_channels, image_size, initial_layers; the net ignores image_size
     return {k: kw[k] for k in ("num_classes", "in_channels", "initial_layers")}
