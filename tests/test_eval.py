@@ -113,8 +113,11 @@ def test_errors_exit_2_with_one_line(run, tmp_path, capsys):
     from safetensors.torch import save_file
 
     save_file({"w": torch.zeros(2)}, str(no_meta))
-    packed = tmp_path / "p.safetensors"
-    assert run_cli("export", run / "checkpoints" / "last.pt", packed) == 0
+    packed = tmp_path / "p.safetensors"  # written by the Python API without a config: no data set recorded
+    from bitrain.binary.export import export_packed
+
+    loaded = load_model(run / "checkpoints" / "last.pt")
+    export_packed(loaded.model, packed, model_args=loaded.model_args)
     cases = [
         (("eval", tmp_path / "missing.pt"), "does not exist"),
         (("eval", bad), "unreadable or unsafe"),

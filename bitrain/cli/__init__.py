@@ -25,6 +25,7 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("export", "the packed 1-bit model"),
     "plot": ("plot", "loss, top-1 and lr curves as a PNG"),
     "bench": ("bench", "trainer vs hand-written loop (vs Lightning), as a ratio"),
+    "predict": ("predict", "top-k classes of image files or folders"),
 }
 
 

@@ -15,7 +15,8 @@ def export_checkpoint(ckpt_path: str | Path, out_path: str | Path) -> dict[str, 
     from bitrain.cli.reader import load_model
 
     loaded = load_model(ckpt_path)
-    meta = {"checkpoint": Path(ckpt_path).name, "trainer": loaded.meta}
+    # the training config travels with the export: eval and predict know its data set wherever it is
+    meta = {"checkpoint": Path(ckpt_path).name, "trainer": loaded.meta, "config": loaded.config}
     return export_packed(loaded.model, out_path, model_args=loaded.model_args, meta=meta)
 
 

@@ -21,6 +21,7 @@ from bitrain.errors import UserError
 from bitrain.names import AUGMENTATIONS
 
 _DUMMY_SEED = 0xD0_D0  # the dummy set never depends on --seed
+DUMMY_MEAN, DUMMY_STD = 0.5, 0.21  # the dummy set's normalisation, every channel
 _DIGITS_VAL_EVERY = 5  # digits: the 5th, 10th, ... sample of each class (file order) is val
 
 
@@ -81,7 +82,7 @@ def _in_memory(name: str, data_dir: str | None, dummy_shape: tuple[int, int, int
         x_tr, y_tr = make_dummy(tuple(dummy_shape), dummy_classes, dummy_size, 0)
         x_va, y_va = make_dummy(tuple(dummy_shape), dummy_classes, max(1, dummy_size // 4), 1)
         ch = dummy_shape[0]
-        return (x_tr, y_tr, x_va, y_va), dummy_classes, ((0.5,) * ch, (0.21,) * ch)
+        return (x_tr, y_tr, x_va, y_va), dummy_classes, ((DUMMY_MEAN,) * ch, (DUMMY_STD,) * ch)
     from bitrain.data.cache import default_data_dir
 
     root = Path(data_dir).expanduser() if data_dir else default_data_dir()

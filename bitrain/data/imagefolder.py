@@ -45,6 +45,11 @@ _MAX_REPLACEMENTS = 64  # consecutive bad files after which the tree is declared
 _BROKEN, _LEFT_OUT = -1, -2  # item labels: no readable file in _MAX_REPLACEMENTS tries; a val file left out
 
 
+def class_folders(folder: Path) -> list[str]:
+    """The class names of a split folder: its sub-folders, sorted by name (label i is the i-th)."""
+    return sorted(e.name for e in os.scandir(folder) if e.is_dir())
+
+
 def scan_split(root: Path, split: str, classes: list[str] | None = None) -> tuple[list[str], list[str], np.ndarray]:
     """(classes, file paths, int64 labels) of root/split/<class>/**; classes sorted by name.
 
@@ -53,7 +58,7 @@ def scan_split(root: Path, split: str, classes: list[str] | None = None) -> tupl
     folder = root / split
     if not folder.is_dir():
         raise UserError(f"--data-dir {root}: missing folder {folder} (expected {split}/<class>/<image>)")
-    found = sorted(e.name for e in os.scandir(folder) if e.is_dir())
+    found = class_folders(folder)
     if not found:
         raise UserError(f"--data-dir {root}: {folder} has no class folders")
     if classes is None:

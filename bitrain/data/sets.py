@@ -13,6 +13,30 @@ from typing import Any
 _DIGITS = ((0.3052,), (0.3760,))  # measured on digits' train split
 _CIFAR = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))  # BMXNet's CIFAR example (gluon Normalize)
 _UNIT = ((0.0,), (1.0,))  # BMXNet's MNIST: divide by 255 and stop
+# class names by label index, as each data set's release files number them (bitrain predict prints them)
+_DIGIT_NAMES = tuple(str(i) for i in range(10))
+_FASHION_NAMES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+_CIFAR10_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+_CIFAR100_NAMES = tuple(
+    "apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly camel can "
+    "castle caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile cup dinosaur dolphin "
+    "elephant flatfish forest fox girl hamster house kangaroo keyboard lamp lawn_mower leopard lion lizard lobster "
+    "man maple_tree motorcycle mountain mouse mushroom oak_tree orange orchid otter palm_tree pear pickup_truck "
+    "pine_tree plain plate poppy porcupine possum rabbit raccoon ray road rocket rose sea seal shark shrew skunk "
+    "skyscraper snail snake spider squirrel streetcar sunflower sweet_pepper table tank telephone television tiger "
+    "tractor train trout tulip turtle wardrobe whale willow_tree wolf woman worm".split()
+)
 
 
 @dataclass(frozen=True)
@@ -28,6 +52,7 @@ class DataSet:
     folder: bool = False  # an image tree decoded by CPU workers (imagenet, imagefolder)
     # what `bitrain train --dataset NAME` uses without flags (the rest are BMXNet's defaults)
     defaults: dict[str, Any] = field(default_factory=dict)
+    classes: tuple[str, ...] = ()  # class names by label index; (): none (dummy) or folder names (image folders)
 
 
 # Defaults without flags (issue "defaults that work"): a binary net that trains well on each data set.
@@ -83,10 +108,17 @@ _SETS = (
             "lr_mode": "cosine",
             "lr": 0.01,
         },
+        classes=_DIGIT_NAMES,
     ),
     DataSet("dummy", None, defaults={"epochs": 120, "save_frequency": 10, "model": "tiny_resnet_e"}),
     DataSet(
-        "mnist", "bitrain.data.mnist:load_mnist", 10, *_UNIT, crop_flip=(2, False), defaults={**_SMALL_28, "epochs": 10}
+        "mnist",
+        "bitrain.data.mnist:load_mnist",
+        10,
+        *_UNIT,
+        crop_flip=(2, False),
+        defaults={**_SMALL_28, "epochs": 10},
+        classes=_DIGIT_NAMES,
     ),
     DataSet(
         "fashion-mnist",
@@ -95,9 +127,26 @@ _SETS = (
         *_UNIT,
         crop_flip=(2, True),
         defaults={**_SMALL_28, "epochs": 20},
+        classes=_FASHION_NAMES,
     ),
-    DataSet("cifar10", "bitrain.data.cifar:load_cifar", 10, *_CIFAR, crop_flip=(4, True), defaults=_CIFAR_DEFAULTS),
-    DataSet("cifar100", "bitrain.data.cifar:load_cifar", 100, *_CIFAR, crop_flip=(4, True), defaults=_CIFAR_DEFAULTS),
+    DataSet(
+        "cifar10",
+        "bitrain.data.cifar:load_cifar",
+        10,
+        *_CIFAR,
+        crop_flip=(4, True),
+        defaults=_CIFAR_DEFAULTS,
+        classes=_CIFAR10_NAMES,
+    ),
+    DataSet(
+        "cifar100",
+        "bitrain.data.cifar:load_cifar",
+        100,
+        *_CIFAR,
+        crop_flip=(4, True),
+        defaults=_CIFAR_DEFAULTS,
+        classes=_CIFAR100_NAMES,
+    ),
     DataSet("imagenet", None, folder=True, defaults=_IMAGENET_DEFAULTS),
     DataSet("imagefolder", None, folder=True, defaults={"epochs": 120, "save_frequency": 1, "model": "resnet18_e1"}),
 )
