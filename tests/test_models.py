@@ -279,3 +279,36 @@ def test_registry():
             register("_test_tmp", family="test")(_tmp)
     finally:
         del MODELS["_test_tmp"]
+
+
+def test_small_reactnet_is_small_resnet_e_plus_learnt_shifts():
+    """With its thresholds at 0 and its RPReLU slopes at 1 (identity), small_reactnet computes exactly
+    small_resnet_e with the same weights; the shifts and slopes learn (they get gradients)."""
+    torch.manual_seed(0)
+    plain = build_model("small_resnet_e", num_classes=10, in_channels=1, image_size=28).eval()
+    react = build_model("small_reactnet", num_classes=10, in_channels=1, image_size=28).eval()
+    src = plain.state_dict()
+    mapped = {}
+    for k in react.state_dict():
+        if ".body." in k and k.split(".body.")[1][0].isdigit():
+            head, tail = k.split(".body.")
+            i, rest = tail.split(".", 1)
+            if i == "0":
+                continue  # the LearnableBias in front of the conv
+            mapped[k] = src[f"{head}.body.{int(i) - 1}.{rest}"]
+        elif ".act." not in k:
+            mapped[k] = src[k]
+    missing = react.load_state_dict(mapped, strict=False).missing_keys
+    assert missing and all(".act." in k or ".body.0." in k for k in missing)
+    for m in react.modules():
+        if isinstance(m, nn.PReLU):
+            nn.init.ones_(m.weight)
+    x = torch.randn(4, 1, 28, 28)
+    torch.testing.assert_close(react(x), plain(x), rtol=0, atol=0)
+    react.train()
+    F.cross_entropy(react(x), torch.tensor([0, 1, 2, 3])).backward()
+    shifts = [p for n, p in react.named_parameters() if ".act." in n or ".body.0." in n]
+    assert len(shifts) == 4 * 6
+    # all but the last block's slope, whose negative outputs the head's ReLU zeroes while shift_out is 0
+    dead = [n for n, p in react.named_parameters() if (".act." in n or ".body.0." in n) and p.grad.abs().sum() == 0]
+    assert dead == ["7.act.prelu.weight"]

@@ -56,11 +56,11 @@ class DataSet:
 
 
 # Defaults without flags (issue "defaults that work"): a binary net that trains well on each data set.
-# MNIST-like: small_resnet_e, Adam with a short warmup and a cosine decay to 0, latent weights clipped to
+# MNIST-like: small_reactnet, Adam with a short warmup and a cosine decay to 0, latent weights clipped to
 # [-1, 1], pad-2 random crops (+ flips for Fashion-MNIST; digits are not mirror-symmetric).
 # CIFAR / ImageNet: BMXNet v2's published settings (docs/recipes.md).
 _SMALL_28 = {
-    "model": "small_resnet_e",
+    "model": "small_reactnet",
     "batch_size": 128,
     "optimizer": "adam",
     "lr": 0.003,

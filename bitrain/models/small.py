@@ -15,15 +15,22 @@ import torch
 import torch.nn as nn
 
 from bitrain.binary.layers import QConv2d
+from bitrain.binary.react import LearnableBias, RPReLU
 from bitrain.models._registry import register
 
 
 class BasicBlockE(nn.Module):
-    """y = BN(QConv3x3(x)) + shortcut(x): every binary conv has a full-precision shortcut."""
+    """y = BN(QConv3x3(x)) + shortcut(x): every binary conv has a full-precision shortcut.
 
-    def __init__(self, c_in: int, c_out: int, stride: int = 1) -> None:
+    ``react``: ReActNet's block, y = RPReLU(BN(QConv3x3(x + b)) + shortcut(x)): a learnt threshold per
+    input channel for the conv's sign (RSign) and a learnt nonlinearity after the add (RPReLU).
+    """
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1, react: bool = False) -> None:
         super().__init__()
-        self.body = nn.Sequential(QConv2d(c_in, c_out, 3, stride, 1), nn.BatchNorm2d(c_out))
+        conv = [QConv2d(c_in, c_out, 3, stride, 1), nn.BatchNorm2d(c_out)]
+        self.body = nn.Sequential(LearnableBias(c_in), *conv) if react else nn.Sequential(*conv)
+        self.act: nn.Module = RPReLU(c_out) if react else nn.Identity()
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or c_in != c_out:
             self.shortcut = nn.Sequential(
@@ -33,7 +40,7 @@ class BasicBlockE(nn.Module):
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x) + self.shortcut(x)
+        return self.act(self.body(x) + self.shortcut(x))
 
 
 @register("tiny_resnet_e", family="small", image_size=8)
@@ -63,12 +70,23 @@ def small_resnet_e(
 ) -> nn.Module:
     """Stem 3x3 -> 2 blocks at ``width`` (the first with stride 2) -> 2 at 2*width (stride 2) -> 2 at 4*width
     (stride 2) -> ReLU -> pool -> linear. 28 px: 14, 7, 4 px maps."""
-    w = width
+    return _small(num_classes, in_channels, image_size, width, react=False)
+
+
+@register("small_reactnet", family="small", image_size=28)
+def small_reactnet(
+    *, num_classes: int, in_channels: int, image_size: int, initial_layers: str = "thumbnail", width: int = 64
+) -> nn.Module:
+    """``small_resnet_e`` with ReActNet's blocks (RSign thresholds, RPReLU after each shortcut add)."""
+    return _small(num_classes, in_channels, image_size, width, react=True)
+
+
+def _small(num_classes: int, in_channels: int, image_size: int, w: int, react: bool) -> nn.Module:
     blocks: list[nn.Module] = []
     c, size = w, image_size
     for c_out in (w, 2 * w, 4 * w):
         stride = 2 if size >= 4 else 1  # no stride once a map would drop below 2 px
-        blocks += [BasicBlockE(c, c_out, stride), BasicBlockE(c_out, c_out)]
+        blocks += [BasicBlockE(c, c_out, stride, react), BasicBlockE(c_out, c_out, react=react)]
         c, size = c_out, (size + stride - 1) // stride
     return nn.Sequential(
         nn.Conv2d(in_channels, w, 3, 1, 1, bias=False),
