@@ -87,6 +87,9 @@ def main(argv: list[str] | None = None) -> float:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per model first")
     p.add_argument("--threads", type=int, default=0, help="torch threads on the CPU (0: leave as is)")
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
+    p.add_argument(
+        "--backend", default="inductor", help="torch.compile backend (default inductor; aot_eager: no code generation)"
+    )
     p.add_argument("--channels-last", action="store_true")
     args = p.parse_args(argv)
     if args.threads:
@@ -101,12 +104,12 @@ def main(argv: list[str] | None = None) -> float:
         model, arch = build(bits)
         model = model.to(device, memory_format=fmt)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        fwd = torch.compile(model) if args.compile else model
+        fwd = torch.compile(model, backend=args.backend) if args.compile else model
         run_steps(fwd, opt, x, y, args.warmup, bits == 1, device)
         runs[name] = (fwd, opt, bits == 1, [])
     print(
         f"{arch}, 32x32, batch {args.batch_size}, {device}, threads {torch.get_num_threads()}, "
-        f"{args.rounds} rounds x {args.steps} steps{' compiled' if args.compile else ''}"
+        f"{args.rounds} rounds x {args.steps} steps{f' compiled ({args.backend})' if args.compile else ''}"
     )
     for _ in range(args.rounds):  # interleaved A/B/A/B
         for fwd, opt, binary, times in runs.values():

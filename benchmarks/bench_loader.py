@@ -130,17 +130,20 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--bits", type=int, default=32, help="resnet18_v1 bits (32: float, 1: binary)")
     ap.add_argument("--loader-epochs", type=int, default=3)
+    ap.add_argument("--samples", type=int, default=50_000, help="in-memory images (default 50000: CIFAR's train split)")
     ap.add_argument("--steps", type=int, default=None, help="timed train steps (default 50 GPU, 3 CPU)")
     ap.add_argument("--workers", type=int, default=2, help="image-folder decoding workers")
-    ap.add_argument("--images", type=int, default=256, help="generated JPEGs for the image-folder run")
+    ap.add_argument("--images", type=int, default=256, help="generated JPEGs for the image-folder run (>= 32)")
     ap.add_argument("--channels-last", action="store_true")
     args = ap.parse_args()
     device = torch.device(args.device)
     steps = args.steps or (50 if device.type == "cuda" else 3)
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
 
-    loader_sps = bench_device_loader(device, 50_000, args.batch_size, args.loader_epochs, args.channels_last)
-    print(f"device loader (50000 x 3x32x32, batch {args.batch_size}, crop+flip): {loader_sps:,.0f} samples/sec")
+    loader_sps = bench_device_loader(device, args.samples, args.batch_size, args.loader_epochs, args.channels_last)
+    print(
+        f"device loader ({args.samples} x 3x32x32, batch {args.batch_size}, crop+flip): {loader_sps:,.0f} samples/sec"
+    )
     step_sps = bench_train_step(device, args.batch_size, steps, args.bits, args.channels_last)
     print(f"train step resnet18_v1 {args.bits}-bit (batch {args.batch_size}): {step_sps:,.0f} samples/sec")
     print(f"ratio loader/step: {loader_sps / step_sps:.1f}")

@@ -1,10 +1,12 @@
 """Speed options on the CPU: autocast bfloat16/float16 (GradScaler for float16), channels_last,
 torch.compile (the saved model stays the unwrapped one), and a step loop without host syncs
-except at log intervals."""
+except at log intervals. ``BITRAIN_TEST_DEVICE=cuda`` runs the same tests on the GPU
+(``benchmarks/gpu_check.sh`` does)."""
 
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -16,6 +18,9 @@ from bitrain.models import build_model
 from bitrain.train.trainer import Trainer
 
 BATCH = 64  # digits: 1442 train samples -> 22 steps per epoch
+DEVICE = torch.device(os.environ.get("BITRAIN_TEST_DEVICE", "cpu"))
+if DEVICE.type == "cuda" and not torch.cuda.is_available():
+    pytest.skip(f"BITRAIN_TEST_DEVICE={DEVICE}: no CUDA device", allow_module_level=True)
 
 
 @pytest.fixture(autouse=True)
@@ -24,9 +29,22 @@ def _one_thread():
     torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _float32_is_float32():
+    # on a GPU, float32 convs and matmuls would run in TF32 (10-bit mantissa): the comparisons of two
+    # float32 runs below are made at float32 precision
+    if DEVICE.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 @pytest.fixture(scope="module")
 def digits():
-    return build_data("digits", batch_size=BATCH, device="cpu", seed=3)
+    return build_data("digits", batch_size=BATCH, device=DEVICE, seed=3)
 
 
 def _model(seed: int = 0) -> nn.Module:
@@ -40,7 +58,7 @@ def _trainer(digits, model: nn.Module | None = None, **kw) -> Trainer:
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     kw.setdefault("epochs", 1)
     kw.setdefault("log_interval", 0)
-    return Trainer(model, opt, train, val, **kw)
+    return Trainer(model, opt, train, val, device=DEVICE, **kw)
 
 
 def _capture_conv_dtypes(model: nn.Module) -> list[torch.dtype]:
@@ -58,7 +76,7 @@ def test_bfloat16_autocast_computes_in_bf16_and_keeps_float32_weights(digits):
     out = t.fit()
     assert len(seen) == 3 and set(seen) == {torch.bfloat16}
     assert all(p.dtype == torch.float32 for p in model.parameters())
-    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))  # it stepped
+    assert any(not torch.equal(a, p.cpu()) for a, p in zip(before, model.parameters()))  # it stepped
     assert not t.scaler.is_enabled()  # bf16 has float32's range: no loss scaling
     assert math.isfinite(out["val"]["loss"])
 
@@ -160,9 +178,10 @@ def test_no_host_sync_in_the_step_loop_except_at_log_intervals(digits, monkeypat
 
 
 def test_cli_dtype_channels_last_test_run(tmp_path):
+    device = ["--cpu"] if DEVICE.type == "cpu" else ["--gpus", str(DEVICE.index or 0)]
     for i, flags in enumerate((["--dtype", "bfloat16", "--channels-last"], ["--dtype", "float16"])):
         run = tmp_path / f"r{i}"
-        assert run_cli("train", "--cpu", "--test-run", "--epochs", "2", "--prefix", run, *flags) == 0
+        assert run_cli("train", *device, "--test-run", "--epochs", "2", "--prefix", run, *flags) == 0
         assert (run / "model.safetensors").is_file()
         val = read_rows(run, "val")
         assert len(val) == 2 and all(math.isfinite(float(r["loss"])) for r in val)
