@@ -103,7 +103,7 @@ def test_text_output_and_each_bad_input_named_once(run, images, capsys, tmp_path
     assert f"skipping {tmp_path / 'nope.png'}: no such file or folder" in skipped[0]
     assert f"skipping {tmp_path / 'empty'}: a folder without image files" in skipped[1]
     assert f"skipping {root / 'notes.txt'}: unreadable image" in skipped[2]
-    assert "1 images predicted, 3 inputs skipped" in err
+    assert "1 image predicted, 3 inputs skipped" in err
     # all of them: 0 (with --top-k over the class count: every class once)
     assert run_cli("predict", run, *paths, "--cpu", "--top-k", "50") == 0
     lines = capsys.readouterr().out.splitlines()

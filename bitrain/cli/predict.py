@@ -240,6 +240,9 @@ def main(argv: Sequence[str]) -> int:
         print(f"{PROG}: error: none of the {len(paths) + len(bad)} inputs held a readable image", file=sys.stderr)
         return 2
     if errors:
-        print(f"{PROG} predict: {len(predictions)} images predicted, {len(errors)} inputs skipped", file=sys.stderr)
+        n, m = len(predictions), len(errors)
+        print(
+            f"{PROG} predict: {n} image{'s' * (n != 1)} predicted, {m} input{'s' * (m != 1)} skipped", file=sys.stderr
+        )
         return 1
     return 0
