@@ -30,7 +30,20 @@ def digits_val():
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     d = tmp_path_factory.mktemp("predict") / "run"
-    args = ("--dataset", "digits", "--epochs", "1", "--test-run", "--cpu", "--log-interval", "0", "--prefix", d)
+    args = (
+        "--dataset",
+        "digits",
+        "--model",
+        "tiny_resnet_e",
+        "--epochs",
+        "1",
+        "--test-run",
+        "--cpu",
+        "--log-interval",
+        "0",
+        "--prefix",
+        d,
+    )
     assert run_cli("train", *args) == 0
     return d
 
