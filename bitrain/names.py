@@ -15,6 +15,7 @@ AUGMENTATIONS = ("none", "low", "medium", "high", "crop", "crop-flip")
 BITS = (1, 2, 3, 4, 5, 6, 7, 8, 32)  # 32 = full precision
 KBIT_QUANTIZERS = ("round", "dorefa")  # the quantizers that take 2..8 bits
 APPROXIMATIONS = ("", "xnor", "binet")  # weight (and input) scaling of a binary layer
+PACKED_KERNELS = ("auto", "numba", "torch")  # packed 1-bit inference (load_packed, $BITRAIN_KERNEL)
 
 # models (bitrain.models)
 STEMS = ("imagenet", "grouped_stem", "thumbnail")  # --initial-layers

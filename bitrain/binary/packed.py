@@ -1,0 +1,257 @@
+"""Packed 1-bit layers at inference: the bit helpers, ``PackedQLayer`` and the choice of its kernel.
+
+``PackedQLayer`` computes a 1-bit QConv2d / QLinear from the export's sign bits (``docs/export.md``).
+Two kernels give the same integer dot products, so the same outputs:
+
+- ``numba`` (``bitrain.binary.kernels``, the ``[fast]`` extra): sign and bit-packing fused, a direct
+  convolution over 64-bit words with xnor + popcount, compiled; used by ``load_packed`` when numba imports.
+- ``torch``: the reference written in torch ops (``unfold``, SWAR popcount), slow but dependency-free;
+  used when numba is missing (one line on stderr says so, once) or when asked for.
+
+The choice: ``load_packed(..., kernel=...)`` or ``use_kernel(model, ...)``, else the environment
+variable ``BITRAIN_KERNEL`` (auto, numba, torch), else auto.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bitrain.binary import quantizers as quant
+from bitrain.errors import UserError
+from bitrain.names import PACKED_KERNELS
+
+KERNEL_ENV = "BITRAIN_KERNEL"
+# 1-bit activation quantizers whose forward is exactly quantizers._sign (0 and -0.0 -> +1): the numba
+# kernel takes their sign while packing, without running them. tests/test_kernels.py checks every +-1 record.
+SIGN_FORWARD = ("det_sign", "approx_sign", "swish_sign")
+_NOTED: list[str] = []  # the fallback line is printed once per process
+
+
+# ---------------------------------------------------------------------------------------------- bits
+
+
+def pack_signs(positive: torch.Tensor) -> torch.Tensor:
+    """(..., K) bool (True = +1) -> (..., ceil(K / 8)) uint8, little-endian bit order, zero pad bits."""
+    k = positive.shape[-1]
+    b = F.pad(positive.to(torch.uint8), (0, (-k) % 8))
+    b = b.reshape(*b.shape[:-1], -1, 8)
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=b.device)
+    return (b * weights).sum(-1, dtype=torch.uint8)
+
+
+def unpack_signs(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """(..., nbytes) uint8 -> (..., k) float32 of +-1 (inverse of ``pack_signs``)."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    bits = (packed.unsqueeze(-1) >> shifts) & 1
+    bits = bits.reshape(*packed.shape[:-1], -1)[..., :k]
+    return bits.float() * 2 - 1
+
+
+def _words(packed: torch.Tensor) -> torch.Tensor:
+    """(..., nbytes) uint8 -> (..., ceil(nbytes / 8)) int64 words (zero bytes pad the last word)."""
+    packed = F.pad(packed, (0, (-packed.shape[-1]) % 8)).contiguous()
+    return packed.view(torch.int64)
+
+
+def _popcount(x: torch.Tensor) -> torch.Tensor:
+    """Set bits per int64 word (SWAR), computed in place in ``x``; the arithmetic shifts' sign
+    bits are masked away and the final multiply wraps, its top byte (<= 64) being the count."""
+    t = x >> 1
+    x -= t.bitwise_and_(0x5555555555555555)
+    t = x >> 2
+    x.bitwise_and_(0x3333333333333333).add_(t.bitwise_and_(0x3333333333333333))
+    x.add_(x >> 4).bitwise_and_(0x0F0F0F0F0F0F0F0F)  # each byte now holds its own count (0..8)
+    return x.mul_(0x0101010101010101).bitwise_right_shift_(56)
+
+
+def xnor_dot(x_words: torch.Tensor, w_words: torch.Tensor, fan_in: int, chunk: int = 1 << 18) -> torch.Tensor:
+    """+-1 dot products from packed operands: dot = fan_in - 2 popcount(x xor w).
+
+    x_words (M, nw) int64, w_words (O, nw) int64 -> (M, O) int64; M is chunked so the (m, O, nw)
+    xor never exceeds ``chunk`` words (2 MiB: stays in cache).
+    """
+    m, nw = x_words.shape
+    step = max(1, chunk // max(1, w_words.shape[0] * nw))
+    out = [fan_in - 2 * _popcount(x_words[i : i + step, None, :] ^ w_words[None]).sum(-1) for i in range(0, m, step)]
+    return torch.cat(out) if out else x_words.new_zeros((0, w_words.shape[0]))
+
+
+# ------------------------------------------------------------------------------------- the kernel
+
+
+def resolve_kernel(kernel: str | None = None) -> str:
+    """``numba`` or ``torch`` for a requested kernel (the argument, else $BITRAIN_KERNEL, else ``auto``).
+
+    ``auto`` is numba when it imports, else the torch reference with one line on stderr (once per process).
+    """
+    name = kernel if kernel is not None else (os.environ.get(KERNEL_ENV) or "auto")
+    what = f"kernel={name!r}" if kernel is not None else f"{KERNEL_ENV}={name}"
+    if name not in PACKED_KERNELS:
+        raise UserError(f"{what} is not a packed-layer kernel; valid: {', '.join(PACKED_KERNELS)}")
+    if name == "torch":
+        return "torch"
+    from bitrain.binary import kernels
+
+    if kernels.available():
+        return "numba"
+    if name == "numba":
+        raise UserError(f"{what}: numba does not import ({kernels.IMPORT_ERROR}); pip install 'bitrain[fast]'")
+    if not _NOTED:
+        _NOTED.append(name)
+        print(
+            "bitrain: numba is not installed, so packed 1-bit layers run the slow torch reference "
+            "(pip install 'bitrain[fast]' for the xnor-popcount kernel)",
+            file=sys.stderr,
+        )
+    return "torch"
+
+
+def use_kernel(model: nn.Module, kernel: str | None = None) -> str:
+    """Set the kernel of every ``PackedQLayer`` in ``model`` (see ``resolve_kernel``); returns the one used."""
+    chosen = resolve_kernel(kernel)
+    for m in model.modules():
+        if isinstance(m, PackedQLayer):
+            m.kernel = chosen
+    return chosen
+
+
+# ---------------------------------------------------------------------------------- packed layers
+
+
+class PackedQLayer(nn.Module):
+    """Inference of a 1-bit QConv2d / QLinear from packed weights, with the ``numba`` or ``torch`` kernel.
+
+    With +-1 inputs (``xnor_inputs``) the dot products come from xnor + popcount on bit-packed operands:
+    numba's direct convolution over words, or the torch reference (input patches from ``unfold``, a SWAR
+    popcount); with other inputs the +-1 weights are unpacked and used in a float conv. Then, as
+    QConv2d / QLinear's forward: ``h = dot * scale + bias``, ``(h + fan_in) / 2`` where the layer applies
+    the offset (plain +-1 weights, no approximation, not ``no_offset``), times the XNOR-Net activation
+    scale K for ``approximation == "xnor"``. A plain offset layer gets ``(dot + fan_in) / 2`` from the
+    numba kernel directly (an integer either way, so the same float32 value).
+    """
+
+    def __init__(self, settings: dict[str, Any], act: nn.Module):
+        super().__init__()
+        self.settings = dict(settings)
+        shape = settings["shape"]
+        self.out_features, self.fan_in = shape[0], int(torch.tensor(shape[1:]).prod())
+        self.is_conv = settings["type"] == "QConv2d"
+        self.act = act  # the original QActivation: same method and bits
+        self.register_buffer("weight_packed", torch.zeros(shape[0], (self.fan_in + 7) // 8, dtype=torch.uint8))
+        self.register_buffer("weight_scale", torch.ones(shape[0]))
+        self.bias = nn.Parameter(torch.zeros(shape[0]), requires_grad=False) if settings["bias"] else None
+        self.kernel = "torch"  # set by load_packed / use_kernel
+        record = quant.spec(getattr(act, "method", None))
+        # numba takes sign(x) while packing when the activation is exactly that sign
+        self.fused_sign = getattr(act, "bits", 0) == 1 and record is not None and record.name in SIGN_FORWARD
+        self._words: tuple[tuple, Any, bool] | None = None  # (key, kernels.pack_weights(...), scaled)
+
+    def extra_repr(self) -> str:
+        s = self.settings
+        return f"{s['type']} {tuple(s['shape'])} packed, bits_a={s['bits_a']}, approximation={s['approximation']!r}"
+
+    def _dot_conv(self, xq: torch.Tensor) -> torch.Tensor:
+        s = self.settings
+        kh, kw = s["shape"][2:]
+        ph, pw = s["padding"]
+        groups, out = s["groups"], self.out_features
+        if not s["xnor_inputs"]:  # float/k-bit input: the +-1 weights unpacked, a float conv
+            w = unpack_signs(self.weight_packed, self.fan_in).reshape(s["shape"])
+            xq = F.pad(xq, (pw, pw, ph, ph), value=s["pad_value"])
+            return F.conv2d(xq, w.to(xq.dtype), None, s["stride"], 0, s["dilation"], groups)
+        n, _, h, wd = xq.shape
+        if not torch.all(xq.abs() == 1):
+            raise RuntimeError(f"activation {s['activation_method']!r} did not give +-1 values")
+        bits = F.pad((xq > 0).float(), (pw, pw, ph, ph))  # pad bit 0 = -1, as QConv2d pads with -1
+        cols = F.unfold(bits, (kh, kw), dilation=s["dilation"], stride=s["stride"])  # (n, C*kh*kw, L)
+        ho = (h + 2 * ph - s["dilation"][0] * (kh - 1) - 1) // s["stride"][0] + 1
+        wo = (wd + 2 * pw - s["dilation"][1] * (kw - 1) - 1) // s["stride"][1] + 1
+        ell = cols.shape[-1]
+        # (n, groups, L, fan_in) patch bits; unfold orders rows (channel, kh, kw) like the weight
+        cols = cols.reshape(n, groups, self.fan_in, ell).permute(1, 0, 3, 2) > 0.5
+        x_words = _words(pack_signs(cols))  # (groups, n, L, nw)
+        w_words = _words(self.weight_packed).reshape(groups, out // groups, -1)
+        dots = [xnor_dot(x_words[g].reshape(n * ell, -1), w_words[g], self.fan_in) for g in range(groups)]
+        dot = torch.stack(dots)  # (groups, n*L, out/groups)
+        dot = dot.reshape(groups, n, ell, out // groups).permute(1, 0, 3, 2)
+        # contiguous NCHW like the float conv's output, so the float layers after it sum in the
+        # same order and plain (offset) binary nets give bit-identical logits
+        dot = dot.reshape(n, out, ho, wo).contiguous()
+        return dot.to(xq.dtype)
+
+    def _dot_linear(self, xq: torch.Tensor) -> torch.Tensor:
+        if not self.settings["xnor_inputs"]:
+            w = unpack_signs(self.weight_packed, self.fan_in)
+            return F.linear(xq, w.to(xq.dtype))
+        if not torch.all(xq.abs() == 1):
+            raise RuntimeError(f"activation {self.settings['activation_method']!r} did not give +-1 values")
+        lead = xq.shape[:-1]
+        x_words = _words(pack_signs(xq.reshape(-1, self.fan_in) > 0))
+        dot = xnor_dot(x_words, _words(self.weight_packed), self.fan_in)
+        return dot.reshape(*lead, self.out_features).to(xq.dtype)
+
+    def _prepared(self) -> tuple[Any, bool]:
+        """The weights in the numba kernel's layout and whether the layer scales, for the current buffers."""
+        key = tuple((t.data_ptr(), t._version) for t in (self.weight_packed, self.weight_scale))
+        if self._words is None or self._words[0] != key:
+            from bitrain.binary import kernels
+
+            groups = self.settings.get("groups", 1)
+            words = kernels.pack_weights(self.weight_packed, self.settings["shape"], groups)
+            scaled = bool(self.settings["approximation"]) or not bool(torch.all(self.weight_scale == 1))
+            self._words = (key, words, scaled)
+        return self._words[1], self._words[2]
+
+    def _dot_numba(self, x: torch.Tensor, words: Any, count: bool) -> torch.Tensor:
+        from bitrain.binary import kernels
+
+        s = self.settings
+        if not self.fused_sign:  # another +-1 activation: run it, then pack its signs
+            x = self.act(x)
+            if not torch.all(x.abs() == 1):
+                raise RuntimeError(f"activation {s['activation_method']!r} did not give +-1 values")
+        if not self.is_conv:
+            lead = x.shape[:-1]
+            h = kernels.xnor_conv(x.reshape(-1, self.fan_in, 1, 1), words, fan_in=self.fan_in, count=count)
+            return h.reshape(*lead, self.out_features).to(x.dtype)
+        geometry = dict(stride=s["stride"], padding=s["padding"], dilation=s["dilation"])
+        h = kernels.xnor_conv(x, words, kernel_size=tuple(s["shape"][2:]), fan_in=self.fan_in, count=count, **geometry)
+        return h.to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.settings
+        if self.kernel == "numba" and s["xnor_inputs"] and x.device.type == "cpu":
+            words, scaled = self._prepared()
+            plain = s["offset"] and self.bias is None and not scaled
+            h = self._dot_numba(x, words, count=plain)
+            if plain:
+                return h  # the kernel's count of agreeing bits is (dot + fan_in) / 2
+        else:
+            xq = self.act(x)
+            h = self._dot_conv(xq) if self.is_conv else self._dot_linear(xq)
+            scaled = bool(s["approximation"]) or not torch.all(self.weight_scale == 1)
+        view = (1, -1, 1, 1) if self.is_conv else (-1,)
+        if scaled:  # binet / xnor scale by mean|W|, or a magnitude-aware quantizer's
+            h = h * self.weight_scale.reshape(view)
+        if self.bias is not None:
+            h = h + self.bias.reshape(view)
+        if s["offset"]:
+            h = (h + self.fan_in) / 2  # +-1 dot -> number of agreeing bits
+        if s["approximation"] == "xnor":
+            h = h * _xnor_k(x, s, self.is_conv)
+        return h
+
+
+def _xnor_k(x: torch.Tensor, s: dict[str, Any], is_conv: bool) -> torch.Tensor:
+    """XNOR-Net activation scale: mean |x| over channels, box-filtered over each window (zero pad)."""
+    if not is_conv:
+        return x.abs().mean(-1, keepdim=True)
+    kh, kw = s["shape"][2:]
+    box = torch.full((1, 1, kh, kw), 1.0 / (kh * kw), dtype=x.dtype, device=x.device)
+    return F.conv2d(x.abs().mean(1, keepdim=True), box, None, s["stride"], s["padding"], s["dilation"])

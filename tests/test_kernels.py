@@ -1,0 +1,210 @@
+"""bitrain.binary.kernels (numba's xnor-popcount) against float convolutions of +-1 tensors, and both
+packed kernels (numba, torch reference) against the float-latent models they were exported from."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bitrain.binary import kernels, packed
+from bitrain.binary import quantizers as quant
+from bitrain.binary.export import export_packed, load_packed, pack_signs
+from bitrain.binary.layers import QConv2d, QLinear
+from bitrain.binary.packed import SIGN_FORWARD, PackedQLayer, resolve_kernel, use_kernel
+from bitrain.errors import UserError
+from bitrain.models import build_model
+
+needs_numba = pytest.mark.skipif(not kernels.available(), reason=f"numba is not installed ({kernels.IMPORT_ERROR})")
+
+
+def _sign(x: torch.Tensor) -> torch.Tensor:
+    return torch.copysign(torch.ones(()), x + 0.0)  # quantizers._sign: 0 and -0.0 -> +1
+
+
+def _with_zeros(x: torch.Tensor) -> torch.Tensor:
+    flat = x.view(-1)
+    flat[::7] = 0.0
+    flat[3::11] = -0.0
+    return x
+
+
+# (batch, channels, h, w, out, kernel, stride, padding, dilation, groups)
+SHAPES = {
+    "3x3/2 pad 1, fan_in 333": (2, 37, 9, 11, 13, (3, 3), (2, 2), (1, 1), (1, 1), 1),
+    "groups 2, 35 channels each": (1, 70, 5, 6, 8, (3, 3), (1, 1), (1, 1), (1, 1), 2),
+    "1x1/2 pad 0, fan_in 130": (3, 130, 7, 7, 20, (1, 1), (2, 2), (0, 0), (1, 1), 1),
+    "3x3 pad 0, fan_in 576": (2, 64, 6, 5, 96, (3, 3), (1, 1), (0, 0), (1, 1), 1),
+    "3x1 dilation 2, pad (1, 0), groups 4": (1, 16, 9, 9, 8, (3, 1), (1, 1), (1, 0), (2, 2), 4),
+    "2x2 pad 1, 200 channels": (2, 200, 4, 4, 5, (2, 2), (1, 1), (1, 1), (1, 1), 1),
+    "tiny map, 100 outputs in blocks": (1, 40, 3, 3, 100, (3, 3), (1, 1), (1, 1), (1, 1), 1),
+}
+
+
+@needs_numba
+@pytest.mark.parametrize("case", sorted(SHAPES))
+def test_xnor_conv_is_the_float_conv_of_the_signs(case):
+    n, c, h, w, o, k, stride, pad, dil, groups = SHAPES[case]
+    g = torch.Generator().manual_seed(len(case))
+    x = _with_zeros(torch.randn(n, c, h, w, generator=g))
+    weight = torch.randn(o, c // groups, *k, generator=g)
+    words = kernels.pack_weights(pack_signs((weight >= 0).reshape(o, -1)), list(weight.shape), groups)
+    # QConv2d's semantics: the +-1 input padded with -1
+    padded = F.pad(_sign(x), (pad[1], pad[1], pad[0], pad[0]), value=-1.0)
+    expected = F.conv2d(padded, _sign(weight), None, stride, 0, dil, groups)
+    geometry = dict(kernel_size=k, stride=stride, padding=pad, dilation=dil, fan_in=weight[0].numel())
+    dot = kernels.xnor_conv(x, words, count=False, **geometry)
+    assert dot.dtype == torch.float32 and dot.is_contiguous()
+    assert torch.equal(dot, expected)
+    count = kernels.xnor_conv(x, words, count=True, **geometry)
+    assert torch.equal(count, (expected + weight[0].numel()) / 2)
+
+
+@needs_numba
+def test_xnor_linear_and_the_packing_bits():
+    g = torch.Generator().manual_seed(5)
+    x, w = _with_zeros(torch.randn(5, 131, generator=g)), torch.randn(11, 131, generator=g)
+    words = kernels.pack_weights(pack_signs(w >= 0), [11, 131])
+    dot = kernels.xnor_conv(x.reshape(5, 131, 1, 1), words, fan_in=131, count=False).reshape(5, 11)
+    assert torch.equal(dot, _sign(x) @ _sign(w).T)
+    # the fused sign: 0, -0.0, tiny and infinite values, NaN keeps its sign bit (copysign(1, NaN) is +-1)
+    probe = torch.tensor([-2.0, -1e-30, -0.0, 0.0, 1e-30, 3.0, float("inf"), -float("inf"), float("nan")])
+    bits = kernels.pack_activations(probe.reshape(1, -1, 1, 1))
+    expected = sum(1 << i for i, v in enumerate(_sign(probe).tolist()) if v > 0)
+    assert bits.shape == (1, 1, 1, 1) and int(bits[0, 0, 0, 0]) == expected == 0b101111100
+    padded = kernels.pack_activations(torch.ones(1, 65, 2, 1), padding=(1, 2))
+    assert padded.shape == (1, 4, 5, 2) and padded[0, 1, 2].tolist() == [2**64 - 1, 1]  # 64 + 1 channels
+    assert padded[0, 0].tolist() == [[0, 0]] * 5  # the border: all bits 0, i.e. -1
+
+
+def test_fused_sign_quantizers_are_that_sign():
+    """The numba path takes sign(x) while packing for SIGN_FORWARD, without running the quantizer:
+    each must give exactly _sign (0 and -0.0 -> +1). Other +-1 quantizers (a 0 -> -1 heaviside, a
+    callable) run first and are packed from their output."""
+    probe = torch.tensor([-2.0, -1e-30, -0.0, 0.0, 1e-30, 3.0])
+    for name in SIGN_FORWARD:
+        record = quant.spec(name)
+        assert record is not None and record.plus_minus_one and 1 in record.bits, name
+        assert torch.equal(quant.get_quantizer(name, 1)(probe.clone()), _sign(probe)), name
+    assert QConv2d(2, 2, 1, activation_method="det_sign").act.method in SIGN_FORWARD
+
+
+def _calibrated(model: nn.Module, shape: tuple[int, ...], seed: int) -> nn.Module:
+    """BatchNorm statistics from noise images and random affine terms (some scales negative)."""
+    g = torch.Generator().manual_seed(seed)
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.momentum = None
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(8, *shape, generator=g))
+        for m in norms:
+            if m.affine:
+                m.weight.copy_(torch.randn(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(0.3 * torch.randn(m.num_features, generator=g))
+    return model.eval()
+
+
+MODELS = {  # name -> (in_channels, image_size, batch)
+    "lenet": (1, 28, 6),
+    "tiny_resnet_e": (1, 8, 16),
+    "resnet18_e1": (3, 32, 2),
+}
+
+
+@needs_numba
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_zoo_models_packed_equal_float_with_both_kernels(tmp_path, name):
+    c, size, batch = MODELS[name]
+    args = dict(name=name, num_classes=10, in_channels=c, image_size=size)
+    torch.manual_seed(3)
+    model = _calibrated(build_model(**args), (c, size, size), seed=4)
+    x = torch.randn(batch, c, size, size, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = model(x)
+    export_packed(model, tmp_path / "m.safetensors", model_args=args)
+    for kernel in ("numba", "torch"):
+        loaded = load_packed(tmp_path / "m.safetensors", build_model, kernel=kernel)
+        layers = [m for m in loaded.modules() if isinstance(m, PackedQLayer)]
+        assert layers and {m.kernel for m in layers} == {kernel}
+        with torch.no_grad():
+            got = loaded(x)
+        # plain binary nets: the same integer counts, then the same float layers: bit-identical logits
+        assert torch.equal(got, expected), (kernel, (got - expected).abs().max())
+
+
+class Scaled(nn.Module):
+    """Binary convs and a binary linear with binet / xnor scaling, and a +-1 activation that is not
+    the fused sign (a threshold at 0.25, 0 -> -1), between BatchNorms."""
+
+    def __init__(self, approximation: str):
+        super().__init__()
+        q = dict(bits=1, bits_a=1, approximation=approximation)
+        self.stem = nn.Sequential(nn.Conv2d(3, 24, 3, padding=1, bias=False), nn.BatchNorm2d(24))
+        self.q1 = nn.Sequential(QConv2d(24, 70, 3, stride=2, padding=1, **q), nn.BatchNorm2d(70))
+        step = lambda x: torch.where(x > 0.25, 1.0, -1.0)  # noqa: E731
+        self.q2 = nn.Sequential(
+            QConv2d(70, 70, 3, padding=1, groups=2, activation_method=step, **q), nn.BatchNorm2d(70)
+        )
+        self.ql = QLinear(70 * 4 * 4, 10, **q)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = self.q1(x)
+        x = x + self.q2(x)
+        return self.ql(x.flatten(1))
+
+
+@needs_numba
+@pytest.mark.parametrize("approximation", ["", "binet", "xnor"])
+def test_scaled_layers_and_a_plain_step_activation(tmp_path, approximation):
+    torch.manual_seed(6)
+    model = _calibrated(Scaled(approximation), (3, 8, 8), seed=7)
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        expected = model(x)
+    export_packed(model, tmp_path / "s.safetensors", model_args={"name": "scaled"})
+    outputs = {}
+    for kernel in ("numba", "torch"):
+        loaded = load_packed(tmp_path / "s.safetensors", lambda name: Scaled(approximation), kernel=kernel)
+        assert loaded.q2[0].fused_sign is False and loaded.q1[0].fused_sign is True
+        with torch.no_grad():
+            outputs[kernel] = loaded(x)
+    # both kernels give the same integer dots and then the same float ops: identical to each other
+    assert torch.equal(outputs["numba"], outputs["torch"])
+    # against the float-latent model: within float rounding (the float conv sums +-alpha in another order)
+    torch.testing.assert_close(outputs["numba"], expected, rtol=1e-4, atol=1e-4)
+    assert torch.equal(outputs["numba"].argmax(1), expected.argmax(1))
+
+
+def test_kernel_choice_and_the_one_fallback_line(tmp_path, monkeypatch, capsys):
+    args = dict(name="tiny_resnet_e", num_classes=10, in_channels=1, image_size=8)
+    torch.manual_seed(9)
+    model = _calibrated(build_model(**args), (1, 8, 8), seed=10)
+    export_packed(model, tmp_path / "t.safetensors", model_args=args)
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        expected = model(x)
+    monkeypatch.setenv("BITRAIN_KERNEL", "torch")  # the documented switch
+    loaded = load_packed(tmp_path / "t.safetensors", build_model)
+    assert {m.kernel for m in loaded.modules() if isinstance(m, PackedQLayer)} == {"torch"}
+    monkeypatch.setenv("BITRAIN_KERNEL", "fastest")
+    with pytest.raises(UserError, match="BITRAIN_KERNEL=fastest .*valid: auto, numba, torch"):
+        resolve_kernel()
+    with pytest.raises(UserError, match="kernel='gpu'"):
+        resolve_kernel("gpu")
+    monkeypatch.delenv("BITRAIN_KERNEL")
+    capsys.readouterr()
+    # without numba: auto falls back to the reference with one line on stderr, once per process
+    monkeypatch.setattr(kernels, "numba", None)
+    monkeypatch.setattr(packed, "_NOTED", [])
+    for _ in range(2):
+        loaded = load_packed(tmp_path / "t.safetensors", build_model)
+        with torch.no_grad():
+            assert torch.equal(loaded(x), expected)
+    assert use_kernel(loaded, "auto") == "torch"
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "numba is not installed" in err[0] and "bitrain[fast]" in err[0]
+    with pytest.raises(UserError, match=r"kernel='numba': numba does not import .*bitrain\[fast\]"):
+        load_packed(tmp_path / "t.safetensors", build_model, kernel="numba")
