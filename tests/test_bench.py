@@ -127,3 +127,41 @@ def test_accuracy_benchmark_prints_one_row_per_recipe(tmp_path):
     assert 50 < final <= best <= 100
     again = subprocess.run([*args[:5], "--reuse"], capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and [c.strip() for c in again.stdout.splitlines()[-1].split("|")][9:11] == row[8:10]
+
+
+def test_bench_inference_prints_ratios_agreement_and_layers(capsys):
+    tiny = ["--model", "tiny_resnet_e", "--image-size", "8", "--in-channels", "1", "--num-classes", "10"]
+    assert (
+        main(["bench", "--inference", *tiny, "--batch-size", "1,3", "--rounds", "2", "--layers", "--threads", "1"]) == 0
+    )
+    out = capsys.readouterr().out
+    assert out.startswith("bitrain bench --inference: tiny_resnet_e 1x8x8, 4 packed layers, kernel ")
+    assert re.search(
+        r"^weights: 73,728 binary weights, 294,912 bytes as float32 -> 9,216 bytes packed \(32\.0x\)", out, re.M
+    )
+    for batch in (1, 3):
+        ratio = re.search(rf"^batch {batch}: ratio packed/float: (\d+\.\d\d)$", out, re.M)
+        assert ratio and float(ratio.group(1)) > 0
+        assert re.search(
+            rf"^batch {batch}: predictions identical: {2 * batch}/{2 * batch} \(max \|logit difference\| 0\)$",
+            out,
+            re.M,
+        )
+        assert re.search(
+            rf"^batch {batch}: layers ratio packed/float: \d+\.\d\d-\d+\.\d\d; the packed layers take", out, re.M
+        )
+    layers = re.findall(
+        r"^  layer (\S+): QConv2d \(\d+, \d+, 3, 3\) on \S+: float [0-9.]+ ms, packed [0-9.]+ ms, ratio packed/float: \d+\.\d\d$",
+        out,
+        re.M,
+    )
+    assert layers == ["2.body.0", "3.body.0", "4.body.0", "5.body.0"] * 2
+
+
+@pytest.mark.parametrize(
+    "flags,needle",
+    [(["--batch-size", "1,0"], "--batch-size"), (["--rounds", "0"], "--rounds"), (["--kernel", "gpu"], "--kernel")],
+)
+def test_bench_inference_bad_input_is_exit_2(flags, needle, capsys):
+    assert main(["bench", "--inference", "--model", "tiny_resnet_e", "--image-size", "8", *flags]) == 2
+    assert needle in capsys.readouterr().err

@@ -284,6 +284,11 @@ def _parser() -> argparse.ArgumentParser:
         help="wall time, or this process's CPU time (steadier on a shared CPU; use with --threads 1)",
     )
     p.add_argument("--seed", type=int, default=123)
+    p.add_argument(
+        "--inference",
+        action="store_true",
+        help="time a binary model's packed export against its float model instead (bitrain bench --inference --help)",
+    )
     return p
 
 
@@ -304,6 +309,10 @@ def _check(ns: argparse.Namespace) -> torch.device:
 
 def main(argv: Sequence[str]) -> int:
     """``bitrain bench [options]``: prints samples/sec per runner and the ratios; returns 0."""
+    if "--inference" in argv:  # another benchmark, with its own options and defaults
+        from bitrain.cli.bench_inference import main as inference
+
+        return inference([a for a in argv if a != "--inference"])
     ns = _parser().parse_args(list(argv))
     device = _check(ns)
     if ns.threads:

@@ -1,0 +1,228 @@
+"""``bitrain bench --inference``: a binary model's packed export against the float model it came from.
+
+The model (random weights with BatchNorm statistics estimated on noise images, or ``--checkpoint``) is
+exported packed to a temporary folder and loaded back (``load_packed``: numba's xnor-popcount kernel
+when it imports). Both run the same inputs in rounds: each round one new random batch, both models
+on it, their order alternating; the ratio is the median over rounds of float seconds / packed seconds,
+so a change of the machine's load between rounds cancels out. ``--layers`` times every binary layer
+alone, the float conv (or linear) of its ±1 input and weight against the packed layer's forward
+(sign, packing and xnor-popcount) on the same real-valued input.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bitrain.cli.args import ArgParser
+from bitrain.errors import UserError, parse_list
+from bitrain.names import PACKED_KERNELS
+
+
+def _parser() -> ArgParser:
+    p = ArgParser(prog="bitrain bench --inference", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="resnet18_e1", help="model name (default: resnet18_e1)")
+    p.add_argument("--checkpoint", default=None, help="a checkpoint, run directory or model.safetensors instead")
+    p.add_argument("--image-size", type=int, default=224, help="input side in pixels (default 224)")
+    p.add_argument("--in-channels", type=int, default=3, help="input channels (default 3)")
+    p.add_argument("--num-classes", type=int, default=1000, help="classes (default 1000)")
+    p.add_argument("--batch-size", default="1,16", help="comma-separated batch sizes (default 1,16)")
+    p.add_argument("--rounds", type=int, default=10, help="interleaved rounds per batch size (default 10)")
+    p.add_argument("--layers", action="store_true", help="also time each binary layer alone")
+    p.add_argument("--kernel", default="auto", choices=PACKED_KERNELS, help="packed kernel (default auto)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--clock", default="wall", choices=("wall", "cpu"), help="wall time or this process's CPU time")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def _float_model(ns) -> tuple[nn.Module, dict]:
+    """(model in eval mode, its build_model kwargs): the checkpoint's, or a random one with BatchNorm
+    statistics estimated on noise (so every BatchNorm shifts and scales, and the signs are balanced)."""
+    if ns.checkpoint:
+        from bitrain.cli.reader import load_model
+
+        loaded = load_model(ns.checkpoint)
+        if any(type(m).__name__ == "PackedQLayer" for m in loaded.model.modules()):
+            raise UserError(f"--checkpoint {ns.checkpoint} is a packed export; give the float checkpoint it came from")
+        return loaded.model.eval(), dict(loaded.model_args)
+    from bitrain.models import build_model
+
+    args = dict(name=ns.model, num_classes=ns.num_classes, in_channels=ns.in_channels, image_size=ns.image_size, bits=1)
+    torch.manual_seed(ns.seed)
+    model = build_model(**args)
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.momentum = None  # a cumulative average over the calibration batches
+    model.train()
+    with torch.no_grad():
+        for _ in range(2):
+            model(torch.randn(4, ns.in_channels, ns.image_size, ns.image_size))
+        for m in norms:
+            if m.affine:  # non-trivial affine terms, a few negative scales among them
+                m.weight.copy_(1 + 0.5 * torch.randn_like(m.weight))
+                m.bias.copy_(0.2 * torch.randn_like(m.bias))
+            m.momentum = 0.1
+    return model.eval(), args
+
+
+def paired_ratio(float_seconds: Sequence[float], packed_seconds: Sequence[float]) -> float:
+    """Median over rounds of float / packed seconds: the packed model's speed-up, paired by round."""
+    return statistics.median(f / p for f, p in zip(float_seconds, packed_seconds))
+
+
+def _timer(clock: Callable[[], float]) -> Callable[[Callable[[], object]], float]:
+    def seconds(fn: Callable[[], object]) -> float:
+        t0 = clock()
+        fn()
+        return clock() - t0
+
+    return seconds
+
+
+def _end_to_end(float_model, packed, shape, batch: int, rounds: int, seconds, seed: int) -> dict:
+    gen = torch.Generator().manual_seed(seed + batch)
+    same, total, worst = 0, 0, 0.0
+    t_float: list[float] = []
+    t_packed: list[float] = []
+    with torch.no_grad():
+        warm = torch.randn(batch, *shape, generator=gen)
+        float_model(warm), packed(warm)
+        for r in range(rounds):
+            x = torch.randn(batch, *shape, generator=gen)
+            out: dict[str, torch.Tensor] = {}
+            order = [("float", float_model, t_float), ("packed", packed, t_packed)]
+            for name, model, times in order if r % 2 == 0 else order[::-1]:
+                times.append(seconds(lambda m=model, k=name, x=x, out=out: out.__setitem__(k, m(x))))
+            same += int((out["float"].argmax(1) == out["packed"].argmax(1)).sum())
+            total += batch
+            worst = max(worst, float((out["float"] - out["packed"]).abs().max()))
+    return dict(float=t_float, packed=t_packed, same=same, total=total, worst=worst)
+
+
+def _layer_inputs(float_model: nn.Module, names: list[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The real-valued input of each named layer of the float model, for input ``x``."""
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [
+        float_model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: seen.__setitem__(n, a[0].detach()))
+        for n in names
+    ]
+    with torch.no_grad():
+        float_model(x)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def _float_op(layer: nn.Module, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """The float conv / linear of the layer's shape on its ±1 input and weight (no quantization inside)."""
+    with torch.no_grad():
+        xq, w = layer.act(x), layer.quantized_weight().detach()
+    if isinstance(layer, nn.Conv2d):
+        return lambda: F.conv2d(xq, w, None, layer.stride, layer.qpadding, layer.dilation, layer.groups)
+    return lambda: F.linear(xq, w)
+
+
+def _layers(float_model, packed, shape, batch: int, rounds: int, seconds, seed: int) -> list[tuple]:
+    """Per binary layer: (name, description, float seconds per round, packed seconds per round)."""
+    from bitrain.binary.packed import PackedQLayer
+
+    names = [n for n, m in packed.named_modules() if isinstance(m, PackedQLayer)]
+    x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(seed))
+    inputs = _layer_inputs(float_model, names, x)
+    rows = []
+    with torch.no_grad():
+        for name in names:
+            layer, fast, inp = float_model.get_submodule(name), packed.get_submodule(name), inputs[name]
+            ops = {"float": _float_op(layer, inp), "packed": lambda f=fast, i=inp: f(i)}
+            times: dict[str, list[float]] = {"float": [], "packed": []}
+            for op in ops.values():
+                op()  # warm-up
+            for r in range(rounds):
+                for k in ("float", "packed") if r % 2 == 0 else ("packed", "float"):
+                    times[k].append(min(seconds(ops[k]) for _ in range(3)))
+            geometry = "x".join(str(s) for s in inp.shape[1:])
+            what = f"{type(layer).__name__} {tuple(layer.weight.shape)} on {geometry}"
+            rows.append((name, what, times["float"], times["packed"]))
+    return rows
+
+
+def _sizes(float_model: nn.Module, export: dict, path: Path) -> str:
+    from bitrain.binary.layers import binary_layers
+
+    weights = sum(m.weight.numel() for m in binary_layers(float_model))
+    packed_bytes = sum(m.weight.shape[0] * ((m.weight[0].numel() + 7) // 8) for m in binary_layers(float_model))
+    return (
+        f"weights: {weights:,} binary weights, {4 * weights:,} bytes as float32 -> {packed_bytes:,} bytes packed "
+        f"({4 * weights / max(1, packed_bytes):.1f}x); whole model {export['float_state_bytes']:,} bytes of "
+        f"float state -> {path.stat().st_size:,} bytes exported ({export['float_state_bytes'] / path.stat().st_size:.1f}x)"
+    )
+
+
+def main(argv: Sequence[str]) -> int:
+    """``bitrain bench --inference [options]``: prints the ratios and agreement per batch size; returns 0."""
+    ns = _parser().parse_args(list(argv))
+    batches = parse_list("--batch-size", ns.batch_size)
+    for flag, value in [
+        ("--rounds", ns.rounds),
+        ("--image-size", ns.image_size),
+        *[("--batch-size", b) for b in batches],
+    ]:
+        if value < 1:
+            raise UserError(f"{flag} must be >= 1, got {value}")
+    if not batches:
+        raise UserError("--batch-size needs at least one batch size, e.g. 1,16")
+    if ns.threads:
+        torch.set_num_threads(ns.threads)
+    from bitrain.binary.export import export_packed, load_packed
+    from bitrain.models import build_model
+
+    float_model, args = _float_model(ns)
+    shape = (args.get("in_channels", 3), args.get("image_size", 224), args.get("image_size", 224))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.safetensors"
+        export = export_packed(float_model, path, model_args=args)
+        packed = load_packed(path, build_model, kernel=ns.kernel)
+        sizes = _sizes(float_model, export, path)
+    from bitrain.binary.packed import resolve_kernel
+
+    kernel = resolve_kernel(ns.kernel)
+    seconds = _timer(time.process_time if ns.clock == "cpu" else time.perf_counter)
+    print(
+        f"bitrain bench --inference: {args['name']} {'x'.join(map(str, shape))}, {export['packed_layers']} packed "
+        f"layers, kernel {kernel}, cpu ({torch.get_num_threads()} threads), {ns.rounds} rounds, {ns.clock} clock",
+        flush=True,
+    )
+    print(sizes)
+    for batch in batches:
+        r = _end_to_end(float_model, packed, shape, batch, ns.rounds, seconds, ns.seed)
+        tf, tp = statistics.median(r["float"]), statistics.median(r["packed"])
+        print(
+            f"batch {batch}: float {tf * 1e3:.2f} ms ({batch / tf:.1f} img/s), packed {tp * 1e3:.2f} ms "
+            f"({batch / tp:.1f} img/s), medians of {ns.rounds}"
+        )
+        print(f"batch {batch}: ratio packed/float: {paired_ratio(r['float'], r['packed']):.2f}")
+        print(
+            f"batch {batch}: predictions identical: {r['same']}/{r['total']} (max |logit difference| {r['worst']:.3g})"
+        )
+        if ns.layers:
+            rows = _layers(float_model, packed, shape, batch, ns.rounds, seconds, ns.seed)
+            ratios = [paired_ratio(f, p) for _, _, f, p in rows]
+            for (name, what, f, p), ratio in zip(rows, ratios):
+                print(
+                    f"  layer {name}: {what}: float {statistics.median(f) * 1e3:.3f} ms, packed "
+                    f"{statistics.median(p) * 1e3:.3f} ms, ratio packed/float: {ratio:.2f}"
+                )
+            in_layers = sum(statistics.median(p) for _, _, _, p in rows)
+            print(
+                f"batch {batch}: layers ratio packed/float: {min(ratios):.2f}-{max(ratios):.2f}; the packed layers "
+                f"take {in_layers * 1e3:.2f} ms of the packed model's {tp * 1e3:.2f} ms (the rest: its float layers)"
+            )
+    return 0
