@@ -13,7 +13,7 @@ AUGMENTATIONS = ("none", "low", "medium", "high", "crop", "crop-flip")
 
 # binary layers (bitrain.binary)
 BITS = (1, 2, 3, 4, 5, 6, 7, 8, 32)  # 32 = full precision
-KBIT_QUANTIZERS = ("round", "dorefa")  # the quantizers that take 2..8 bits
+KBIT_QUANTIZERS = ("round", "dorefa", "dorefa_quantizer")  # the quantizers that take 2..8 bits (BMXNet, larq)
 APPROXIMATIONS = ("", "xnor", "binet")  # weight (and input) scaling of a binary layer
 PACKED_KERNELS = ("auto", "numba", "torch")  # packed 1-bit inference (load_packed, $BITRAIN_KERNEL)
 

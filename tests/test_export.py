@@ -157,13 +157,14 @@ def test_net32_packed_model_matches(tmp_path, approximation):
 
 
 VARIANTS = {
-    "bias+offset": dict(bias=True),
-    "bias+xnor": dict(bias=True, approximation="xnor"),
+    "xnor": dict(approximation="xnor"),
     "magnitude_aware_sign": dict(weight_quantization="magnitude_aware_sign"),  # scaled, no offset
     "dorefa_1bit_weights": dict(weight_quantization="dorefa"),  # +-1 but not a sign: no offset
     "approx_sign_inputs": dict(activation_method="approx_sign"),
-    "heaviside_inputs": dict(activation_method="ste_heaviside"),  # 0/1 inputs: float path, zero pad
-    "bits_a_4": dict(bits_a=4),
+    "heaviside_inputs": dict(activation_method="ste_heaviside"),  # 0/1 inputs: float path, -1 pad
+    "steheaviside_inputs": dict(activation_method="steheaviside"),  # +-1 with 0 -> -1: float path
+    "bits_a_4": dict(bits_a=4),  # k-bit inputs, padded with -1 as BMXNet
+    "quicknet_pad_plus_one": dict(no_offset=True, clip_threshold=1.25, pad_value=1.0),  # larq QuickNet's conv
 }
 
 
@@ -175,18 +176,15 @@ def test_layer_variants_match(tmp_path, variant):
         torch.manual_seed(2)
         # BatchNorm between the binary layers, as in real nets: a scaled layer's exact zero dot
         # (packed) vs the float conv's +-1e-9 would otherwise flip the next layer's sign input
+        linear_kw = {k: v for k, v in kw.items() if k != "pad_value"}  # a linear layer has no padding
         return nn.Sequential(
             QConv2d(8, 16, 3, stride=2, padding=1, **kw),
             nn.BatchNorm2d(16),
             nn.Flatten(1),
-            QLinear(16 * 3 * 3, 12, **kw),
+            QLinear(16 * 3 * 3, 12, **linear_kw),
         )
 
     model = _randomize_bn(factory("v"))
-    if kw.get("bias"):
-        for m in model.modules():
-            if getattr(m, "bias", None) is not None:
-                m.bias.data.normal_()
     x = torch.randn(5, 8, 6, 6)
     expected, got, loaded = _roundtrip(model, x, tmp_path, factory)
     assert all(isinstance(loaded[i], PackedQLayer) for i in (0, 3))

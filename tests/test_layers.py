@@ -84,10 +84,10 @@ def test_offset_equals_dot_plus_fan_in_over_two_and_gradient_half():
 
 
 def test_full_precision_layer_is_exactly_nn_conv2d_and_linear():
-    conv = QConv2d(3, 5, 3, stride=2, padding=1, bias=True, bits=32, bits_a=32)
-    ref = nn.Conv2d(3, 5, 3, stride=2, padding=1, bias=True)
+    conv = QConv2d(3, 5, 3, stride=2, padding=1, bits=32, bits_a=32, pad_value=1.0)  # zero padding all the same
+    ref = nn.Conv2d(3, 5, 3, stride=2, padding=1, bias=False)
     ref.load_state_dict(conv.state_dict())
-    assert list(conv.state_dict()) == ["weight", "bias"] and isinstance(conv, nn.Conv2d)
+    assert list(conv.state_dict()) == ["weight"] and isinstance(conv, nn.Conv2d)
     x1 = torch.randn(2, 3, 7, 7, requires_grad=True)
     x2 = x1.detach().clone().requires_grad_()
     y1, y2 = conv(x1), ref(x2)
@@ -95,8 +95,8 @@ def test_full_precision_layer_is_exactly_nn_conv2d_and_linear():
     y1.square().sum().backward()
     y2.square().sum().backward()
     assert torch.equal(x1.grad, x2.grad) and torch.equal(conv.weight.grad, ref.weight.grad)
-    lin = QLinear(6, 3, bias=True, bits=32, bits_a=32)
-    ref_l = nn.Linear(6, 3)
+    lin = QLinear(6, 3, bits=32, bits_a=32)
+    ref_l = nn.Linear(6, 3, bias=False)
     ref_l.load_state_dict(lin.state_dict())
     x = torch.randn(4, 6) * 3
     assert torch.equal(lin(x), ref_l(x))
@@ -148,7 +148,7 @@ def test_layer_config_context_nests_and_restores():
         conv = QConv2d(2, 2, 3)
         assert (conv.bits, conv.bits_a, conv.approximation) == (1, 2, "binet")
         assert conv.act.method == "round" and conv.act.clip_threshold == 1.3  # det_sign does not fit 2 bits
-        assert conv.act.pad_value == 0.0
+        assert conv.pad_value == -1.0  # BMXNet pads -1 whatever the input, a k-bit one too
         with binary_layer_config(bits=32, bits_a=32, approximation=None):
             inner = QConv2d(2, 2, 3)
             assert inner.full_precision and inner.weight_quantization == "identity"
@@ -217,25 +217,77 @@ def test_clip_latent_weights_and_warning_once():
         L.clip_latent_weights_(model, 0)
 
 
-@pytest.mark.parametrize("method", ["det_sign", "approx_sign", "ste_heaviside"])
-def test_padding_value_with_groups_dilation_stride_matches_explicit_pad(method):
+@pytest.mark.parametrize(
+    "method,bits_a,pad_value,want",
+    [
+        ("det_sign", 1, None, -1.0),
+        ("approx_sign", 1, None, -1.0),
+        ("ste_heaviside", 1, None, -1.0),  # 0/1 input: still -1, as BMXNet and bitorch
+        ("round", 2, None, -1.0),  # k-bit input in [0, 1]: still -1
+        ("identity", 32, None, -1.0),  # real input into binary weights (BMXNet's bare QConv2D)
+        ("det_sign", 1, 1.0, 1.0),  # larq QuickNet's pad_values=1.0
+        ("det_sign", 1, 0.0, 0.0),  # larq's default zero padding
+    ],
+)
+def test_padding_value_with_groups_dilation_stride_matches_explicit_pad(method, bits_a, pad_value, want):
     # the layer adds the border's contribution as a separate term; check it against an
     # explicit pad-then-conv for grouped, dilated, strided, non-square padding
     conv = QConv2d(
-        4, 6, (3, 2), stride=(2, 1), padding=(2, 1), dilation=(2, 1), groups=2, activation_method=method, no_offset=True
+        4,
+        6,
+        (3, 2),
+        stride=(2, 1),
+        padding=(2, 1),
+        dilation=(2, 1),
+        groups=2,
+        bits_a=bits_a,
+        activation_method=method,
+        no_offset=True,
+        pad_value=pad_value,
     )
     x = torch.randn(3, 4, 7, 6, requires_grad=True)
-    pad = -1.0 if method != "ste_heaviside" else 0.0
-    assert conv.act.pad_value == pad
+    assert conv.pad_value == want
     xq = conv.act(x)
     ref = F.conv2d(
-        F.pad(xq, (1, 1, 2, 2), value=pad), conv.quantized_weight(), stride=(2, 1), dilation=(2, 1), groups=2
+        F.pad(xq, (1, 1, 2, 2), value=want), conv.quantized_weight(), stride=(2, 1), dilation=(2, 1), groups=2
     )
     y = conv(x)
-    assert torch.equal(y, ref)
+    if bits_a == 1:  # +-1 / 0-1 inputs: integer sums, exact whatever the order
+        assert torch.equal(y, ref)
+    assert torch.allclose(y, ref, atol=1e-5)
     (gw_ref,) = torch.autograd.grad(ref.square().sum(), conv.weight)
     (gw,) = torch.autograd.grad(y.square().sum(), conv.weight)
     assert torch.allclose(gw, gw_ref)
+
+
+def test_a_bias_is_refused_like_bmxnet():
+    with pytest.raises(UserError, match=r"QConv2d: bias=True is not supported.*BatchNorm"):
+        QConv2d(2, 2, 3, bias=True)
+    with pytest.raises(UserError, match=r"QLinear: bias=True is not supported"):
+        QLinear(2, 2, bias=True, bits=32, bits_a=32)  # at every width, as BMXNet's check_params
+    assert QConv2d(2, 2, 3).bias is None and QLinear(2, 2).bias is None
+    with pytest.raises(UserError, match="pad_value"):
+        QConv2d(2, 2, 3, pad_value="same")
+    with pytest.raises(UserError, match="weight_clip"):
+        QConv2d(2, 2, 3, weight_clip=0)
+
+
+def test_own_weight_clip_is_kept_by_clip_latent_weights():
+    """larq's kernel_constraint=WeightClip(1.25): the layer's own bound, whatever --clip-latent-weights says."""
+    own, plain = QConv2d(2, 2, 3, weight_clip=1.25), QConv2d(2, 2, 3)
+    model = nn.Sequential(own, plain, QConv2d(2, 2, 1, bits=32, bits_a=32, weight_clip=0.5))
+    with torch.no_grad():
+        for m in model:
+            m.weight.normal_(0, 3)
+    fp_before = model[2].weight.clone()
+    assert L.has_weight_clips(model) and not L.has_weight_clips(nn.Sequential(plain))
+    assert L.latent_weight_warning(model) is not None and "1 binary layer(s)" in L.latent_weight_warning(model)
+    assert L.clip_latent_weights_(model, None) == 1  # only the layer with its own bound
+    assert own.weight.abs().max() == 1.25 and plain.weight.abs().max() > 1.25
+    assert L.clip_latent_weights_(model, 0.5) == 2
+    assert own.weight.abs().max() == 1.25 and plain.weight.abs().max() == 0.5  # its own bound wins
+    assert torch.equal(model[2].weight, fp_before)  # a full-precision layer keeps its weights
+    assert L.latent_weight_warning(model) is None
 
 
 @pytest.mark.slow
@@ -250,13 +302,3 @@ def test_inductor_compiled_binary_block_matches_eager():
     yc = torch.compile(m, fullgraph=False)(x2)
     (gxc,) = torch.autograd.grad(yc.square().sum(), x2)
     assert torch.allclose(y, yc, atol=1e-5) and torch.allclose(gx, gxc, atol=1e-4)
-
-
-@pytest.mark.parametrize("c,hw", [(2, 5), (16, 2)])  # offset folded into the weights / applied to the output
-def test_offset_with_bias_is_dot_plus_bias_plus_fan_in_over_two(c, hw):
-    conv = QConv2d(c, c, 3, padding=1, bias=True)
-    nn.init.normal_(conv.bias)
-    x = _pm1(1, c, hw, hw)
-    dot = F.conv2d(F.pad(x, (1,) * 4, value=-1.0), conv.quantized_weight())
-    ref = (dot + conv.bias.view(1, -1, 1, 1) + conv.fan_in) / 2
-    assert torch.allclose(conv(x), ref, atol=1e-5)

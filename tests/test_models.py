@@ -99,7 +99,8 @@ def test_full_precision_twin_differs_only_in_bits(name):
     assert {k: v.shape for k, v in fp.state_dict().items()} == {k: v.shape for k, v in bn.state_dict().items()}
     assert [type(m) for m in fp.modules()] == [type(m) for m in bn.modules()]
     assert all(m.bits == 32 and m.bits_a == 32 for m in _quantized(fp))
-    assert all(m.bits == 1 and m.bits_a == 1 for m in _quantized(bn))
+    # binary weights; binarised inputs but where a layer takes its input as it comes (BMXNet's bottleneck)
+    assert all(m.bits == 1 and (m.bits_a == 1 or m.act.is_identity) for m in _quantized(bn))
 
 
 def test_full_precision_twin_computes_like_float_convs():

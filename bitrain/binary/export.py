@@ -65,7 +65,7 @@ def _signs_and_scale(name: str, layer: nn.Module) -> tuple[torch.Tensor, torch.T
 
 def layer_settings(layer: nn.Module) -> dict[str, Any]:
     """The quantization settings and geometry a binary layer needs to be recomputed exactly."""
-    pad_value = float(getattr(layer.act, "pad_value", -1.0 if layer.bits_a == 1 else 0.0))
+    pad_value = float(getattr(layer, "pad_value", -1.0))  # QConv2d's (default -1); QLinear has no padding
     offset = layer.apply_offset
     s = {
         "type": type(layer).__name__,
@@ -80,8 +80,8 @@ def layer_settings(layer: nn.Module) -> dict[str, Any]:
         "offset": bool(offset),
         "bias": layer.bias is not None,
         "pad_value": pad_value,
-        # xnor-popcount needs +-1 inputs: 1-bit activations padded with -1
-        "xnor_inputs": layer.bits_a == 1 and pad_value == -1.0,
+        # xnor-popcount needs det_sign's +-1 inputs padded with -1 (a +1 pad, QuickNet's, takes the float path)
+        "xnor_inputs": layer.act.plus_minus_one and pad_value == -1.0,
     }
     if isinstance(layer, QConv2d):
         s.update(

@@ -3,8 +3,11 @@
 BMXNet v2 semantics (``gluon/nn/binary_layers.py``), re-done as plain nn.Conv2d / nn.Linear
 subclasses whose forward is: quantize input -> pad -> conv (or linear).
 
-* Padding: a 1-bit input with a +-1 quantizer is padded with -1 (not 0), so the padded input
-  stays binary and equals what an xnor-popcount kernel sees; other inputs are padded with 0.
+* Padding: the quantized input is padded with ``pad_value``, -1 by default whatever the input
+  (BMXNet's ``_apply_pre_padding`` and bitorch's ``padding_value``): a +-1 input stays binary and equals
+  what an xnor-popcount kernel sees. ``pad_value=1.0`` is larq QuickNet's ``pad_values=1.0``,
+  ``pad_value=0.0`` larq's default (zero padding). Only a full-precision layer pads with zeros.
+* Bias: refused (BMXNet's ``check_params``, bitorch's assert): a BatchNorm after the layer gives the shift.
 * Offset: when the weights are 1-bit +-1 values (bits == 1, a sign quantizer), there is no
   scaling approximation and ``no_offset`` is False, the output is ``(dot + fan_in) / 2`` with
   ``fan_in = in_channels / groups * kh * kw``: for +-1 inputs that is the xnor-popcount count
@@ -19,11 +22,14 @@ subclasses whose forward is: quantize input -> pad -> conv (or linear).
   activation is relu; here it is identity, so that equality holds.)
 * Weight quantizers get no gradient cancel (as in BMXNet); the clip threshold applies to the
   input activations.
+* ``weight_clip``: larq's ``kernel_constraint=WeightClip(c)``, this layer's own latent-weight bound;
+  ``clip_latent_weights_`` (called by the trainer after every step) clamps the layer to it.
 
 Latent weights: a binary weight quantizer passes a gradient to latent float weights that
 nothing bounds (larq's warning). Call ``clip_latent_weights_(model)`` after each
-``optimizer.step()`` (or train with Bop, which keeps them at +-1). The Trainer checks this once,
-at the start of training (``latent_weight_warning``): no hook runs on the hot path.
+``optimizer.step()`` (or train with Bop, which keeps them at +-1); layers with their own
+``weight_clip`` are clamped to it on every call. The Trainer checks this once, at the start of
+training (``latent_weight_warning``): no hook runs on the hot path.
 """
 
 from __future__ import annotations
@@ -150,11 +156,11 @@ class QActivation(nn.Module):
         return self.method == "identity"
 
     @property
-    def pad_value(self) -> float:
-        """Value a following conv pads with: -1 for +-1 outputs (binary stays binary), else 0."""
+    def plus_minus_one(self) -> bool:
+        """True when the output is det_sign's +-1 (0 -> +1), an xnor-popcount input; a callable says so itself."""
         if self._named:
-            return -1.0 if self.bits == 1 and quant.QUANTIZERS[self.method].plus_minus_one else 0.0
-        return float(getattr(self.method, "pad_value", -1.0 if self.bits == 1 else 0.0))
+            return self.bits == 1 and quant.QUANTIZERS[self.method].plus_minus_one
+        return bool(getattr(self.method, "plus_minus_one", False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._named:
@@ -163,6 +169,22 @@ class QActivation(nn.Module):
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, method={self.method!r}, clip_threshold={self.clip_threshold}"
+
+
+def _check_weight_clip(value) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise UserError(f"weight_clip={value!r} must be a finite number > 0 (or None: no bound of its own)")
+    return float(value)
+
+
+def _refuse_bias(layer: nn.Module, bias: bool) -> None:
+    if bias:
+        raise UserError(
+            f"{type(layer).__name__}: bias=True is not supported (BMXNet and bitorch refuse a bias in a binary "
+            "layer); use bias=False and a BatchNorm after the layer for the shift"
+        )
 
 
 def _setup(
@@ -174,10 +196,12 @@ def _setup(
     clip_threshold,
     approximation,
     no_offset,
+    weight_clip,
     fan_in: int,
 ) -> None:
     """Shared attribute setup of QConv2d and QLinear (plain function, not a mixin)."""
     cfg = get_layer_config()
+    layer.weight_clip = _check_weight_clip(weight_clip)
     layer.bits = quant.check_bits(cfg.bits if bits is None else bits, "bits")
     layer.bits_a = quant.check_bits(cfg.bits_a if bits_a is None else bits_a, "bits_a")
     layer.approximation = _check_approximation(cfg.approximation if approximation is None else approximation)
@@ -223,17 +247,16 @@ def _out_size(hw, conv: nn.Conv2d) -> int:
     return out
 
 
-def _offset_args(layer: nn.Module, w: torch.Tensor, bias: torch.Tensor | None):
+def _offset_args(layer: nn.Module, w: torch.Tensor):
     """(dot + fan_in) / 2 as one linear: weights halved (exact for +-1) and fan_in / 2 as bias."""
-    b = w.new_full((w.shape[0],), layer.fan_in / 2.0)
-    return w * 0.5, (b if bias is None else b + bias * 0.5)
+    return w * 0.5, w.new_full((w.shape[0],), layer.fan_in / 2.0)
 
 
 class QConv2d(nn.Conv2d):
     """nn.Conv2d whose forward quantizes the input (bits_a) and the weight (bits), BMXNet QConv2D.
 
-    ``padding`` is applied by the layer with the activation's pad value (``qpadding``, (h, w));
-    the parent's ``padding`` attribute is (0, 0). State dict keys: ``weight`` [, ``bias``].
+    ``padding`` is applied by the layer with ``pad_value`` (``qpadding``, (h, w); default -1);
+    the parent's ``padding`` attribute is (0, 0). No bias. State dict key: ``weight``.
     """
 
     def __init__(
@@ -254,11 +277,17 @@ class QConv2d(nn.Conv2d):
         clip_threshold: float | None = None,
         approximation: str | None = None,
         no_offset: bool | None = None,
+        pad_value: float | None = None,
+        weight_clip: float | None = None,
     ):
-        super().__init__(in_channels, out_channels, kernel_size, stride, 0, dilation, groups, bias)
+        _refuse_bias(self, bias)
+        super().__init__(in_channels, out_channels, kernel_size, stride, 0, dilation, groups, False)
         if isinstance(padding, str):
             raise UserError(f"QConv2d: padding={padding!r}; give an int or (h, w) pair")
         self.qpadding = (padding, padding) if isinstance(padding, int) else tuple(padding)
+        if pad_value is not None and (isinstance(pad_value, bool) or not isinstance(pad_value, (int, float))):
+            raise UserError(f"QConv2d: pad_value={pad_value!r} must be a number (None: -1, BMXNet's)")
+        self.pad_value = -1.0 if pad_value is None else float(pad_value)
         self._border_cols: dict = {}  # cache of _padding_term's unfolded border mask
         kh, kw = self.kernel_size
         _setup(
@@ -270,6 +299,7 @@ class QConv2d(nn.Conv2d):
             clip_threshold,
             approximation,
             no_offset,
+            weight_clip,
             fan_in=in_channels // groups * kh * kw,
         )
 
@@ -279,21 +309,18 @@ class QConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.full_precision:  # exactly nn.Conv2d (zero padding inside the conv kernel)
-            return F.conv2d(x, self.weight, self.bias, self.stride, self.qpadding, self.dilation, self.groups)
+            return F.conv2d(x, self.weight, None, self.stride, self.qpadding, self.dilation, self.groups)
         x_real = x
         x = self.act(x)
         # (dot + fan_in) / 2: halve whichever is smaller, the weights or the output
         n_out = x.shape[0] * self.out_channels * _out_size(x.shape[-2:], self)
         half_w = self.apply_offset and self.weight.numel() <= n_out
         w = _forward_weight(self, 0.5 if half_w else 1.0)
-        b = self.bias
-        if half_w:
-            half_fan_in = w.new_full((self.out_channels,), self.fan_in / 2.0)
-            b = half_fan_in if b is None else half_fan_in + b * 0.5
+        b = w.new_full((self.out_channels,), self.fan_in / 2.0) if half_w else None
         # The conv pads with zeros inside its kernel (a pre-padded input makes oneDNN much
         # slower on small maps); the border's pad value enters as a separate tiny term.
         y = F.conv2d(x, w, b, self.stride, self.qpadding, self.dilation, self.groups)
-        pad_value = self.act.pad_value
+        pad_value = self.pad_value
         if pad_value != 0.0 and any(self.qpadding):
             y = y.add_(self._padding_term(x.shape[-2:], w, pad_value))  # in place: conv's backward does not need y
         if self.apply_offset and not half_w:
@@ -331,7 +358,8 @@ class QConv2d(nn.Conv2d):
         return (
             super().extra_repr() + f", qpadding={self.qpadding}, bits={self.bits}, bits_a={self.bits_a}, "
             f"weight_quantization={self.weight_quantization!r}, approximation={self.approximation!r}, "
-            f"offset={self.apply_offset}"
+            f"offset={self.apply_offset}, pad_value={self.pad_value}"
+            + (f", weight_clip={self.weight_clip}" if self.weight_clip is not None else "")
         )
 
 
@@ -339,7 +367,7 @@ class QLinear(nn.Linear):
     """nn.Linear whose forward quantizes the input (bits_a) and the weight (bits).
 
     Same offset and approximation rules as QConv2d with fan_in = in_features; ``xnor``'s K is
-    mean|x| over the features of each sample.
+    mean|x| over the features of each sample. No bias. State dict key: ``weight``.
     """
 
     def __init__(
@@ -355,8 +383,10 @@ class QLinear(nn.Linear):
         clip_threshold: float | None = None,
         approximation: str | None = None,
         no_offset: bool | None = None,
+        weight_clip: float | None = None,
     ):
-        super().__init__(in_features, out_features, bias)
+        _refuse_bias(self, bias)
+        super().__init__(in_features, out_features, False)
         _setup(
             self,
             bits,
@@ -366,6 +396,7 @@ class QLinear(nn.Linear):
             clip_threshold,
             approximation,
             no_offset,
+            weight_clip,
             fan_in=in_features,
         )
 
@@ -375,12 +406,12 @@ class QLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.full_precision:
-            return F.linear(x, self.weight, self.bias)
+            return F.linear(x, self.weight)
         x_real = x
         x = self.act(x)
-        w, b = self.quantized_weight(), self.bias
+        w, b = self.quantized_weight(), None
         if self.apply_offset:
-            w, b = _offset_args(self, w, b)
+            w, b = _offset_args(self, w)
         y = F.linear(x, w, b)
         if self.approximation == "xnor" and self.bits < 32:
             y = y * x_real.detach().abs().mean(dim=-1, keepdim=True)
@@ -408,21 +439,38 @@ def mark_latent_bounded(params) -> None:
         p._bitrain_bounded = True
 
 
-@torch.no_grad()
-def clip_latent_weights_(model: nn.Module, bound: float = 1.0) -> int:
-    """Clamp the latent weights of 1-bit layers to [-bound, bound] in place; returns how many.
+def _own_clip(m: nn.Module) -> float | None:
+    # a layer's own latent-weight bound (larq's WeightClip), for layers that quantize their weights
+    return m.weight_clip if isinstance(m, (QConv2d, QLinear)) and m.bits < 32 else None
 
-    Call after every ``optimizer.step()``: with a straight-through sign the gradient keeps
-    pushing latent weights that are already past the sign, and without a bound they grow
-    until a sign flip needs many steps (larq's warning).
+
+def has_weight_clips(model: nn.Module) -> bool:
+    """True when some layer of ``model`` has a ``weight_clip`` of its own (the trainer then clips every step)."""
+    return any(_own_clip(m) is not None for m in model.modules())
+
+
+@torch.no_grad()
+def clip_latent_weights_(model: nn.Module, bound: float | None = 1.0) -> int:
+    """Clamp latent weights in place; returns how many layers it clamped.
+
+    A layer with its own ``weight_clip`` (larq's ``WeightClip``) is clamped to it; every other 1-bit
+    layer to [-bound, bound] (``bound=None``: only the layers with their own). Call after every
+    ``optimizer.step()``: with a straight-through sign the gradient keeps pushing latent weights that
+    are already past the sign, and without a bound they grow until a sign flip needs many steps
+    (larq's warning).
     """
-    if not bound > 0 or math.isinf(bound):
+    if bound is not None and (not bound > 0 or math.isinf(bound)):
         raise UserError(f"clip_latent_weights_: bound={bound!r} must be a finite number > 0")
-    layers = binary_layers(model)
-    for m in layers:
-        m.weight.clamp_(-bound, bound)
+    done = 0
+    for m in model.modules():
+        own = _own_clip(m)
+        b = own if own is not None else (bound if isinstance(m, (QConv2d, QLinear)) and m.bits == 1 else None)
+        if b is None:
+            continue
+        m.weight.clamp_(-b, b)
         m.weight._bitrain_bounded = True
-    return len(layers)
+        done += 1
+    return done
 
 
 def latent_weight_warning(model: nn.Module) -> str | None:
@@ -431,7 +479,9 @@ def latent_weight_warning(model: nn.Module) -> str | None:
     The trainer shows it once at the start of training (no per-step hook on the hot path);
     ``clip_latent_weights_`` and Bop mark the weights they keep bounded.
     """
-    unbounded = [m for m in binary_layers(model) if not getattr(m.weight, "_bitrain_bounded", False)]
+    unbounded = [
+        m for m in binary_layers(model) if _own_clip(m) is None and not getattr(m.weight, "_bitrain_bounded", False)
+    ]
     if not unbounded:
         return None
     return (

@@ -1,72 +1,38 @@
 """Quantizers: small autograd Functions with hand-written gradients, plus registries by name.
 
 Every registered quantizer has the signature ``fn(x, clip_threshold=inf, bits=1) -> Tensor``.
-``clip_threshold`` is BMXNet's gradient cancel: the gradient is zero where ``|x| > t``
-(``|x| == t`` still passes, as in larq's ``|x| <= clip_value``). It is folded into the
-quantizer's own backward, so a 1-bit activation costs one elementwise pass forward and one
-backward. 32-bit activations (``identity``, ``relu``, ``clip``, ``leaky_clip``, the
-``approx_sign`` polynomial) are plain float functions: full precision means no gradient cancel.
+``clip_threshold`` is BMXNet's gradient cancel (``ste.py``): the gradient is zero where ``|x| > t``.
+It is folded into the 1-bit quantizers' own backward, so a 1-bit activation costs one elementwise
+pass forward and one backward. 32-bit activations (``identity``, ``relu``, ``clip``, ``leaky_clip``,
+the ``approx_sign`` polynomial) are plain float functions: full precision means no gradient cancel.
+The k-bit quantizers live in ``kbit.py``.
 
-Names: BMXNet (``det_sign``, ``sign_approx_sign``, ``round``, ``dorefa``), larq (``ste_sign``,
-``approx_sign``, ``swish_sign``, ``ste_heaviside``, ``magnitude_aware_sign``, ``ste_tern``) and
-bitorch (``sign``, ``approxsign``). ``get_quantizer`` resolves a name for a bit width and a
-use (activation or weight). Two stateful quantizers (nn.Modules, in quant_schedule.py) follow bitorch:
-``ProgressiveSign`` and ``QuantizerScheduler``; a trainer drives them with
-``set_quantizer_epoch(model, epoch)`` at each epoch start (see its docstring).
+Each name has its own library's semantics (``docs/parity.md`` lists what is checked and every
+deliberate difference): BMXNet (``det_sign``, ``sign_approx_sign``, ``round``, ``dorefa``, and the
+32-bit ``clip``, ``leaky_clip``, ``approx_sign``), larq (``ste_sign``, ``approx_sign``, ``swish_sign``,
+``ste_heaviside`` 0/1, ``magnitude_aware_sign``, ``ste_tern``, ``dorefa_quantizer``) and bitorch
+(``sign``, ``approxsign``, ``swishsign``, ``steheaviside`` -1/+1). ``get_quantizer`` resolves a name
+for a bit width and a use (activation or weight). Two stateful quantizers (nn.Modules, in
+``schedule.py``) follow bitorch: ``ProgressiveSign`` and ``QuantizerScheduler``; a trainer drives them
+with ``set_quantizer_epoch(model, epoch)`` at each epoch start (see its docstring).
 """
 
 from __future__ import annotations
 
-import math
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from bitrain.binary.kbit import dorefa, dorefa_quantizer, dorefa_quantizer_weights, round_half_up, round_ste
+from bitrain.binary.ste import INF, grad_cancel
+from bitrain.binary.ste import cancel as _cancel
+from bitrain.binary.ste import sign as _sign
 from bitrain.errors import UserError
 from bitrain.names import BITS
 
-INF = float("inf")
+__all__ = ["INF", "dorefa", "dorefa_quantizer", "dorefa_quantizer_weights", "round_half_up", "round_ste"]
 Quantizer = Callable[..., torch.Tensor]
-
-
-# --- gradient cancel -----------------------------------------------------------------------
-# Eager: aten.hardtanh_backward is one fused pass, but it zeroes the gradient at x == +-bound
-# exactly; we want |x| <= t to pass, so the bound is the next float above t in x's dtype.
-# Compiled: inductor fuses the plain where() into the surrounding kernel anyway.
-
-_NEXT_UP: dict[tuple[float, torch.dtype], float] = {}
-
-
-def _next_up(t: float, dtype: torch.dtype) -> float:
-    key = (t, dtype)
-    if key not in _NEXT_UP:
-        if dtype == torch.float64:
-            _NEXT_UP[key] = math.nextafter(t, INF)
-        elif t >= torch.finfo(torch.float32).max:
-            _NEXT_UP[key] = INF
-        else:  # float32: comparisons happen in float32, so step one float32 ulp above fl32(t)
-            (i,) = struct.unpack("<I", struct.pack("<f", t))
-            _NEXT_UP[key] = struct.unpack("<f", struct.pack("<I", i + 1))[0]
-    return _NEXT_UP[key]
-
-
-def _cancel(grad: torch.Tensor, x: torch.Tensor, t: float) -> torch.Tensor:
-    """grad where |x| <= t, else 0 (t = inf: grad unchanged)."""
-    if t == INF:
-        return grad
-    if torch.compiler.is_compiling() or x.dtype not in (torch.float32, torch.float64):
-        return torch.where(x.abs() <= t, grad, 0.0)
-    up = _next_up(float(t), x.dtype)
-    return torch.ops.aten.hardtanh_backward(grad, x, -up, up)
-
-
-def _sign(x: torch.Tensor) -> torch.Tensor:
-    """+-1 with 0 (and -0.0) -> +1. Eager: copysign of 1 (x + 0.0 turns -0.0 into +0.0)."""
-    if torch.compiler.is_compiling():
-        return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
-    return torch.copysign(x.new_ones(()), x + 0.0)
 
 
 # --- 1-bit quantizers ------------------------------------------------------------------------
@@ -167,8 +133,15 @@ def swish_sign(x: torch.Tensor, clip_threshold: float = INF, bits: int = 1, beta
 
 
 def ste_heaviside(x: torch.Tensor, clip_threshold: float = INF, bits: int = 1) -> torch.Tensor:
-    """1 where x > 0, else 0 (larq); straight-through gradient with cancel."""
+    """larq ``ste_heaviside``: 1 where x > 0, else 0; straight-through gradient with cancel."""
     return _SteValue.apply(x, (x > 0).to(x.dtype), clip_threshold)
+
+
+def steheaviside(x: torch.Tensor, clip_threshold: float = INF, bits: int = 1) -> torch.Tensor:
+    """bitorch ``steheaviside``: +1 where x > 0, else -1 (0 -> -1); gradient passed where |x| <= 1
+    (bitorch's own bound) and |x| <= clip_threshold."""
+    value = torch.where(x > 0, 1.0, -1.0).to(x.dtype)
+    return _SteValue.apply(x, value, min(float(clip_threshold), 1.0))
 
 
 def ste_tern(x: torch.Tensor, clip_threshold: float = INF, bits: int = 2, threshold: float = 0.05) -> torch.Tensor:
@@ -177,102 +150,56 @@ def ste_tern(x: torch.Tensor, clip_threshold: float = INF, bits: int = 2, thresh
     return _SteValue.apply(x, value, clip_threshold)
 
 
+def _mean_abs_per_channel(x: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    # larq: mean |x| over every axis but the channel axis (its last); a 1-D tensor is all channel axis
+    if x.dim() < 2:
+        return x.detach().abs()
+    dims = tuple(d for d in range(x.dim()) if d != channel_dim)
+    return x.detach().abs().mean(dim=dims, keepdim=True)
+
+
 def magnitude_aware_sign(x: torch.Tensor, clip_threshold: float = INF, bits: int = 1) -> torch.Tensor:
-    """alpha * sign(x), alpha = mean|x| per output channel (dim 0), stop-gradient on alpha.
-
-    Gradient: alpha * grad where |x| <= clip_threshold (Bi-Real's magnitude-aware gradient).
-    """
-    alpha = (
-        x.detach().abs().mean(dim=tuple(range(1, x.dim())), keepdim=True) if x.dim() > 1 else x.detach().abs().mean()
-    )
-    return det_sign(x, clip_threshold) * alpha
+    """larq ``MagnitudeAwareSign`` on an activation: alpha * sign(x), alpha = mean|x| per channel (dim 1 of
+    NCHW / NC: over the batch and the positions, as larq's NHWC mean over all axes but the last),
+    stop-gradient on alpha. Gradient: alpha * grad where |x| <= clip_threshold."""
+    return det_sign(x, clip_threshold) * _mean_abs_per_channel(x, 1)
 
 
-def round_half_up(p: torch.Tensor) -> torch.Tensor:
-    """Round p >= 0 to the nearest integer, halves up (BMXNet's round), exactly: ``floor(p + 0.5)`` in
-    float32 turns 0.49999997 into 1 because p + 0.5 rounds to 1.0; ``p - floor(p)`` is exact."""
-    f = torch.floor(p)
-    return f + (p - f >= 0.5).to(p.dtype)
-
-
-# --- k-bit quantizers ------------------------------------------------------------------------
-
-
-class _RoundSte(torch.autograd.Function):
-    """round(clamp(x, 0, 1) * n) / n, n = 2^bits - 1, half away from zero (BMXNet round_ste)."""
-
-    @staticmethod
-    def forward(ctx, x, bits, t, clip_grad_to_unit):
-        ctx.save_for_backward(x)
-        ctx.t, ctx.unit = t, clip_grad_to_unit
-        n = float(2**bits - 1)
-        return round_half_up(x.clamp(0.0, 1.0) * n) / n
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        if ctx.unit:  # DoReFa / larq: the clip's own gradient, 1 inside [0, 1] only
-            grad = torch.where((x >= 0) & (x <= 1), grad, 0.0)
-        return _cancel(grad, x, ctx.t), None, None, None
-
-
-def round_ste(x: torch.Tensor, clip_threshold: float = INF, bits: int = 1) -> torch.Tensor:
-    """k-bit round of clamp(x, 0, 1) with a straight-through gradient (bitorch Round)."""
-    return _RoundSte.apply(x, bits, clip_threshold, False)
-
-
-def dorefa(x: torch.Tensor, clip_threshold: float = INF, bits: int = 1) -> torch.Tensor:
-    """DoReFa activation: round(clip(x, 0, 1) * (2^k - 1)) / (2^k - 1); gradient 1 in [0, 1], else 0."""
-    return _RoundSte.apply(x, bits, clip_threshold, True)
-
-
-def dorefa_weight(w: torch.Tensor, clip_threshold: float = INF, bits: int = 1) -> torch.Tensor:
-    """DoReFa weight: tanh(w) / max|tanh(w)| mapped to [0, 1], k-bit rounded, mapped to [-1, 1].
-
-    Gradient: (1 - tanh(w)^2) / max|tanh(w)| (straight through the rounding; the max is
-    treated as a constant, as bitorch does).
-    """
-    n = float(2**bits - 1)
-    th = torch.tanh(w)
-    v = th / (2.0 * th.detach().abs().max()) + 0.5
-    q = v + (round_half_up(v.detach() * n) / n - v.detach())
-    return _cancel_closed(2.0 * q - 1.0, w, clip_threshold)
-
-
-def _cancel_closed(y: torch.Tensor, x: torch.Tensor, t: float) -> torch.Tensor:
-    # closed-form gradient cancel for composite quantizers: value of y, gradient masked
-    if t == INF:
-        return y
-    keep = (x.detach().abs() <= t).to(y.dtype)
-    return y * keep + (y * (1 - keep)).detach()
+def magnitude_aware_sign_weight(w: torch.Tensor, clip_threshold: float = INF, bits: int = 1) -> torch.Tensor:
+    """``magnitude_aware_sign`` on a weight: alpha = mean|W| per output channel (dim 0), stop-gradient
+    (larq's kernel mean over all axes but the output channel; Bi-Real's magnitude-aware sign)."""
+    return det_sign(w, clip_threshold) * _mean_abs_per_channel(w, 0)
 
 
 # --- 32-bit activations (BMXNet bits_a = 32) ---------------------------------------------------
+# BMXNet's QActivation cancels the gradient before every activation, 32-bit ones included; so do these,
+# but ``identity``: the full-precision pass-through, so that bits = bits_a = 32 is exactly nn.Conv2d.
 
 
 def identity(x: torch.Tensor, clip_threshold: float = INF, bits: int = 32) -> torch.Tensor:
-    """x unchanged (full precision)."""
+    """x unchanged (full precision, no gradient cancel)."""
     return x
 
 
 def relu(x: torch.Tensor, clip_threshold: float = INF, bits: int = 32) -> torch.Tensor:
-    """max(x, 0)."""
-    return torch.relu(x)
+    """max(x, 0) after the gradient cancel."""
+    return torch.relu(grad_cancel(x, clip_threshold))
 
 
 def clip(x: torch.Tensor, clip_threshold: float = INF, bits: int = 32) -> torch.Tensor:
-    """hardtanh: clamp to [-1, 1]."""
-    return torch.nn.functional.hardtanh(x)
+    """BMXNet ``clip``: clamp to [-1, 1], gradient 1 on [-1, 1] with both edges (MXNet's clip_grad)."""
+    return grad_cancel(x, clip_threshold).clamp(-1.0, 1.0)
 
 
 def leaky_clip(x: torch.Tensor, clip_threshold: float = INF, bits: int = 32, slope: float = 0.1) -> torch.Tensor:
     """x inside [-1, 1], slope * x outside (BMXNet's form: it jumps from 1 to 0.1 at |x| = 1)."""
+    x = grad_cancel(x, clip_threshold)
     return torch.where(x.abs() <= 1.0, x, slope * x)
 
 
 def approx_sign_poly(x: torch.Tensor, clip_threshold: float = INF, bits: int = 32) -> torch.Tensor:
     """Bi-Real polynomial: 2x + x^2 on [-1, 0), 2x - x^2 on [0, 1), +-1 outside; grad 2 - 2|x|."""
-    y = x.clamp(-1.0, 1.0)
+    y = grad_cancel(x, clip_threshold).clamp(-1.0, 1.0)
     return 2.0 * y - y * y.abs()
 
 
@@ -290,8 +217,9 @@ class QuantizerSpec:
     bits: tuple[int, ...]  # the widths it accepts
     aliases: tuple[str, ...] = ()  # larq / bitorch / BMXNet names for the same function
     fp_fn: Quantizer | None = None  # the full-precision (32-bit activation) form, when it has one
-    weight_fn: Quantizer | None = None  # the form for weights, when it differs (DoReFa's tanh form)
-    plus_minus_one: bool = False  # output exactly {-1, +1}: pad with -1, xnor offset, packable to 1 bit
+    weight_fn: Quantizer | None = None  # the form for weights, when it differs (per output channel, larq's DoReFa)
+    # det_sign's +-1 (0 -> +1): the xnor offset on weights; an input the export packs as sign bits
+    plus_minus_one: bool = False
     ste_sign: bool = False  # the plain straight-through sign: weights take one fused scaled_sign pass
     scaled: bool = False  # output carries a magnitude (an export stores it as weight_scale)
 
@@ -319,10 +247,14 @@ SPECS: tuple[QuantizerSpec, ...] = (
         plus_minus_one=True,
     ),
     QuantizerSpec("swish_sign", swish_sign, ONE_BIT, ("swishsign",), plus_minus_one=True),
-    QuantizerSpec("ste_heaviside", ste_heaviside, ONE_BIT, ("steheaviside",)),
-    QuantizerSpec("magnitude_aware_sign", magnitude_aware_sign, ONE_BIT, scaled=True),
+    QuantizerSpec("ste_heaviside", ste_heaviside, ONE_BIT),
+    QuantizerSpec("steheaviside", steheaviside, ONE_BIT),  # +-1, but 0 -> -1: not det_sign's
+    QuantizerSpec(
+        "magnitude_aware_sign", magnitude_aware_sign, ONE_BIT, weight_fn=magnitude_aware_sign_weight, scaled=True
+    ),
     QuantizerSpec("round", round_ste, K_BIT),
-    QuantizerSpec("dorefa", dorefa, K_BIT, weight_fn=dorefa_weight),
+    QuantizerSpec("dorefa", dorefa, K_BIT),
+    QuantizerSpec("dorefa_quantizer", dorefa_quantizer, K_BIT, weight_fn=dorefa_quantizer_weights),
     QuantizerSpec("ste_tern", ste_tern, (2,)),
     QuantizerSpec("identity", identity, FULL),
     QuantizerSpec("relu", relu, FULL),
@@ -365,8 +297,8 @@ def get_quantizer(identifier: str | Quantizer | None, bits: int = 1, kind: str =
     """Name, callable/module or None -> quantizer (None and callables pass through unchanged).
 
     A name resolves for ``bits`` and ``kind``: at 32 bits ``approx_sign`` is the polynomial
-    activation, at 1 bit the sign with the Bi-Real gradient; ``dorefa`` for ``kind="weight"``
-    is the tanh-normalised weight form. A k-bit quantizer comes back with ``bits`` as its default,
+    activation, at 1 bit the sign with the Bi-Real gradient; ``dorefa_quantizer`` and
+    ``magnitude_aware_sign`` have a weight form for ``kind="weight"``. A k-bit quantizer comes back with ``bits`` as its default,
     so ``get_quantizer("dorefa", 2, "weight")(w)`` is 2-bit. Unknown names or a name that does not
     fit the bit width raise UserError listing the valid names.
     """

@@ -47,7 +47,7 @@ class ProgressiveSign(ScheduledQuantizer):
     straight-through (with gradient cancel at ``clip_threshold``). Outputs +-1 at the end.
     """
 
-    pad_value = -1.0  # its eval output is +-1: a following conv pads with -1, as for det_sign
+    plus_minus_one = True  # its eval output is +-1: an export packs its inputs for xnor-popcount, as det_sign's
 
     def __init__(self, epochs: int, alpha: float = 4.0, beta: float = 10.0, clip_threshold: float = INF):
         super().__init__(epochs)

@@ -1,8 +1,16 @@
 """QuickNet (larq zoo ``QuickNetSmall``, ``QuickNet``, ``QuickNetLarge``; Bannink et al. 2021).
 
-Stem: 3x3/2 conv (filters/4), BN, ReLU, depthwise 3x3/2, BN, 1x1 conv, BN (224 -> 56).
+Stem: 3x3/2 conv (filters/4), BN, ReLU, depthwise 3x3/2, BN without scale or shift, 1x1 conv, BN (224 -> 56).
 Residual block: binary 3x3 conv, ReLU, BN, + x. Transition: ReLU, 2x2/1 max pool, fixed 3x3/2 blur pool
 (depthwise, not trained), full-precision 1x1 conv, BN. Top: ReLU, global pool, linear.
+
+The binary conv is larq's ``QuantConv2D(activation="relu", input_quantizer=SteSign(1.25),
+kernel_quantizer=SteSign(1.25), kernel_constraint=WeightClip(1.25), pad_values=1.0)``: sign inputs with
+the gradient cancelled past |x| = 1.25, padding +1, latent weights clamped to [-1.25, 1.25] after every
+step (``weight_clip``, applied by the trainer), and no xnor offset: the ReLU sees the plain +-1 dot
+product, negative where most positions disagree ((dot + fan_in) / 2 would be >= 0 and the ReLU a no-op).
+larq fixes 1.25, so ``--clip-threshold`` does not change these layers. The kernel's own gradient cancel
+at 1.25 never acts: the weight clip keeps |w| <= 1.25.
 """
 
 from __future__ import annotations
@@ -15,11 +23,18 @@ from bitrain.binary.layers import QConv2d
 from bitrain.models._registry import register
 from bitrain.models.common import head, make_stem, padded_same_maxpool
 
+CLIP = 1.25  # larq zoo QuickNet: input quantizer clip_value, kernel quantizer clip_value and WeightClip
+
+
+def quicknet_conv(channels: int) -> QConv2d:
+    """larq QuickNet's binary 3x3 conv (see the module docstring); the ReLU and BN follow it."""
+    return QConv2d(channels, channels, 3, 1, 1, clip_threshold=CLIP, no_offset=True, pad_value=1.0, weight_clip=CLIP)
+
 
 class ResidualBlock(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.body = nn.Sequential(QConv2d(channels, channels, 3, 1, 1), nn.ReLU(inplace=True), nn.BatchNorm2d(channels))
+        self.body = nn.Sequential(quicknet_conv(channels), nn.ReLU(inplace=True), nn.BatchNorm2d(channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x) + x
@@ -49,16 +64,22 @@ class Transition(nn.Module):
         return self.bn(self.conv(self.blur(padded_same_maxpool(F.relu(x)))))
 
 
+def _keras_default_bn(channels: int, affine: bool = True) -> nn.BatchNorm2d:
+    # Keras' BatchNormalization() defaults, momentum 0.99 (torch's 0.01) and epsilon 1e-3; the block and
+    # transition BNs use larq's momentum 0.9, epsilon 1e-5, which are torch's defaults
+    return nn.BatchNorm2d(channels, eps=1e-3, momentum=0.01, affine=affine)
+
+
 def quicknet_stem(in_channels: int, channels: int) -> list[nn.Module]:
     quarter = channels // 4
     return [
         nn.Conv2d(in_channels, quarter, 3, 2, 1, bias=False),
-        nn.BatchNorm2d(quarter),
+        _keras_default_bn(quarter),
         nn.ReLU(inplace=True),
         nn.Conv2d(quarter, quarter, 3, 2, 1, groups=quarter, bias=False),
-        nn.BatchNorm2d(quarter),
+        _keras_default_bn(quarter, affine=False),  # larq: BatchNormalization(scale=False, center=False)
         nn.Conv2d(quarter, channels, 1, bias=False),
-        nn.BatchNorm2d(channels),
+        _keras_default_bn(channels),
     ]
 
 

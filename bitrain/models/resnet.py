@@ -1,8 +1,15 @@
-"""Binary ResNet v1 / v2 as BMXNet v2 ``binary_models/resnet.py``: every conv in the stages is binary,
-the 1x1 downsample shortcut included ("sc_qconv"); stem and classifier full precision.
+"""Binary ResNet v1 / v2 as BMXNet v2 ``binary_models/resnet.py``; stem and classifier full precision.
 
-The blocks have no ReLU: a ReLU before a sign would make every input +1. ResNet-50 uses bottleneck
-blocks (1x1 -> 3x3 -> 1x1, width out/4), each conv binary.
+Basic blocks (ResNet-18/34): every conv is BMXNet's ``activated_conv``, a binarised input (QActivation)
+into a binary conv, the 1x1 downsample shortcut included ("sc_qconv"). No ReLU in them: a ReLU before
+a sign would make every input +1.
+
+Bottleneck blocks (ResNet-50/152, width out/4): BMXNet's bare ``nn.QConv2D`` (binary weights, no
+activation quantizer: the conv sees the real ReLU output, padded with -1, xnor offset, never scaled by
+``--approximation``), with the ReLUs of the float ResNet. v1: 1x1 (stride) -> BN -> ReLU -> 3x3 -> BN ->
+ReLU -> 1x1 -> BN, then ReLU(body + shortcut), the shortcut a 1x1 (stride) conv + BN. v2 (pre-activation):
+BN -> ReLU -> 1x1 -> BN -> ReLU -> 3x3 (stride) -> BN -> ReLU -> 1x1, + x or the 1x1 (stride) shortcut
+of the first ReLU's output.
 """
 
 from __future__ import annotations
@@ -15,27 +22,22 @@ from bitrain.models._registry import register
 from bitrain.models.common import head, resnet_features
 
 
-def _body(kind: str, c_in: int, c_out: int, stride: int, last_bn: bool) -> list[nn.Module]:
-    if kind == "basic":
-        layers = [QConv2d(c_in, c_out, 3, stride, 1), nn.BatchNorm2d(c_out), QConv2d(c_out, c_out, 3, 1, 1)]
-    else:
-        mid = c_out // 4
-        layers = [
-            QConv2d(c_in, mid, 1),
-            nn.BatchNorm2d(mid),
-            QConv2d(mid, mid, 3, stride, 1),
-            nn.BatchNorm2d(mid),
-            QConv2d(mid, c_out, 1),
-        ]
-    return layers + [nn.BatchNorm2d(c_out)] if last_bn else layers
+def _weight_only_conv(c_in: int, c_out: int, kernel: int, stride: int = 1, padding: int = 0) -> QConv2d:
+    # BMXNet's nn.QConv2D without an activation: binary weights (--bits), the input as it comes
+    return QConv2d(c_in, c_out, kernel, stride, padding, bits_a=32, activation_method="identity", approximation="")
 
 
 class BlockV1(nn.Module):
-    """out = body(x) + shortcut(x); body ends with BN (post-norm, v1)."""
+    """Basic block: out = body(x) + shortcut(x); body ends with BN (post-norm, v1)."""
 
-    def __init__(self, kind: str, c_in: int, c_out: int, stride: int):
+    def __init__(self, c_in: int, c_out: int, stride: int):
         super().__init__()
-        self.body = nn.Sequential(*_body(kind, c_in, c_out, stride, last_bn=True))
+        self.body = nn.Sequential(
+            QConv2d(c_in, c_out, 3, stride, 1),
+            nn.BatchNorm2d(c_out),
+            QConv2d(c_out, c_out, 3, 1, 1),
+            nn.BatchNorm2d(c_out),
+        )
         self.downsample = None
         if c_in != c_out or stride != 1:
             self.downsample = nn.Sequential(QConv2d(c_in, c_out, 1, stride), nn.BatchNorm2d(c_out))
@@ -46,18 +48,77 @@ class BlockV1(nn.Module):
 
 
 class BlockV2(nn.Module):
-    """Pre-norm (v2): bn = BN(x); out = body(bn) + (x or downsample(bn))."""
+    """Basic block, pre-norm (v2): bn = BN(x); out = body(bn) + (x or downsample(bn))."""
 
-    def __init__(self, kind: str, c_in: int, c_out: int, stride: int):
+    def __init__(self, c_in: int, c_out: int, stride: int):
         super().__init__()
         self.bn = nn.BatchNorm2d(c_in)
-        self.body = nn.Sequential(*_body(kind, c_in, c_out, stride, last_bn=False))
+        self.body = nn.Sequential(
+            QConv2d(c_in, c_out, 3, stride, 1), nn.BatchNorm2d(c_out), QConv2d(c_out, c_out, 3, 1, 1)
+        )
         self.downsample = QConv2d(c_in, c_out, 1, stride) if c_in != c_out or stride != 1 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bn = self.bn(x)
         residual = x if self.downsample is None else self.downsample(bn)
         return self.body(bn) + residual
+
+
+class BottleneckV1(nn.Module):
+    """BMXNet BottleneckV1: ReLU(body(x) + shortcut(x)), the stride on the first 1x1."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        mid = c_out // 4
+        self.body = nn.Sequential(
+            _weight_only_conv(c_in, mid, 1, stride),
+            nn.BatchNorm2d(mid),
+            nn.ReLU(inplace=True),
+            _weight_only_conv(mid, mid, 3, 1, 1),
+            nn.BatchNorm2d(mid),
+            nn.ReLU(inplace=True),
+            _weight_only_conv(mid, c_out, 1),
+            nn.BatchNorm2d(c_out),
+        )
+        self.downsample = None
+        if c_in != c_out or stride != 1:
+            self.downsample = nn.Sequential(_weight_only_conv(c_in, c_out, 1, stride), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        residual = x if self.downsample is None else self.downsample(x)
+        out = self.body(x) + residual
+        return torch.where(out > 0, out, 0.0)  # ReLU that keeps no output for backward: an in-place ReLU may follow
+
+
+class BottleneckV2(nn.Module):
+    """BMXNet BottleneckV2 (pre-activation): the stride on the 3x3, the shortcut from ReLU(BN(x))."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        mid = c_out // 4
+        self.bn1, self.bn2, self.bn3 = nn.BatchNorm2d(c_in), nn.BatchNorm2d(mid), nn.BatchNorm2d(mid)
+        self.conv1 = _weight_only_conv(c_in, mid, 1)
+        self.conv2 = _weight_only_conv(mid, mid, 3, stride, 1)
+        self.conv3 = _weight_only_conv(mid, c_out, 1)
+        self.downsample = _weight_only_conv(c_in, c_out, 1, stride) if c_in != c_out or stride != 1 else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        residual = x
+        x = torch.relu(self.bn1(x))
+        if self.downsample is not None:
+            residual = self.downsample(x)
+        x = self.conv1(x)
+        x = self.conv2(torch.relu(self.bn2(x)))
+        x = self.conv3(torch.relu(self.bn3(x)))
+        return x + residual
+
+
+_BLOCKS = {
+    ("basic", 1): BlockV1,
+    ("basic", 2): BlockV2,
+    ("bottleneck", 1): BottleneckV1,
+    ("bottleneck", 2): BottleneckV2,
+}
 
 
 class BinaryResNet(nn.Module):
@@ -75,12 +136,12 @@ class BinaryResNet(nn.Module):
         initial_layers: str,
     ):
         super().__init__()
-        block = BlockV1 if version == 1 else BlockV2
+        block = _BLOCKS[kind, version]
         stages: list[nn.Module] = []
         for i, n in enumerate(layers):
             stride = 1 if i == 0 else 2
-            stage = [block(kind, channels[i], channels[i + 1], stride)]
-            stage += [block(kind, channels[i + 1], channels[i + 1], 1) for _ in range(n - 1)]
+            stage = [block(channels[i], channels[i + 1], stride)]
+            stage += [block(channels[i + 1], channels[i + 1], 1) for _ in range(n - 1)]
             stages.append(nn.Sequential(*stage))
         self.features = resnet_features(
             stages, in_channels=in_channels, channels=channels, version=version, initial_layers=initial_layers

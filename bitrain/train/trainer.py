@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bitrain.binary.layers import clip_latent_weights_, latent_weight_warning
+from bitrain.binary.layers import clip_latent_weights_, has_weight_clips, latent_weight_warning
 from bitrain.binary.schedule import set_quantizer_epoch
 from bitrain.errors import UserError
 from bitrain.train import checkpoint as ckpt
@@ -133,6 +133,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.label_smoothing, self.mixup_alpha, self.mixup_off_epoch = label_smoothing, mixup_alpha, mixup_off_epoch
         self.clip_grad_norm, self.clip_latent_weights = clip_grad_norm, clip_latent_weights
+        self._weight_clips = has_weight_clips(self.model)  # layers with their own bound (larq's WeightClip)
         if bn_recalibrate < 0:
             raise UserError(f"--bn-recalibrate must be >= 0, got {bn_recalibrate}")
         self.bn_recalibrate = bn_recalibrate
@@ -265,7 +266,7 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        if self.clip_latent_weights:
+        if self.clip_latent_weights or self._weight_clips:
             clip_latent_weights_(self.model, self.clip_latent_weights)
         loss = loss.detach()
         self.train_metrics.update(logits.detach(), y, loss.float() * y.shape[0])
