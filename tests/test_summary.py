@@ -192,3 +192,14 @@ def test_resnet18_e1_imagenet_figures():
     assert s.combined_flops == pytest.approx(1_695_547_392 / 64 + 118_525_952)
     assert 12 < s.compression_ratio < 14  # float BN/stem/head keep it below 32
     assert s.binary_mac_share == pytest.approx(0.9347, abs=1e-4)
+
+
+def test_meliusnet22_totals_count_parameters_not_statistics_and_print_mib():
+    """Issue 11: the summary printed 6,973,352 (BatchNorm running statistics counted) and "MB"."""
+    from bitrain.models import build_model
+
+    s = summarize(build_model("meliusnet22", num_classes=1000, image_size=224), (3, 32, 32))
+    assert s.total_params == 6_948_392 and s.total_buffers == 24_960  # 6,973,352 = both together
+    text = s.format()
+    assert "Total params                      6,948,392" in text and "6,973,352" not in text
+    assert "MiB" in text and " MB" not in text
