@@ -298,3 +298,40 @@ def test_live_against_bitorch_on_fresh_inputs():
         ours.weight.copy_(theirs.weight)
     xi = torch.randn(2, 3, 7, 7, generator=g)
     _compare(ours(xi), theirs(xi), True)
+
+
+# --- BMXNet's binary ResNet bottleneck ----------------------------------------------------------------
+
+
+def _bmxnet_qconv(x: torch.Tensor, conv: QConv2d) -> torch.Tensor:
+    # BMXNet's bare nn.QConv2D: the input as it comes, padded with -1, sign weights, (dot + fan_in) / 2
+    p = conv.qpadding[0]
+    w = torch.where(conv.weight >= 0, 1.0, -1.0)
+    dot = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (p,) * 4, value=-1.0), w, stride=conv.stride)
+    return (dot + conv.fan_in) / 2
+
+
+def test_binary_resnet50_bottlenecks_are_bmxnets():
+    from bitrain.models.resnet import BottleneckV1, BottleneckV2
+
+    torch.manual_seed(0)
+    x = torch.relu(torch.randn(2, 16, 6, 6))  # a block's input: the previous block's ReLU output
+    v1 = BottleneckV1(16, 32, 2).eval()
+    b = v1.body
+    assert [type(m) for m in b] == [QConv2d, nn.BatchNorm2d, nn.ReLU] * 2 + [QConv2d, nn.BatchNorm2d]
+    assert b[0].stride == (2, 2) and b[3].stride == (1, 1)  # v1 strides on the first 1x1
+    assert all(c.act.is_identity and c.bits == 1 and c.apply_offset for c in (b[0], b[3], b[6]))
+    h = torch.relu(b[1](_bmxnet_qconv(x, b[0])))
+    h = torch.relu(b[4](_bmxnet_qconv(h, b[3])))
+    ref = torch.relu(b[7](_bmxnet_qconv(h, b[6])) + v1.downsample[1](_bmxnet_qconv(x, v1.downsample[0])))
+    with torch.no_grad():
+        torch.testing.assert_close(v1(x), ref, rtol=1e-4, atol=1e-4)  # real inputs: float sums
+
+    v2 = BottleneckV2(16, 32, 2).eval()
+    assert v2.conv1.stride == (1, 1) and v2.conv2.stride == (2, 2)  # v2 strides on the 3x3
+    a = torch.relu(v2.bn1(x))
+    h = _bmxnet_qconv(
+        torch.relu(v2.bn3(_bmxnet_qconv(torch.relu(v2.bn2(_bmxnet_qconv(a, v2.conv1))), v2.conv2))), v2.conv3
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(v2(x), h + _bmxnet_qconv(a, v2.downsample), rtol=1e-4, atol=1e-4)
