@@ -16,7 +16,8 @@ from bitrain.models.common import model_size_bytes, param_counts
 
 # BMXNet's ResNetE-50 puts basic blocks at the bottleneck widths (~340M weights): checked on the meta
 # device (shapes and gradients flow), its block class is trained for real through resnet18/34_e*.
-HEAVY = {"resnet50_e1", "resnet50_e2"}
+# The AlexNets (~60M weights) and ResNet-152 train a real test run in tests/test_literature.py.
+HEAVY = {"resnet50_e1", "resnet50_e2", "binary_alexnet", "xnornet", "dorefanet", "resnet152_v1", "resnet152_v2"}
 FLEX = {"densenet_flex": {"block_config": "2,2,2"}, "meliusnet_flex": {"block_config": "2,2,2"}}
 
 
@@ -99,8 +100,9 @@ def test_full_precision_twin_differs_only_in_bits(name):
     assert {k: v.shape for k, v in fp.state_dict().items()} == {k: v.shape for k, v in bn.state_dict().items()}
     assert [type(m) for m in fp.modules()] == [type(m) for m in bn.modules()]
     assert all(m.bits == 32 and m.bits_a == 32 for m in _quantized(fp))
-    # binary weights; binarised inputs but where a layer takes its input as it comes (BMXNet's bottleneck)
-    assert all(m.bits == 1 and (m.bits_a == 1 or m.act.is_identity) for m in _quantized(bn))
+    # binary weights; binarised inputs but where a layer takes its input as it comes (BMXNet's bottleneck,
+    # BinaryAlexNet's first conv) or quantizes it to its model's width (DoReFa-Net's 2 bits)
+    assert all(m.bits == 1 and (m.bits_a < 32 or m.act.is_identity) for m in _quantized(bn))
 
 
 def test_full_precision_twin_computes_like_float_convs():

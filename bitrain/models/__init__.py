@@ -6,7 +6,19 @@ builders on import, and importing this package imports them all.
 
 from __future__ import annotations
 
-from bitrain.models import densenet, lenet, meliusnet, quicknet, resnet, resnet_e, small  # noqa: F401  (register)
+from bitrain.models import (  # noqa: F401  (register)
+    alexnet,
+    birealnet,
+    densenet,
+    lenet,
+    meliusnet,
+    quicknet,
+    reactnet,
+    realtobinary,
+    resnet,
+    resnet_e,
+    small,
+)
 from bitrain.models._factory import build_model
 from bitrain.models._registry import (
     MODELS,
