@@ -132,14 +132,15 @@ def test_shared_module_counts_every_call():
 def test_k_bit_weights_take_k_over_32_of_a_float():
     from bitrain.binary.layers import QLinear
 
-    m = nn.Sequential(QLinear(8, 6, bits=4, bits_a=4), QLinear(6, 3, bits=1, bits_a=32, bias=True))
+    m = nn.Sequential(QLinear(8, 6, bits=4, bits_a=4), QLinear(6, 3, bits=1, bits_a=32), nn.Linear(3, 3))
     s = summarize(m, (8,))
     assert s.layers[0].weights_by_bits == {4: 6 * 8}
     assert s.layers[0].memory_bytes == 6 * 8 * 4 / 8  # 4 bits each
-    assert s.layers[1].weights_by_bits == {1: 3 * 6, 32: 3}  # the bias stays float
-    assert s.layers[1].memory_bytes == 18 / 8 + 3 * 4
-    assert (s.macs_binary, s.macs_float) == (0, 6 * 8 + 3 * 6)  # neither layer is 1-bit x 1-bit
-    assert s.compression_ratio == pytest.approx((48 + 18 + 3) * 4 / (24 + 2.25 + 12))
+    assert s.layers[1].weights_by_bits == {1: 3 * 6}  # a binary layer has no bias (BMXNet refuses one)
+    assert s.layers[1].memory_bytes == 18 / 8
+    assert s.layers[2].weights_by_bits == {32: 3 * 3 + 3}  # the float layer's bias is float
+    assert (s.macs_binary, s.macs_float) == (0, 6 * 8 + 3 * 6 + 3 * 3)  # neither Q layer is 1-bit x 1-bit
+    assert s.compression_ratio == pytest.approx((48 + 18 + 12) * 4 / (24 + 2.25 + 48))
 
 
 def test_model_that_is_one_q_layer():
