@@ -88,7 +88,7 @@ class RealToBinaryNet(nn.Module):
         return self.output(self.features(x))
 
 
-@register("realtobinarynet", family="realtobinary")
+@register("realtobinarynet", family="realtobin")
 def realtobinarynet(*, num_classes: int, in_channels: int, image_size: int, initial_layers: str) -> nn.Module:
     """Real-to-Binary Net, BNN variant (larq zoo ``RealToBinaryNet``, 11,986,920 trainable parameters)."""
     return RealToBinaryNet(num_classes=num_classes, in_channels=in_channels, initial_layers=initial_layers)
