@@ -33,10 +33,16 @@ except ImportError as e:  # the [fast] extra is not installed: callers use the t
 else:
     IMPORT_ERROR = None
 
-_JIT = dict(parallel=True, cache=True, fastmath=False, nogil=True)
 _MINUS_ZERO = 0x80000000  # float32 -0.0 as uint32
 
 if numba is not None:
+
+    def _jit(fn):
+        options = dict(parallel=True, fastmath=False, nogil=True)
+        try:  # compiled once, then loaded from numba's cache (__pycache__ or the user's cache folder)
+            return numba.njit(cache=True, **options)(fn)
+        except RuntimeError:  # no writable cache location: compile at each start instead
+            return numba.njit(**options)(fn)
 
     @intrinsic
     def _popcount(typingctx, x):
@@ -49,10 +55,12 @@ if numba is not None:
 
         return sig, codegen
 
-    @numba.njit(**_JIT)
-    def _pack(xbits, ph, pw, groups, out):
-        # xbits: float32 (N, C, H, W) viewed as uint32; out: zeros (N, H + 2ph, W + 2pw, groups * wpg)
-        n_, c_, h_, w_ = xbits.shape
+    @_jit
+    def _pack(xbits, ph, pw, groups, sh, sw, out):
+        # xbits: float32 (N, C, H, W) viewed as uint32; out: zeros (N, Ho + 2ph, Wo + 2pw, groups * wpg) with
+        # pixel (h, w) of out's interior = pixel (h * sh, w * sw) of x (sh, sw > 1: a 1x1 conv's stride)
+        n_, c_ = xbits.shape[0], xbits.shape[1]
+        h_, w_ = out.shape[1] - 2 * ph, out.shape[2] - 2 * pw
         cg = c_ // groups
         wpg = out.shape[3] // groups
         for t in prange(n_ * h_):
@@ -66,18 +74,18 @@ if numba is not None:
                     for c in range(c0, min(c0 + 64, (g + 1) * cg)):
                         shift = np.uint64(c - c0)
                         for w in range(w_):
-                            u = xbits[n, c, h, w]
+                            u = xbits[n, c, h * sh, w * sw]
                             plus = np.uint64((u >> 31) == 0) | np.uint64(u == _MINUS_ZERO)
                             buf[w] |= plus << shift
                     for w in range(w_):
                         out[n, h + ph, w + pw, g * wpg + q] = buf[w]
 
-    @numba.njit(**_JIT)
+    @_jit
     def _conv(xp, wt, out, kh, kw, sh, sw, dh, dw, fan_in, count, oblock):
         # xp (N, Hp, Wp, groups * wpg) uint64, wt (groups, kh * kw * wpg, og) uint64, out (N, O, Ho, Wo) float32.
         # One task per (image, output row, group, block of output channels); its counts (Wo, block) stay in L1.
-        # The rows of the weight (tap i, j and word q) go four at a time: per output channel one load and
-        # store of the count for four popcounts, for two output pixels at once.
+        # The rows of the weight (tap i, j and word q) go four at a time, two output pixels at once: per
+        # output channel one load and store of each pixel's count for four popcounts.
         n_ = xp.shape[0]
         groups, rows, og = wt.shape
         wpg = xp.shape[3] // groups
@@ -92,46 +100,47 @@ if numba is not None:
             n = r // ho
             o0 = ob * oblock
             m = min(o0 + oblock, og) - o0
-            acc = np.zeros((wo, m), np.int64)
-            hs = np.empty(4, np.int64)  # per row of the group: input row, column offset, word
+            acc = np.zeros((wo + 1, m), np.int64)  # row wo: scratch for the partner of an odd last pixel
+            hs = np.empty(4, np.int64)  # per row of the four: input row, column offset, word
             ws = np.empty(4, np.int64)
             cs = np.empty(4, np.int64)
             for r0 in range(0, rows, 4):
                 k = min(4, rows - r0)
-                for e in range(k):
-                    i = (r0 + e) // (kw * wpg)
-                    j = ((r0 + e) // wpg) % kw
-                    hs[e] = oh * sh + i * dh
-                    ws[e] = j * dw
-                    cs[e] = g * wpg + (r0 + e) % wpg
-                wa = wt[g, r0, o0 : o0 + m]  # views: the o below is >= 0, so no wraparound checks
+                for e in range(4):
+                    re = r0 + min(e, k - 1)
+                    hs[e] = oh * sh + re // (kw * wpg) * dh
+                    ws[e] = re // wpg % kw * dw
+                    cs[e] = g * wpg + re % wpg
+                wa = wt[g, r0, o0 : o0 + m]  # views: o in the loops below is >= 0, so no wraparound checks
                 wb = wt[g, r0 + min(1, k - 1), o0 : o0 + m]
                 wc = wt[g, r0 + min(2, k - 1), o0 : o0 + m]
                 wd = wt[g, r0 + min(3, k - 1), o0 : o0 + m]
                 for ow in range(0, wo, 2):
-                    ow1 = min(ow + 1, wo - 1)  # an odd last pixel is done twice, harmlessly: see below
-                    p0, p1 = ow * sw, ow1 * sw
+                    p0 = ow * sw
+                    p1 = p0 + sw if ow + 1 < wo else p0
+                    a1 = ow + 1  # == wo (scratch) for an odd last pixel
                     xa0, xa1 = xp[n, hs[0], p0 + ws[0], cs[0]], xp[n, hs[0], p1 + ws[0], cs[0]]
+                    xb0, xb1 = xp[n, hs[1], p0 + ws[1], cs[1]], xp[n, hs[1], p1 + ws[1], cs[1]]
+                    xc0, xc1 = xp[n, hs[2], p0 + ws[2], cs[2]], xp[n, hs[2], p1 + ws[2], cs[2]]
+                    xd0, xd1 = xp[n, hs[3], p0 + ws[3], cs[3]], xp[n, hs[3], p1 + ws[3], cs[3]]
                     if k == 4:
-                        xb0, xb1 = xp[n, hs[1], p0 + ws[1], cs[1]], xp[n, hs[1], p1 + ws[1], cs[1]]
-                        xc0, xc1 = xp[n, hs[2], p0 + ws[2], cs[2]], xp[n, hs[2], p1 + ws[2], cs[2]]
-                        xd0, xd1 = xp[n, hs[3], p0 + ws[3], cs[3]], xp[n, hs[3], p1 + ws[3], cs[3]]
                         for o in range(m):
                             va, vb, vc, vd = wa[o], wb[o], wc[o], wd[o]
-                            s0 = _popcount(xa0 ^ va) + _popcount(xb0 ^ vb) + _popcount(xc0 ^ vc) + _popcount(xd0 ^ vd)
-                            s1 = _popcount(xa1 ^ va) + _popcount(xb1 ^ vb) + _popcount(xc1 ^ vc) + _popcount(xd1 ^ vd)
-                            acc[ow, o] += s0
-                            if ow1 != ow:
-                                acc[ow1, o] += s1
+                            acc[ow, o] += (
+                                _popcount(xa0 ^ va) + _popcount(xb0 ^ vb) + _popcount(xc0 ^ vc) + _popcount(xd0 ^ vd)
+                            )
+                            acc[a1, o] += (
+                                _popcount(xa1 ^ va) + _popcount(xb1 ^ vb) + _popcount(xc1 ^ vc) + _popcount(xd1 ^ vd)
+                            )
                     else:  # the last 1-3 rows, one at a time
                         for e in range(k):
                             w1 = wt[g, r0 + e, o0 : o0 + m]
-                            x0, x1 = xp[n, hs[e], p0 + ws[e], cs[e]], xp[n, hs[e], p1 + ws[e], cs[e]]
+                            x0 = xp[n, hs[e], p0 + ws[e], cs[e]]
+                            x1 = xp[n, hs[e], p1 + ws[e], cs[e]]
                             for o in range(m):
                                 v = w1[o]
                                 acc[ow, o] += _popcount(x0 ^ v)
-                                if ow1 != ow:
-                                    acc[ow1, o] += _popcount(x1 ^ v)
+                                acc[a1, o] += _popcount(x1 ^ v)
             scale = 1 if count else 2  # agreeing bits fan_in - d, or the +-1 dot fan_in - 2 d
             for o in range(m):
                 for ow in range(wo):
@@ -160,14 +169,18 @@ def pack_weights(weight_packed: torch.Tensor, shape: list[int], groups: int = 1)
     return np.ascontiguousarray(words.reshape(groups, kh * kw * wpg, og))
 
 
-def pack_activations(x: torch.Tensor, padding: tuple[int, int] = (0, 0), groups: int = 1) -> np.ndarray:
-    """sign(x) of float (N, C, H, W) bit-packed per pixel, with a -1 border (see the module docstring)."""
+def pack_activations(
+    x: torch.Tensor, padding: tuple[int, int] = (0, 0), groups: int = 1, subsample: tuple[int, int] = (1, 1)
+) -> np.ndarray:
+    """sign(x) of float (N, C, H, W) bit-packed per pixel, with a -1 border (see the module docstring);
+    ``subsample`` (sh, sw) keeps every sh-th row and sw-th column only (a 1x1 conv's stride)."""
     x = x.detach().float().contiguous()
     n, c, h, w = x.shape
-    ph, pw = padding
-    out = np.zeros((n, h + 2 * ph, w + 2 * pw, groups * ((c // groups + 63) // 64)), np.uint64)
+    (ph, pw), (sh, sw) = padding, subsample
+    hs, ws = (h + sh - 1) // sh, (w + sw - 1) // sw
+    out = np.zeros((n, hs + 2 * ph, ws + 2 * pw, groups * ((c // groups + 63) // 64)), np.uint64)
     _threads()
-    _pack(x.numpy().view(np.uint32), ph, pw, groups, out)
+    _pack(x.numpy().view(np.uint32), ph, pw, groups, sh, sw, out)
     return out
 
 
@@ -185,8 +198,11 @@ def xnor_conv(
     """The binary conv of sign(x) (N, C, H, W) with ``pack_weights``' words, -1 padded: float32 NCHW
     holding the +-1 dot products, or with ``count`` the agreeing bits ``(dot + fan_in) / 2``."""
     groups, _, og = weights.shape
-    xp = pack_activations(x, padding, groups)
-    (kh, kw), (sh, sw), (dh, dw) = kernel_size, stride, dilation
+    (kh, kw), (sh, sw), (dh, dw), padding = kernel_size, stride, dilation, tuple(padding)
+    if (kh, kw) == (1, 1) and padding == (0, 0):  # a strided 1x1 conv reads every sh-th pixel only: pack those
+        xp, sh, sw = pack_activations(x, (0, 0), groups, (sh, sw)), 1, 1
+    else:
+        xp = pack_activations(x, padding, groups)
     ho = (xp.shape[1] - dh * (kh - 1) - 1) // sh + 1
     wo = (xp.shape[2] - dw * (kw - 1) - 1) // sw + 1
     out = torch.empty((x.shape[0], groups * og, ho, wo), dtype=torch.float32)
