@@ -66,7 +66,10 @@ CASES = {
     "k-bit with a 1-bit quantizer": (["--bits", "2"], ["--bits 2 needs a k-bit --weight-quantization"]),
     "abc": (["--approximation", "abc"], ["--approximation abc is not supported"]),
     "unknown dataset": (["--dataset", "cifar11"], ["--dataset 'cifar11' is not valid; choose from: digits"]),
-    "unknown model": (["--model", "resnet18_x"], ["unknown model 'resnet18_x'", "did you mean", "valid: binary_alexnet, birealnet18"]),
+    "unknown model": (
+        ["--model", "resnet18_x"],
+        ["unknown model 'resnet18_x'", "did you mean", "valid: binary_alexnet, birealnet18"],
+    ),
     "unknown activation quantizer": (["--activation-method", "sgn"], ["'sgn' is unknown; valid: ", "det_sign"]),
     "unknown weight quantizer": (["--weight-quantization", "foo"], ["'foo' is unknown; valid: ", "ste_sign"]),
     "batch larger than data": (["--batch-size", "5000"], ["--batch-size 5000 is larger than the train split", "1442"]),
