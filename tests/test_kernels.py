@@ -134,6 +134,41 @@ def test_zoo_models_packed_equal_float_with_both_kernels(tmp_path, name):
         assert torch.equal(got, expected), (kernel, (got - expected).abs().max())
 
 
+@needs_numba
+@pytest.mark.parametrize("pad_value", [0.0, 1.0])
+def test_zero_and_plus_one_padding_run_in_the_kernel(tmp_path, pad_value):
+    """larq's zero padding and QuickNet's +1: the kernel pads -1 and a border term adds the difference."""
+
+    def factory(name="padded"):
+        torch.manual_seed(11)
+        return nn.Sequential(
+            nn.Conv2d(3, 40, 3, padding=1, bias=False),
+            nn.BatchNorm2d(40),
+            QConv2d(40, 70, 3, stride=2, padding=1, pad_value=pad_value),
+            nn.BatchNorm2d(70),
+            QConv2d(70, 70, (3, 1), padding=(1, 0), groups=2, pad_value=pad_value),
+            nn.BatchNorm2d(70),
+            nn.Flatten(1),
+            QLinear(70 * 5 * 5, 10),
+        )
+
+    model = _calibrated(factory(), (3, 9, 9), seed=12)
+    x = torch.randn(3, 3, 9, 9, generator=torch.Generator().manual_seed(13))
+    with torch.no_grad():
+        expected = model(x)
+    export_packed(model, tmp_path / "p.safetensors", model_args={"name": "padded"})
+    for kernel in ("numba", "torch"):
+        loaded = load_packed(tmp_path / "p.safetensors", factory, kernel=kernel)
+        assert loaded[2].numba_inputs and not loaded[2].settings["xnor_inputs"]
+        for size in (9, 9, 11):  # the border term is cached per input size
+            inputs = x if size == 9 else torch.randn(2, 3, size, size)
+            with torch.no_grad():
+                got, want = loaded[:6](inputs), model[:6](inputs)
+            assert torch.equal(got, want), (kernel, size)
+        with torch.no_grad():
+            assert torch.equal(loaded(x), expected), kernel
+
+
 class Scaled(nn.Module):
     """Binary convs and a binary linear with binet / xnor scaling, and a +-1 activation that is not
     the fused sign (a threshold at 0.25, 0 -> -1), between BatchNorms."""

@@ -150,7 +150,12 @@ class PackedQLayer(nn.Module):
         record = quant.spec(getattr(act, "method", None))
         # numba takes sign(x) while packing when the activation is exactly that sign
         self.fused_sign = getattr(act, "bits", 0) == 1 and record is not None and record.name in SIGN_FORWARD
+        # numba takes +-1 inputs with any pad value: -1 in the kernel, another v through a border term
+        self.numba_inputs = bool(settings["xnor_inputs"]) or (
+            settings["bits_a"] == 1 and bool(getattr(act, "plus_minus_one", False))
+        )
         self._words: tuple[tuple, Any, bool] | None = None  # (key, kernels.pack_weights(...), scaled)
+        self._borders: dict[tuple[int, int], torch.Tensor] = {}
 
     def extra_repr(self) -> str:
         s = self.settings
@@ -205,8 +210,20 @@ class PackedQLayer(nn.Module):
             groups = self.settings.get("groups", 1)
             words = kernels.pack_weights(self.weight_packed, self.settings["shape"], groups)
             scaled = bool(self.settings["approximation"]) or not bool(torch.all(self.weight_scale == 1))
-            self._words = (key, words, scaled)
+            self._words, self._borders = (key, words, scaled), {}
         return self._words[1], self._words[2]
+
+    def _border(self, hw: tuple[int, int]) -> torch.Tensor:
+        """(1, out, Ho, Wo): the sum of the +-1 weights over the taps that fall on the padding, per output.
+        The kernel pads with -1; a pad value v adds (v + 1) times this (integers: exact in float32)."""
+        if hw not in self._borders:
+            s = self.settings
+            (ph, pw), shape = s["padding"], s["shape"]
+            mask = torch.ones(1, shape[1] * s["groups"], hw[0] + 2 * ph, hw[1] + 2 * pw)
+            mask[:, :, ph : ph + hw[0], pw : pw + hw[1]] = 0.0
+            w = unpack_signs(self.weight_packed, self.fan_in).reshape(shape)
+            self._borders[hw] = F.conv2d(mask, w, None, s["stride"], 0, s["dilation"], s["groups"])
+        return self._borders[hw]
 
     def _dot_numba(self, x: torch.Tensor, words: Any, count: bool) -> torch.Tensor:
         from bitrain.binary import kernels
@@ -226,12 +243,16 @@ class PackedQLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.settings
-        if self.kernel == "numba" and s["xnor_inputs"] and x.device.type == "cpu":
+        if self.kernel == "numba" and self.numba_inputs and x.device.type == "cpu":
             words, scaled = self._prepared()
-            plain = s["offset"] and self.bias is None and not scaled
+            pad = s.get("pad_value", -1.0)
+            border = self.is_conv and pad != -1.0 and any(s["padding"])
+            plain = s["offset"] and self.bias is None and not scaled and not border
             h = self._dot_numba(x, words, count=plain)
             if plain:
                 return h  # the kernel's count of agreeing bits is (dot + fan_in) / 2
+            if border:
+                h = h + (pad + 1.0) * self._border(tuple(x.shape[-2:]))
         else:
             xq = self.act(x)
             h = self._dot_conv(xq) if self.is_conv else self._dot_linear(xq)
