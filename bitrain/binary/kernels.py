@@ -66,6 +66,7 @@ if numba is not None:
         for t in prange(n_ * h_):
             n = t // h_
             h = t - n * h_
+            hx = h * sh  # the input row
             buf = np.empty(w_, np.uint64)
             for g in range(groups):
                 for q in range(wpg):
@@ -73,10 +74,14 @@ if numba is not None:
                     c0 = g * cg + 64 * q
                     for c in range(c0, min(c0 + 64, (g + 1) * cg)):
                         shift = np.uint64(c - c0)
-                        for w in range(w_):
-                            u = xbits[n, c, h * sh, w * sw]
-                            plus = np.uint64((u >> 31) == 0) | np.uint64(u == _MINUS_ZERO)
-                            buf[w] |= plus << shift
+                        if sw == 1:  # two loops: the contiguous one vectorises
+                            for w in range(w_):
+                                u = xbits[n, c, hx, w]
+                                buf[w] |= (np.uint64((u >> 31) == 0) | np.uint64(u == _MINUS_ZERO)) << shift
+                        else:  # a strided 1x1 conv: every sw-th column
+                            for w in range(w_):
+                                u = xbits[n, c, hx, w * sw]
+                                buf[w] |= (np.uint64((u >> 31) == 0) | np.uint64(u == _MINUS_ZERO)) << shift
                     for w in range(w_):
                         out[n, h + ph, w + pw, g * wpg + q] = buf[w]
 
