@@ -127,9 +127,10 @@ def use_kernel(model: nn.Module, kernel: str | None = None) -> str:
 class PackedQLayer(nn.Module):
     """Inference of a 1-bit QConv2d / QLinear from packed weights, with the ``numba`` or ``torch`` kernel.
 
-    With +-1 inputs (``xnor_inputs``) the dot products come from xnor + popcount on bit-packed operands:
-    numba's direct convolution over words, or the torch reference (input patches from ``unfold``, a SWAR
-    popcount); with other inputs the +-1 weights are unpacked and used in a float conv. Then, as
+    With +-1 inputs the dot products come from xnor + popcount on bit-packed operands: numba's direct
+    convolution over words (any pad value: -1 in the kernel, another through a border term), or the
+    torch reference for -1 padding (``xnor_inputs``: input patches from ``unfold``, a SWAR popcount);
+    otherwise the +-1 weights are unpacked and used in a float conv. Then, as
     QConv2d / QLinear's forward: ``h = dot * scale + bias``, ``(h + fan_in) / 2`` where the layer applies
     the offset (plain +-1 weights, no approximation, not ``no_offset``), times the XNOR-Net activation
     scale K for ``approximation == "xnor"``. A plain offset layer gets ``(dot + fan_in) / 2`` from the
