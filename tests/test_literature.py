@@ -35,12 +35,7 @@ REFERENCE = {
 NEW = list(REFERENCE)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _trainable(model: nn.Module) -> int:

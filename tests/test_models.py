@@ -21,14 +21,7 @@ HEAVY = {"resnet50_e1", "resnet50_e2", "binary_alexnet", "xnornet", "dorefanet",
 FLEX = {"densenet_flex": {"block_config": "2,2,2"}, "meliusnet_flex": {"block_config": "2,2,2"}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tensors here are tiny (batch 2, 8-32 px): a second OpenMP thread only adds barrier waits, which turn
-    # into seconds per op when the CPU is shared with other test processes
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _quantized(model: nn.Module) -> list[nn.Module]:
