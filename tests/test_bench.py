@@ -136,6 +136,7 @@ def test_bench_inference_prints_ratios_agreement_and_layers(capsys):
     )
     out = capsys.readouterr().out
     assert out.startswith("bitrain bench --inference: tiny_resnet_e 1x8x8, 4 packed layers, kernel ")
+    assert re.search(r"^allocator: ", out, re.M)
     assert re.search(
         r"^weights: 73,728 binary weights, 294,912 bytes as float32 -> 9,216 bytes packed \(32\.0x\)", out, re.M
     )

@@ -109,7 +109,7 @@ def _calibrated(model: nn.Module, shape: tuple[int, ...], seed: int) -> nn.Modul
 MODELS = {  # name -> (in_channels, image_size, batch)
     "lenet": (1, 28, 6),
     "tiny_resnet_e": (1, 8, 16),
-    "resnet18_e1": (3, 16, 2),
+    "resnet18_e1": (3, 64, 2),  # 64 px: the ImageNet stem (StemConv2d, MaxPool2d through channels_last)
 }
 
 

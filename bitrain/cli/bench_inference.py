@@ -40,6 +40,12 @@ def _parser() -> ArgParser:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--clock", default="wall", choices=("wall", "cpu"), help="wall time or this process's CPU time")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--allocator",
+        default="keep",
+        choices=("keep", "system"),
+        help="keep: freed memory stays in the process, for both models (default); system: the allocator as it is",
+    )
     return p
 
 
@@ -181,6 +187,11 @@ def main(argv: Sequence[str]) -> int:
         raise UserError("--batch-size needs at least one batch size, e.g. 1,16")
     if ns.threads:
         torch.set_num_threads(ns.threads)
+    from bitrain.memory import keep_freed_memory
+
+    allocator = (
+        keep_freed_memory() if ns.allocator == "keep" else "allocator: the system's, as it is (--allocator system)"
+    )
     from bitrain.binary.export import export_packed, load_packed
     from bitrain.models import build_model
 
@@ -201,6 +212,7 @@ def main(argv: Sequence[str]) -> int:
         flush=True,
     )
     print(sizes)
+    print(allocator)
     for batch in batches:
         r = _end_to_end(float_model, packed, shape, batch, ns.rounds, seconds, ns.seed)
         tf, tp = statistics.median(r["float"]), statistics.median(r["packed"])

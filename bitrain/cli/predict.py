@@ -208,6 +208,10 @@ def main(argv: Sequence[str]) -> int:
         if value < 1:
             raise UserError(f"{flag} must be at least 1, got {value}")
     device = select_device(SimpleNamespace(cpu=ns.cpu, gpus=ns.gpus))
+    if device.type == "cpu":  # inference only: keep the activations' memory between batches
+        from bitrain.memory import keep_freed_memory
+
+        keep_freed_memory()
     predictor = Predictor(ns.model, dataset=ns.dataset, data_dir=ns.data_dir, device=device)
     if predictor.note:
         print(f"{PROG} predict: {predictor.note}", file=sys.stderr)

@@ -17,7 +17,15 @@ import torch.nn as nn
 from bitrain.binary.layers import QConv2d
 from bitrain.errors import UserError
 from bitrain.models._registry import register
-from bitrain.models.common import ChannelShuffle, check_groups, head, make_stem, positive_floats, positive_ints
+from bitrain.models.common import (
+    ChannelShuffle,
+    MaxPool2d,
+    check_groups,
+    head,
+    make_stem,
+    positive_floats,
+    positive_ints,
+)
 
 DOWNSAMPLE = "bn,max_pool,relu,fp_conv"
 TRANSITION_TOKENS = ("bn", "relu", "max_pool", "pool", "fp_conv[:groups]", "q_conv", "cs[:groups]")
@@ -52,7 +60,7 @@ def transition(structure: str, c_in: int, c_out: int, dilation: int) -> nn.Seque
             layers.append(nn.ReLU(inplace=True))
         elif kind in ("max_pool", "pool"):
             if dilation == 1:  # dilated stages keep their resolution
-                pool = nn.MaxPool2d if kind == "max_pool" else nn.AvgPool2d
+                pool = MaxPool2d if kind == "max_pool" else nn.AvgPool2d
                 layers.append(pool(2, 2, ceil_mode=True))
         elif kind == "fp_conv":
             check_groups("--downsample-structure fp_conv", groups or 1, c_in, c_out)
