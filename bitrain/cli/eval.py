@@ -187,6 +187,10 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     ns = p.parse_args(list(argv))
     device = select_device(SimpleNamespace(cpu=ns.cpu, gpus=ns.gpus))
+    if device.type == "cpu":  # inference only: keep the activations' memory between batches
+        from bitrain.memory import keep_freed_memory
+
+        keep_freed_memory()
     amp = autocast_dtype(ns.dtype)
     r = evaluate_file(
         ns.checkpoint,
