@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import sys
+from typing import Any
 
 # glibc's malloc.h
 _M_TRIM_THRESHOLD = -1
@@ -26,16 +28,13 @@ _TRIM_THRESHOLD = (1 << 31) - 1  # bytes; an int for mallopt, so 2 GiB - 1: in e
 # M_MMAP_MAX 0 rather than a high M_MMAP_THRESHOLD: glibc caps that at 32 MiB, below the 51 MB maps of an
 # ImageNet stem at batch 16. A thread's arena that cannot grow still falls back to mmap.
 
-_STATE: list[str] = []
 
-
+@functools.cache
 def keep_freed_memory() -> str:
     """Set glibc's malloc to keep freed memory (see the module docstring); once per process.
 
     Returns one line for a log: what was set, or why nothing was (not Linux with glibc).
     """
-    if _STATE:
-        return _STATE[0]
     line = "allocator: the system's (not glibc: freed memory may page-fault again)"
     if sys.platform.startswith("linux"):
         try:
@@ -46,5 +45,10 @@ def keep_freed_memory() -> str:
             ok = False
         if ok:
             line = "allocator: glibc, freed memory kept in the process (mallopt: no mmap, no trim)"
-    _STATE.append(line)
     return line
+
+
+def keep_freed_memory_on(device: Any) -> None:
+    """``keep_freed_memory`` when ``device`` (a ``torch.device``) is the CPU: inference-only commands call it."""
+    if device.type == "cpu":
+        keep_freed_memory()

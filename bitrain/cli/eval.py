@@ -22,6 +22,7 @@ from bitrain.cli.reader import load_model
 from bitrain.cli.train import select_device
 from bitrain.data.sets import DATA_SETS
 from bitrain.errors import UserError
+from bitrain.memory import keep_freed_memory_on
 from bitrain.names import DTYPES
 from bitrain.train.evaluation import autocast_dtype
 
@@ -187,10 +188,7 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     ns = p.parse_args(list(argv))
     device = select_device(SimpleNamespace(cpu=ns.cpu, gpus=ns.gpus))
-    if device.type == "cpu":  # inference only: keep the activations' memory between batches
-        from bitrain.memory import keep_freed_memory
-
-        keep_freed_memory()
+    keep_freed_memory_on(device)  # inference only: the activations' memory is reused between batches
     amp = autocast_dtype(ns.dtype)
     r = evaluate_file(
         ns.checkpoint,

@@ -39,6 +39,7 @@ from bitrain.data.imagefolder import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_S
 from bitrain.data.loader import normalize_affine, normalize_batch
 from bitrain.data.sets import DATA_SETS
 from bitrain.errors import UserError
+from bitrain.memory import keep_freed_memory_on
 
 
 def image_files(inputs: Sequence[str | Path]) -> tuple[list[str], list[tuple[str, str]]]:
@@ -208,10 +209,7 @@ def main(argv: Sequence[str]) -> int:
         if value < 1:
             raise UserError(f"{flag} must be at least 1, got {value}")
     device = select_device(SimpleNamespace(cpu=ns.cpu, gpus=ns.gpus))
-    if device.type == "cpu":  # inference only: keep the activations' memory between batches
-        from bitrain.memory import keep_freed_memory
-
-        keep_freed_memory()
+    keep_freed_memory_on(device)  # inference only: the activations' memory is reused between batches
     predictor = Predictor(ns.model, dataset=ns.dataset, data_dir=ns.data_dir, device=device)
     if predictor.note:
         print(f"{PROG} predict: {predictor.note}", file=sys.stderr)
