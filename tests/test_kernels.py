@@ -39,6 +39,9 @@ SHAPES = {
     "3x1 dilation 2, pad (1, 0), groups 4": (1, 16, 9, 9, 8, (3, 1), (1, 1), (1, 0), (2, 2), 4),
     "2x2 pad 1, 200 channels": (2, 200, 4, 4, 5, (2, 2), (1, 1), (1, 1), (1, 1), 1),
     "tiny map, 100 outputs in blocks": (1, 40, 3, 3, 100, (3, 3), (1, 1), (1, 1), (1, 1), 1),
+    # rows of 21 and 27 outputs: two 8 x 8 transposed blocks across, three down, and the rest one by one
+    "wide rows, 8x8 blocks and remainders": (2, 70, 11, 21, 27, (3, 3), (1, 1), (1, 1), (1, 1), 1),
+    "wide rows, groups 2, 3x3/2": (1, 128, 6, 37, 48, (3, 3), (2, 2), (1, 1), (1, 1), 2),
 }
 
 

@@ -14,6 +14,7 @@ Bits are little-endian, 1 = +1 and 0 = -1, as in the export (``docs/export.md``)
 
 The sign is fused into the packing: bit = 1 where ``sign(x) = +1`` as ``quantizers._sign`` defines it,
 ``copysign(1, x + 0.0)``: the IEEE sign bit clear, or x = -0.0 (which becomes +0.0). NaN keeps its sign bit.
+As one unsigned compare of the float's bits u: ``u <= 0x80000000`` (the bits of -0.0).
 Threads: torch's setting (``torch.get_num_threads()``), passed to numba on every call.
 """
 
@@ -33,7 +34,7 @@ except ImportError as e:  # the [fast] extra is not installed: callers use the t
 else:
     IMPORT_ERROR = None
 
-_MINUS_ZERO = 0x80000000  # float32 -0.0 as uint32
+_MINUS_ZERO = np.uint32(0x80000000)  # float32 -0.0 as uint32: bits u <= it are the x with sign(x) = +1
 
 if numba is not None:
 
@@ -55,42 +56,100 @@ if numba is not None:
 
         return sig, codegen
 
+    def _shuffle_masks() -> list[tuple[int, list[int], list[int]]]:
+        """An 8 x 8 transpose in three rounds: round b swaps the off-diagonal b x b blocks of each 2b x 2b
+        block, pairing rows i and i + b (lo takes the first b of every 2b lanes of both, hi the second b)."""
+        stages = []
+        for b in (4, 2, 1):
+            lo, hi = [], []
+            for g in range(0, 8, 2 * b):
+                lo += [g + k for k in range(b)] + [8 + g + k for k in range(b)]
+                hi += [g + b + k for k in range(b)] + [8 + g + b + k for k in range(b)]
+            stages.append((b, lo, hi))
+        return stages
+
+    _STAGES = _shuffle_masks()
+
+    @intrinsic
+    def _transpose8(typingctx, src, src_stride, dst, dst_stride):
+        """Store the transpose of the 8 x 8 float32 block at address src (rows src_stride bytes apart) at dst
+        (rows dst_stride bytes apart): 8 loads, 24 shuffles, 8 stores, instead of 64 strided scalar moves."""
+        sig = types.void(types.intp, types.intp, types.intp, types.intp)
+
+        def codegen(context, builder, signature, args):
+            vt = ir.VectorType(ir.FloatType(), 8)
+            i32 = ir.IntType(32)
+            src_, sstride, dst_, dstride = args
+            rows = []
+            for i in range(8):
+                addr = builder.add(src_, builder.mul(sstride, ir.Constant(sstride.type, i)))
+                rows.append(builder.load(builder.inttoptr(addr, vt.as_pointer()), align=4))
+            for b, lo, hi in _STAGES:
+                new = list(rows)
+                for i in range(8):
+                    if (i // b) % 2 == 0:
+                        a, c = rows[i], rows[i + b]
+                        new[i] = builder.shuffle_vector(a, c, ir.Constant(ir.VectorType(i32, 8), lo))
+                        new[i + b] = builder.shuffle_vector(a, c, ir.Constant(ir.VectorType(i32, 8), hi))
+                rows = new
+            for j in range(8):
+                addr = builder.add(dst_, builder.mul(dstride, ir.Constant(dstride.type, j)))
+                builder.store(rows[j], builder.inttoptr(addr, vt.as_pointer()), align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
     @_jit
-    def _pack(xbits, ph, pw, groups, sh, sw, out):
+    def _pack(xbits, ph, pw, groups, sh, sw, rblock, out):
         # xbits: float32 (N, C, H, W) viewed as uint32; out: zeros (N, Ho + 2ph, Wo + 2pw, groups * wpg) with
-        # pixel (h, w) of out's interior = pixel (h * sh, w * sw) of x (sh, sw > 1: a 1x1 conv's stride)
+        # pixel (h, w) of out's interior = pixel (h * sh, w * sw) of x (sh, sw > 1: a 1x1 conv's stride).
+        # One task per (image, block of rblock output rows): each channel's rows are read in turn, and 32
+        # channels go into each of two uint32 halves of the word (16 lanes per vector instead of 8).
         n_, c_ = xbits.shape[0], xbits.shape[1]
         h_, w_ = out.shape[1] - 2 * ph, out.shape[2] - 2 * pw
         cg = c_ // groups
         wpg = out.shape[3] // groups
-        for t in prange(n_ * h_):
-            n = t // h_
-            h = t - n * h_
-            hx = h * sh  # the input row
-            buf = np.empty(w_, np.uint64)
+        nrb = (h_ + rblock - 1) // rblock
+        for t in prange(n_ * nrb):
+            n = t // nrb
+            h0 = (t - n * nrb) * rblock
+            rows = min(rblock, h_ - h0)
+            buf = np.empty((2, rows, w_), np.uint32)  # channels c0 + 0..31 and c0 + 32..63
             for g in range(groups):
                 for q in range(wpg):
                     buf[:] = 0
                     c0 = g * cg + 64 * q
                     for c in range(c0, min(c0 + 64, (g + 1) * cg)):
-                        shift = np.uint64(c - c0)
-                        if sw == 1:  # two loops: the contiguous one vectorises
-                            for w in range(w_):
-                                u = xbits[n, c, hx, w]
-                                buf[w] |= (np.uint64((u >> 31) == 0) | np.uint64(u == _MINUS_ZERO)) << shift
-                        else:  # a strided 1x1 conv: every sw-th column
-                            for w in range(w_):
-                                u = xbits[n, c, hx, w * sw]
-                                buf[w] |= (np.uint64((u >> 31) == 0) | np.uint64(u == _MINUS_ZERO)) << shift
-                    for w in range(w_):
-                        out[n, h + ph, w + pw, g * wpg + q] = buf[w]
+                        half = (c - c0) >> 5
+                        shift = np.uint32((c - c0) & 31)
+                        for r in range(rows):
+                            hx = (h0 + r) * sh  # the input row
+                            b = buf[half, r]
+                            if sw == 1:  # two loops: the contiguous one vectorises
+                                xr = xbits[n, c, hx]
+                                for w in range(w_):
+                                    b[w] |= np.uint32(xr[w] <= _MINUS_ZERO) << shift
+                            else:  # a strided 1x1 conv: every sw-th column
+                                for w in range(w_):
+                                    b[w] |= np.uint32(xbits[n, c, hx, w * sw] <= _MINUS_ZERO) << shift
+                    for r in range(rows):
+                        for w in range(w_):
+                            out[n, h0 + r + ph, w + pw, g * wpg + q] = np.uint64(buf[0, r, w]) | (
+                                np.uint64(buf[1, r, w]) << np.uint64(32)
+                            )
+
+    @numba.njit(inline="always", cache=True)
+    def _four(xp, n, h, c, p0, p1, p2, p3):
+        """Word c of pixels p0..p3 of row h of image n."""
+        return xp[n, h, p0, c], xp[n, h, p1, c], xp[n, h, p2, c], xp[n, h, p3, c]
 
     @_jit
     def _conv(xp, wt, out, kh, kw, sh, sw, dh, dw, fan_in, count, oblock):
         # xp (N, Hp, Wp, groups * wpg) uint64, wt (groups, kh * kw * wpg, og) uint64, out (N, O, Ho, Wo) float32.
         # One task per (image, output row, group, block of output channels); its counts (Wo, block) stay in L1.
-        # The rows of the weight (tap i, j and word q) go four at a time, two output pixels at once: per
-        # output channel one load and store of each pixel's count for four popcounts.
+        # The rows of the weight (tap i, j and word q) go four at a time, four output pixels at once: per
+        # output channel four weight loads serve sixteen popcounts, and each count is loaded and stored once.
+        # The epilogue turns the counts into float32 (Wo, block), then writes NCHW in 8 x 8 transposed blocks.
         n_ = xp.shape[0]
         groups, rows, og = wt.shape
         wpg = xp.shape[3] // groups
@@ -105,7 +164,7 @@ if numba is not None:
             n = r // ho
             o0 = ob * oblock
             m = min(o0 + oblock, og) - o0
-            acc = np.zeros((wo + 1, m), np.int64)  # row wo: scratch for the partner of an odd last pixel
+            acc = np.zeros((wo + 3, m), np.int64)  # rows wo..wo + 2: scratch for the pixels past the last
             hs = np.empty(4, np.int64)  # per row of the four: input row, column offset, word
             ws = np.empty(4, np.int64)
             cs = np.empty(4, np.int64)
@@ -120,15 +179,17 @@ if numba is not None:
                 wb = wt[g, r0 + min(1, k - 1), o0 : o0 + m]
                 wc = wt[g, r0 + min(2, k - 1), o0 : o0 + m]
                 wd = wt[g, r0 + min(3, k - 1), o0 : o0 + m]
-                for ow in range(0, wo, 2):
+                for ow in range(0, wo, 4):
                     p0 = ow * sw
                     p1 = p0 + sw if ow + 1 < wo else p0
-                    a1 = ow + 1  # == wo (scratch) for an odd last pixel
-                    xa0, xa1 = xp[n, hs[0], p0 + ws[0], cs[0]], xp[n, hs[0], p1 + ws[0], cs[0]]
-                    xb0, xb1 = xp[n, hs[1], p0 + ws[1], cs[1]], xp[n, hs[1], p1 + ws[1], cs[1]]
-                    xc0, xc1 = xp[n, hs[2], p0 + ws[2], cs[2]], xp[n, hs[2], p1 + ws[2], cs[2]]
-                    xd0, xd1 = xp[n, hs[3], p0 + ws[3], cs[3]], xp[n, hs[3], p1 + ws[3], cs[3]]
+                    p2 = p0 + 2 * sw if ow + 2 < wo else p0
+                    p3 = p0 + 3 * sw if ow + 3 < wo else p0
+                    a1, a2, a3 = ow + 1, ow + 2, ow + 3  # past wo: a short last four reads p0 again
                     if k == 4:
+                        xa0, xa1, xa2, xa3 = _four(xp, n, hs[0], cs[0], p0 + ws[0], p1 + ws[0], p2 + ws[0], p3 + ws[0])
+                        xb0, xb1, xb2, xb3 = _four(xp, n, hs[1], cs[1], p0 + ws[1], p1 + ws[1], p2 + ws[1], p3 + ws[1])
+                        xc0, xc1, xc2, xc3 = _four(xp, n, hs[2], cs[2], p0 + ws[2], p1 + ws[2], p2 + ws[2], p3 + ws[2])
+                        xd0, xd1, xd2, xd3 = _four(xp, n, hs[3], cs[3], p0 + ws[3], p1 + ws[3], p2 + ws[3], p3 + ws[3])
                         for o in range(m):
                             va, vb, vc, vd = wa[o], wb[o], wc[o], wd[o]
                             acc[ow, o] += (
@@ -137,19 +198,38 @@ if numba is not None:
                             acc[a1, o] += (
                                 _popcount(xa1 ^ va) + _popcount(xb1 ^ vb) + _popcount(xc1 ^ vc) + _popcount(xd1 ^ vd)
                             )
+                            acc[a2, o] += (
+                                _popcount(xa2 ^ va) + _popcount(xb2 ^ vb) + _popcount(xc2 ^ vc) + _popcount(xd2 ^ vd)
+                            )
+                            acc[a3, o] += (
+                                _popcount(xa3 ^ va) + _popcount(xb3 ^ vb) + _popcount(xc3 ^ vc) + _popcount(xd3 ^ vd)
+                            )
                     else:  # the last 1-3 rows, one at a time
                         for e in range(k):
                             w1 = wt[g, r0 + e, o0 : o0 + m]
-                            x0 = xp[n, hs[e], p0 + ws[e], cs[e]]
-                            x1 = xp[n, hs[e], p1 + ws[e], cs[e]]
+                            x0, x1, x2, x3 = _four(xp, n, hs[e], cs[e], p0 + ws[e], p1 + ws[e], p2 + ws[e], p3 + ws[e])
                             for o in range(m):
                                 v = w1[o]
                                 acc[ow, o] += _popcount(x0 ^ v)
                                 acc[a1, o] += _popcount(x1 ^ v)
+                                acc[a2, o] += _popcount(x2 ^ v)
+                                acc[a3, o] += _popcount(x3 ^ v)
             scale = 1 if count else 2  # agreeing bits fan_in - d, or the +-1 dot fan_in - 2 d
-            for o in range(m):
+            tile = np.empty((wo, m), np.float32)
+            for ow in range(wo):
+                for o in range(m):
+                    tile[ow, o] = np.float32(fan_in - scale * acc[ow, o])
+            m8, w8 = m - m % 8, wo - wo % 8
+            oc = g * og + o0
+            for ob in range(0, m8, 8):
+                for ow in range(0, w8, 8):
+                    _transpose8(tile[ow:, ob:].ctypes.data, m * 4, out[n, oc + ob, oh, ow:].ctypes.data, ho * wo * 4)
+                for o in range(ob, ob + 8):
+                    for ow in range(w8, wo):
+                        out[n, oc + o, oh, ow] = tile[ow, o]
+            for o in range(m8, m):
                 for ow in range(wo):
-                    out[n, g * og + o0 + o, oh, ow] = np.float32(fan_in - scale * acc[ow, o])
+                    out[n, oc + o, oh, ow] = tile[ow, o]
 
 
 def available() -> bool:
@@ -185,7 +265,9 @@ def pack_activations(
     hs, ws = (h + sh - 1) // sh, (w + sw - 1) // sw
     out = np.zeros((n, hs + 2 * ph, ws + 2 * pw, groups * ((c // groups + 63) // 64)), np.uint64)
     _threads()
-    _pack(x.numpy().view(np.uint32), ph, pw, groups, sh, sw, out)
+    # row blocks of about 2048 pixels, at least four per thread
+    rblock = max(1, min(hs, 2048 // max(ws, 1), (n * hs) // (4 * torch.get_num_threads()) or 1))
+    _pack(x.numpy().view(np.uint32), ph, pw, groups, sh, sw, rblock, out)
     return out
 
 
