@@ -241,9 +241,10 @@ if numba is not None:
                     tile[ow, o] = np.float32(fan_in - scale * acc[ow, o])
             m8, w8 = m - m % 8, wo - wo % 8
             oc = g * og + o0
+            src, dst = tile.ctypes.data, out[n, oc, oh].ctypes.data  # addresses: no array views per block
             for ob in range(0, m8, 8):
                 for ow in range(0, w8, 8):
-                    _transpose8(tile[ow:, ob:].ctypes.data, m * 4, out[n, oc + ob, oh, ow:].ctypes.data, ho * wo * 4)
+                    _transpose8(src + (ow * m + ob) * 4, m * 4, dst + (ob * ho * wo + ow) * 4, ho * wo * 4)
                 for o in range(ob, ob + 8):
                     for ow in range(w8, wo):
                         out[n, oc + o, oh, ow] = tile[ow, o]
