@@ -152,7 +152,8 @@ def test_bench_inference_prints_ratios_agreement_and_layers(capsys):
             rf"^batch {batch}: layers ratio packed/float: \d+\.\d\d-\d+\.\d\d; the packed layers take", out, re.M
         )
     layers = re.findall(
-        r"^  layer (\S+): QConv2d \(\d+, \d+, 3, 3\) on \S+: float [0-9.]+ ms, packed [0-9.]+ ms, ratio packed/float: \d+\.\d\d$",
+        r"^  layer (\S+): QConv2d \(\d+, \d+, 3, 3\) \+ BatchNorm2d on \S+: float [0-9.]+ ms, packed [0-9.]+ ms, "
+        r"ratio packed/float: \d+\.\d\d$",
         out,
         re.M,
     )

@@ -3,6 +3,8 @@ packed kernels (numba, torch reference) against the float-latent models they wer
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -12,7 +14,7 @@ from bitrain.binary import kernels, packed
 from bitrain.binary import quantizers as quant
 from bitrain.binary.export import export_packed, load_packed, pack_signs
 from bitrain.binary.layers import QConv2d, QLinear
-from bitrain.binary.packed import SIGN_FORWARD, PackedQLayer, resolve_kernel, use_kernel
+from bitrain.binary.packed import SIGN_FORWARD, PackedQLayer, batchnorm_affine, resolve_kernel, use_kernel
 from bitrain.errors import UserError
 from bitrain.models import build_model
 
@@ -127,14 +129,20 @@ def test_zoo_models_packed_equal_float_with_both_kernels(tmp_path, name):
     with torch.no_grad():
         expected = model(x)
     export_packed(model, tmp_path / "m.safetensors", model_args=args)
+    fused = []
     for kernel in ("numba", "torch"):
         loaded = load_packed(tmp_path / "m.safetensors", build_model, kernel=kernel)
         layers = [m for m in loaded.modules() if isinstance(m, PackedQLayer)]
+        fused += [m for m in layers if m.kernel == "numba"]
         assert layers and {m.kernel for m in layers} == {kernel}
         with torch.no_grad():
             got = loaded(x)
         # plain binary nets: the same integer counts, then the same float layers: bit-identical logits
         assert torch.equal(got, expected), (kernel, (got - expected).abs().max())
+    if name != "lenet":  # ResNetE: every binary conv is followed by its BatchNorm, now in the epilogue
+        assert fused and all(m.norm is not None and m._affine is not None for m in fused)
+        if torch.backends.cpu.get_cpu_capability() == "AVX512":  # torch's BatchNorm is an FMA there
+            assert {m._affine[1][2] for m in fused} == {1}
 
 
 @needs_numba
@@ -246,3 +254,50 @@ def test_kernel_choice_and_the_one_fallback_line(tmp_path, monkeypatch, capsys):
     assert len(err) == 1 and "numba is not installed" in err[0] and "bitrain[fast]" in err[0]
     with pytest.raises(UserError, match=r"kernel='numba': numba does not import .*bitrain\[fast\]"):
         load_packed(tmp_path / "t.safetensors", build_model, kernel="numba")
+
+
+@needs_numba
+def test_batchnorm_fused_into_the_epilogue(tmp_path, monkeypatch):
+    """load_packed moves each BatchNorm2d after a packed conv into it (an Identity in its place); numba
+    applies it in the kernel's epilogue in the form that equals torch's BatchNorm on every count."""
+    args = dict(name="tiny_resnet_e", num_classes=10, in_channels=1, image_size=8)
+    torch.manual_seed(14)
+    model = _calibrated(build_model(**args), (1, 8, 8), seed=15)
+    export_packed(model, tmp_path / "t.safetensors", model_args=args)
+    x = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(16))
+    with torch.no_grad():
+        expected = model(x)
+    plain = load_packed(tmp_path / "t.safetensors", build_model, fuse_bn=False)
+    fused = load_packed(tmp_path / "t.safetensors", build_model)
+    fused_layers = [m for m in fused.modules() if isinstance(m, PackedQLayer) and m.norm is not None]
+    assert len(fused_layers) == 4 and not any(m.norm for m in plain.modules() if isinstance(m, PackedQLayer))
+    identities = [sum(isinstance(m, nn.Identity) for m in net.modules()) for net in (plain, fused)]
+    assert identities[1] == identities[0] + 4 and isinstance(fused.get_submodule("2.body.1"), nn.Identity)
+    keys = set(fused.state_dict())
+    assert any(k.endswith(".norm.running_var") for k in keys) and len(keys) == len(plain.state_dict())
+    with torch.no_grad():
+        assert torch.equal(fused(x), expected) and torch.equal(plain(x), expected)
+    form = fused_layers[0]._affine[1]
+    assert form is not None and form[2] in (1, 2)
+
+    # the form is checked on every count: a BatchNorm in double precision matches neither float32 form
+    norm = copy.deepcopy(fused_layers[0].norm)
+    wide = nn.BatchNorm2d(norm.num_features).double().eval()
+    wide.load_state_dict(norm.state_dict())
+    probe = lambda t: wide(t.double()).float()  # noqa: E731
+    monkeypatch.setattr(norm, "forward", probe)
+    assert batchnorm_affine(norm, fused_layers[0].fan_in) is None
+
+    # no matching form: the layer runs torch's BatchNorm after the kernel, the same values
+    monkeypatch.setattr(packed, "AFFINE_FORMS", ())
+    again = load_packed(tmp_path / "t.safetensors", build_model)
+    with torch.no_grad():
+        assert torch.equal(again(x), expected)
+    assert all(m._affine[1] is None for m in again.modules() if isinstance(m, PackedQLayer) and m.norm is not None)
+    monkeypatch.undo()
+
+    # training mode: batch statistics, exactly as the unfused model (its running statistics too)
+    fused.train(), plain.train()
+    with torch.no_grad():
+        assert torch.equal(fused(x), plain(x))
+    assert torch.equal(fused.get_submodule("2.body.0").norm.running_mean, plain.get_submodule("2.body.1").running_mean)

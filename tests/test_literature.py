@@ -235,7 +235,8 @@ def test_packed_export_layers_compute_like_the_model(name, tmp_path):
     torch.manual_seed(0)
     model = build_model(**args).eval()
     export_packed(model, tmp_path / "m.safetensors", model_args=args)
-    packed = load_packed(tmp_path / "m.safetensors", lambda **kw: build_model(**kw), kernel="torch")
+    # the layers one for one (fuse_bn=False: no BatchNorm moved into them)
+    packed = load_packed(tmp_path / "m.safetensors", lambda **kw: build_model(**kw), kernel="torch", fuse_bn=False)
     layers = dict(packed.named_modules())
     for layer_name, layer in model.named_modules():
         if isinstance(layer, QConv2d):  # zero padded, scaled (reactnet_sign) or plain +-1 weights

@@ -31,6 +31,7 @@ from bitrain.binary.packed import (  # noqa: F401 (the bit helpers and the layer
     PackedQLayer,
     _popcount,
     _words,
+    fuse_batchnorm,
     pack_signs,
     unpack_signs,
     use_kernel,
@@ -168,12 +169,16 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     }
 
 
-def load_packed(path: str | Path, model_factory: Callable[..., nn.Module], *, kernel: str | None = None) -> nn.Module:
+def load_packed(
+    path: str | Path, model_factory: Callable[..., nn.Module], *, kernel: str | None = None, fuse_bn: bool = True
+) -> nn.Module:
     """Rebuild the model of a packed export, its 1-bit layers replaced by ``PackedQLayer`` (eval mode).
 
     ``model_factory(**model_args)`` builds the float model (``bitrain.load_packed`` passes the zoo's
     ``build_model``); the packed layers and tensors then replace its binary weights. ``kernel``: ``numba``,
     ``torch`` or ``auto`` (numba when it imports), default $BITRAIN_KERNEL or auto (``packed.resolve_kernel``).
+    ``fuse_bn``: move each BatchNorm2d that follows a packed conv into it (``packed.fuse_batchnorm``: the
+    same outputs, one pass over memory fewer); False keeps the float model's modules one for one.
     """
     from safetensors.torch import load_file
 
@@ -203,4 +208,6 @@ def load_packed(path: str | Path, model_factory: Callable[..., nn.Module], *, ke
     except RuntimeError as e:
         raise UserError(f"{path}: tensors do not fit the model {args.get('name', '?')!r}: {e}") from None
     use_kernel(model, kernel)
+    if fuse_bn:
+        fuse_batchnorm(model)
     return model.eval()

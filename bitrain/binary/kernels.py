@@ -56,6 +56,34 @@ if numba is not None:
 
         return sig, codegen
 
+    @intrinsic
+    def _fma(typingctx, x, a, b):
+        """llvm.fma.f32: x * a + b rounded once (vfmadd where the CPU has FMA, an exact libm call otherwise)."""
+        sig = types.float32(types.float32, types.float32, types.float32)
+
+        def codegen(context, builder, signature, args):
+            f32 = ir.FloatType()
+            fn = builder.module.declare_intrinsic("llvm.fma", [f32], fnty=ir.FunctionType(f32, [f32, f32, f32]))
+            return builder.call(fn, args)
+
+        return sig, codegen
+
+    @numba.njit(inline="always", cache=True)
+    def _affine(v, a, b, form):
+        """The epilogue's per-channel affine map of a count v: FMA (form 1), multiply then add (2), none (0)."""
+        if form == 1:
+            return _fma(v, a, b)
+        if form == 2:
+            return v * a + b  # fastmath=False: two roundings, never contracted into an FMA
+        return v
+
+    @numba.njit(cache=True)
+    def _affine_rows(values, alpha, beta, form, out):
+        # out[c, i] = _affine(values[i], alpha[c], beta[c], form): the epilogue's arithmetic, for checks
+        for c in range(out.shape[0]):
+            for i in range(values.shape[0]):
+                out[c, i] = _affine(values[i], alpha[c], beta[c], form)
+
     def _shuffle_masks() -> list[tuple[int, list[int], list[int]]]:
         """An 8 x 8 transpose in three rounds: round b swaps the off-diagonal b x b blocks of each 2b x 2b
         block, pairing rows i and i + b (lo takes the first b of every 2b lanes of both, hi the second b)."""
@@ -164,12 +192,13 @@ if numba is not None:
         return xp[n, h, p0, c], xp[n, h, p1, c], xp[n, h, p2, c], xp[n, h, p3, c]
 
     @_jit
-    def _conv(xp, wt, out, kh, kw, sh, sw, dh, dw, fan_in, count, oblock):
+    def _conv(xp, wt, out, kh, kw, sh, sw, dh, dw, fan_in, count, oblock, form, alpha, beta):
         # xp (N, Hp, Wp, groups * wpg) uint64, wt (groups, kh * kw * wpg, og) uint64, out (N, O, Ho, Wo) float32.
         # One task per (image, output row, group, block of output channels); its counts (Wo, block) stay in L1.
         # The rows of the weight (tap i, j and word q) go four at a time, four output pixels at once: per
         # output channel four weight loads serve sixteen popcounts, and each count is loaded and stored once.
-        # The epilogue turns the counts into float32 (Wo, block), then writes NCHW in 8 x 8 transposed blocks.
+        # The epilogue turns the counts into float32 (Wo, block), maps them by alpha * v + beta per output
+        # channel when form > 0 (see _affine), then writes NCHW in 8 x 8 transposed blocks.
         n_ = xp.shape[0]
         groups, rows, og = wt.shape
         wpg = xp.shape[3] // groups
@@ -236,11 +265,16 @@ if numba is not None:
                                 acc[a3, o] += _popcount(x3 ^ v)
             scale = 1 if count else 2  # agreeing bits fan_in - d, or the +-1 dot fan_in - 2 d
             tile = np.empty((wo, m), np.float32)
-            for ow in range(wo):
-                for o in range(m):
-                    tile[ow, o] = np.float32(fan_in - scale * acc[ow, o])
-            m8, w8 = m - m % 8, wo - wo % 8
             oc = g * og + o0
+            a, b = alpha[oc : oc + m], beta[oc : oc + m]
+            for ow in range(wo):
+                if form == 0:
+                    for o in range(m):
+                        tile[ow, o] = np.float32(fan_in - scale * acc[ow, o])
+                else:
+                    for o in range(m):
+                        tile[ow, o] = _affine(np.float32(fan_in - scale * acc[ow, o]), a[o], b[o], form)
+            m8, w8 = m - m % 8, wo - wo % 8
             src, dst = tile.ctypes.data, out[n, oc, oh].ctypes.data  # addresses: no array views per block
             for ob in range(0, m8, 8):
                 for ow in range(0, w8, 8):
@@ -302,9 +336,14 @@ def xnor_conv(
     dilation: tuple[int, int] = (1, 1),
     fan_in: int,
     count: bool,
+    affine: tuple[np.ndarray, np.ndarray, int] | None = None,
 ) -> torch.Tensor:
     """The binary conv of sign(x) (N, C, H, W) with ``pack_weights``' words, -1 padded: float32 NCHW
-    holding the +-1 dot products, or with ``count`` the agreeing bits ``(dot + fan_in) / 2``."""
+    holding the +-1 dot products, or with ``count`` the agreeing bits ``(dot + fan_in) / 2``.
+
+    ``affine`` (alpha, beta, form): float32 per output channel, each output v becomes alpha * v + beta
+    with one rounding (form 1, an FMA) or two (form 2): a BatchNorm fused into the epilogue
+    (``packed.PackedQLayer``, which checks the form against torch's BatchNorm)."""
     groups, _, og = weights.shape
     (kh, kw), (sh, sw), (dh, dw), padding = kernel_size, stride, dilation, tuple(padding)
     if (kh, kw) == (1, 1) and padding == (0, 0):  # a strided 1x1 conv reads every sh-th pixel only: pack those
@@ -317,5 +356,17 @@ def xnor_conv(
     oblock, rows = og, x.shape[0] * ho * groups
     while oblock > 32 and rows * ((og + oblock - 1) // oblock) < 8 * torch.get_num_threads():
         oblock //= 2  # few rows (small maps, batch 1): split the output channels too, for the threads
-    _conv(xp, weights, out.numpy(), kh, kw, sh, sw, dh, dw, fan_in, count, oblock)
+    alpha, beta, form = affine if affine is not None else (_NO_AFFINE, _NO_AFFINE, 0)
+    _conv(xp, weights, out.numpy(), kh, kw, sh, sw, dh, dw, fan_in, count, oblock, form, alpha, beta)
+    return out
+
+
+_NO_AFFINE = np.zeros(0, np.float32)
+
+
+def affine_rows(values: np.ndarray, alpha: np.ndarray, beta: np.ndarray, form: int) -> np.ndarray:
+    """(channels, len(values)) float32: the epilogue's ``alpha[c] * v + beta[c]`` in the given form, for
+    every value v, with the kernel's own arithmetic (to check a form against torch's BatchNorm)."""
+    out = np.empty((alpha.shape[0], values.shape[0]), np.float32)
+    _affine_rows(values.astype(np.float32), alpha.astype(np.float32), beta.astype(np.float32), form, out)
     return out

@@ -10,6 +10,11 @@ Two kernels give the same integer dot products, so the same outputs:
 
 The choice: ``load_packed(..., kernel=...)`` or ``use_kernel(model, ...)``, else the environment
 variable ``BITRAIN_KERNEL`` (auto, numba, torch), else auto.
+
+``fuse_batchnorm`` moves a BatchNorm2d that follows a packed conv into it (``PackedQLayer.norm``), as
+torch.ao's ``fuse_modules`` does for conv + bn; numba then applies it in the kernel's epilogue, in the
+float32 form that gives torch's BatchNorm bit for bit on every value the layer can output (checked
+once per layer), else torch's BatchNorm runs after the kernel as before.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import os
 import sys
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -157,6 +163,8 @@ class PackedQLayer(nn.Module):
         )
         self._words: tuple[tuple, Any, bool] | None = None  # (key, kernels.pack_weights(...), scaled)
         self._borders: dict[tuple[int, int], torch.Tensor] = {}
+        self.norm: nn.BatchNorm2d | None = None  # a following BatchNorm2d, moved in by fuse_batchnorm
+        self._affine: tuple[tuple, Any] | None = None  # (key, batchnorm_affine(...) or None)
 
     def extra_repr(self) -> str:
         s = self.settings
@@ -226,7 +234,28 @@ class PackedQLayer(nn.Module):
             self._borders[hw] = F.conv2d(mask, w, None, s["stride"], 0, s["dilation"], s["groups"])
         return self._borders[hw]
 
-    def _dot_numba(self, x: torch.Tensor, words: Any, count: bool) -> torch.Tensor:
+    def _epilogue_norm(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, int] | None:
+        """``self.norm`` as the kernel's (alpha, beta, form) for a plain conv's counts, or None: no norm,
+        training mode, not a float32 input, a 1x1 output map (torch's BatchNorm takes another path there),
+        or no float32 form matched torch's BatchNorm on every count (``batchnorm_affine``)."""
+        norm, s = self.norm, self.settings
+        if norm is None or norm.training or type(norm) is not nn.BatchNorm2d or norm.running_var is None:
+            return None
+        (kh, kw), (ph, pw), (sh, sw), (dh, dw) = s["shape"][2:], s["padding"], s["stride"], s["dilation"]
+        ho = (x.shape[-2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        wo = (x.shape[-1] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        if x.dtype != torch.float32 or ho * wo <= 1:
+            return None
+        tensors = (norm.running_mean, norm.running_var, norm.weight, norm.bias)
+        key = tuple((t.data_ptr(), t._version) for t in tensors if t is not None) + (norm.eps,)
+        if self._affine is None or self._affine[0] != key:
+            self._affine = (key, batchnorm_affine(norm, self.fan_in))
+        return self._affine[1]
+
+    def _normed(self, h: torch.Tensor) -> torch.Tensor:
+        return h if self.norm is None else self.norm(h)
+
+    def _dot_numba(self, x: torch.Tensor, words: Any, count: bool, affine: Any = None) -> torch.Tensor:
         from bitrain.binary import kernels
 
         s = self.settings
@@ -239,7 +268,10 @@ class PackedQLayer(nn.Module):
             h = kernels.xnor_conv(x.reshape(-1, self.fan_in, 1, 1), words, fan_in=self.fan_in, count=count)
             return h.reshape(*lead, self.out_features).to(x.dtype)
         geometry = dict(stride=s["stride"], padding=s["padding"], dilation=s["dilation"])
-        h = kernels.xnor_conv(x, words, kernel_size=tuple(s["shape"][2:]), fan_in=self.fan_in, count=count, **geometry)
+        kernel_size = tuple(s["shape"][2:])
+        h = kernels.xnor_conv(
+            x, words, kernel_size=kernel_size, fan_in=self.fan_in, count=count, affine=affine, **geometry
+        )
         return h.to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -249,9 +281,10 @@ class PackedQLayer(nn.Module):
             pad = s.get("pad_value", -1.0)
             border = self.is_conv and pad != -1.0 and any(s["padding"])
             plain = s["offset"] and self.bias is None and not scaled and not border
-            h = self._dot_numba(x, words, count=plain)
-            if plain:
-                return h  # the kernel's count of agreeing bits is (dot + fan_in) / 2
+            affine = self._epilogue_norm(x) if plain and self.is_conv else None
+            h = self._dot_numba(x, words, count=plain, affine=affine)
+            if plain:  # the kernel's count of agreeing bits is (dot + fan_in) / 2
+                return h if affine is not None else self._normed(h)
             if border:
                 h = h + (pad + 1.0) * self._border(tuple(x.shape[-2:]))
         else:
@@ -267,7 +300,57 @@ class PackedQLayer(nn.Module):
             h = (h + self.fan_in) / 2  # +-1 dot -> number of agreeing bits
         if s["approximation"] == "xnor":
             h = h * _xnor_k(x, s, self.is_conv)
-        return h
+        return self._normed(h)
+
+
+def batchnorm_affine(norm: nn.BatchNorm2d, fan_in: int) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """An eval-mode BatchNorm2d after a plain packed conv as the kernel's epilogue: (alpha, beta, form).
+
+    alpha and beta are torch's own per-channel terms, read back from its BatchNorm (0 maps to beta; 1
+    maps to alpha with mean and bias 0). The form (``kernels.affine_rows``: 1 an FMA, 2 multiply then
+    add) is the one whose outputs equal torch's bit for bit for every count 0..fan_in the layer can
+    output, in every channel; None when neither does (the layer then runs torch's BatchNorm after the
+    kernel). torch's CPU build decides which: the AVX-512 build here computes an FMA."""
+    from bitrain.binary import kernels
+
+    c = norm.num_features
+    counts = torch.arange(fan_in + 1, dtype=torch.float32)
+    with torch.no_grad():
+        want = norm(counts.expand(c, -1).reshape(1, c, 1, -1).contiguous())[0, :, 0]  # NCHW, like the kernel's
+        beta = norm(torch.zeros(1, c, 1, 2))[0, :, 0, 0]
+        zero = torch.zeros_like(norm.running_var)
+        ones = torch.ones(1, c, 1, 2)
+        alpha = F.batch_norm(ones, zero, norm.running_var, norm.weight, None, False, 0.0, norm.eps)[0, :, 0, 0]
+    a, b, bits = alpha.numpy().copy(), beta.numpy().copy(), want.numpy().view(np.uint32)
+    for form in AFFINE_FORMS:
+        if np.array_equal(kernels.affine_rows(counts.numpy(), a, b, form).view(np.uint32), bits):
+            return a, b, form
+    return None
+
+
+AFFINE_FORMS = (1, 2)  # kernels.affine_rows: an FMA, then multiply-then-add
+
+
+def fuse_batchnorm(model: nn.Module) -> int:
+    """Move each BatchNorm2d that directly follows a packed conv in an ``nn.Sequential`` into that layer
+    (``PackedQLayer.norm``; an ``nn.Identity`` takes its place), as torch.ao's ``fuse_modules`` does for
+    conv + bn. The outputs are the same (``batchnorm_affine``); the layer alone now includes its BatchNorm,
+    and the BatchNorm's tensors are under ``<layer>.norm`` in the state_dict. Returns the number fused."""
+    fused = 0
+    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
+        names = list(seq._modules)
+        for first, second in zip(names, names[1:]):
+            layer, norm = seq._modules[first], seq._modules[second]
+            if (
+                isinstance(layer, PackedQLayer)
+                and layer.is_conv
+                and layer.norm is None
+                and type(norm) is nn.BatchNorm2d
+            ):
+                layer.norm = norm
+                seq._modules[second] = nn.Identity()
+                fused += 1
+    return fused
 
 
 def _xnor_k(x: torch.Tensor, s: dict[str, Any], is_conv: bool) -> torch.Tensor:

@@ -6,7 +6,8 @@ when it imports). Both run the same inputs in rounds: each round one new random 
 on it, their order alternating; the ratio is the median over rounds of float seconds / packed seconds,
 so a change of the machine's load between rounds cancels out. ``--layers`` times every binary layer
 alone, the float conv (or linear) of its ±1 input and weight against the packed layer's forward
-(sign, packing and xnor-popcount) on the same real-valued input.
+(sign, packing and xnor-popcount) on the same real-valued input; where ``load_packed`` fused the
+BatchNorm after a conv into the packed layer, both sides include that BatchNorm.
 """
 
 from __future__ import annotations
@@ -127,12 +128,14 @@ def _layer_inputs(float_model: nn.Module, names: list[str], x: torch.Tensor) -> 
     return seen
 
 
-def _float_op(layer: nn.Module, x: torch.Tensor) -> Callable[[], torch.Tensor]:
-    """The float conv / linear of the layer's shape on its ±1 input and weight (no quantization inside)."""
+def _float_op(layer: nn.Module, x: torch.Tensor, norm: nn.Module | None) -> Callable[[], torch.Tensor]:
+    """The float conv / linear of the layer's shape on its ±1 input and weight (no quantization inside),
+    then ``norm`` when the packed layer has its BatchNorm fused in (``packed.fuse_batchnorm``)."""
     with torch.no_grad():
         xq, w = layer.act(x), layer.quantized_weight().detach()
     if isinstance(layer, nn.Conv2d):
-        return lambda: F.conv2d(xq, w, None, layer.stride, layer.qpadding, layer.dilation, layer.groups)
+        conv = lambda: F.conv2d(xq, w, None, layer.stride, layer.qpadding, layer.dilation, layer.groups)  # noqa: E731
+        return conv if norm is None else lambda: norm(conv())
     return lambda: F.linear(xq, w)
 
 
@@ -147,7 +150,7 @@ def _layers(float_model, packed, shape, batch: int, rounds: int, seconds, seed: 
     with torch.no_grad():
         for name in names:
             layer, fast, inp = float_model.get_submodule(name), packed.get_submodule(name), inputs[name]
-            ops = {"float": _float_op(layer, inp), "packed": lambda f=fast, i=inp: f(i)}
+            ops = {"float": _float_op(layer, inp, fast.norm), "packed": lambda f=fast, i=inp: f(i)}
             times: dict[str, list[float]] = {"float": [], "packed": []}
             for op in ops.values():
                 op()  # warm-up
@@ -155,7 +158,8 @@ def _layers(float_model, packed, shape, batch: int, rounds: int, seconds, seed: 
                 for k in ("float", "packed") if r % 2 == 0 else ("packed", "float"):
                     times[k].append(min(seconds(ops[k]) for _ in range(3)))
             geometry = "x".join(str(s) for s in inp.shape[1:])
-            what = f"{type(layer).__name__} {tuple(layer.weight.shape)} on {geometry}"
+            fused = " + BatchNorm2d" if fast.norm is not None else ""
+            what = f"{type(layer).__name__} {tuple(layer.weight.shape)}{fused} on {geometry}"
             rows.append((name, what, times["float"], times["packed"]))
     return rows
 
