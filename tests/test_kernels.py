@@ -4,6 +4,7 @@ packed kernels (numba, torch reference) against the float-latent models they wer
 from __future__ import annotations
 
 import copy
+import random
 
 import pytest
 import torch
@@ -64,6 +65,30 @@ def test_xnor_conv_is_the_float_conv_of_the_signs(case):
     assert torch.equal(dot, expected)
     count = kernels.xnor_conv(x, words, count=True, **geometry)
     assert torch.equal(count, (expected + weight[0].numel()) / 2)
+
+
+@needs_numba
+def test_xnor_conv_on_random_geometries():
+    """Shapes no one chose: groups, odd channel counts, kernels 1-5, strides 1-3, dilation, padding up to 3,
+    channels_last and strided inputs, against the float conv of the signs."""
+    rng, gen = random.Random(17), torch.Generator().manual_seed(18)
+    for _ in range(60):
+        groups, cg, og = rng.choice([1, 1, 2, 3]), rng.choice([3, 31, 64, 65, 129]), rng.choice([1, 7, 8, 9, 33])
+        k = (rng.choice([1, 2, 3, 5]), rng.choice([1, 2, 3, 5]))
+        stride = (rng.choice([1, 2, 3]), rng.choice([1, 2, 3]))
+        dil = (rng.choice([1, 2]), rng.choice([1, 2])) if rng.random() < 0.3 else (1, 1)
+        pad = (rng.randint(0, 3), rng.randint(0, 3))
+        h = rng.randint(max(1, dil[0] * (k[0] - 1) + 1 - 2 * pad[0]), 14)
+        w = rng.randint(max(1, dil[1] * (k[1] - 1) + 1 - 2 * pad[1]), 30)
+        x = _with_zeros(torch.randn(rng.choice([1, 2, 3]), cg * groups, h, 2 * w, generator=gen))[..., ::2]  # strided
+        if rng.random() < 0.3:
+            x = x.contiguous(memory_format=torch.channels_last)
+        weight = torch.randn(og * groups, cg, *k, generator=gen)
+        words = kernels.pack_weights(pack_signs((weight >= 0).reshape(og * groups, -1)), list(weight.shape), groups)
+        padded = F.pad(_sign(x), (pad[1], pad[1], pad[0], pad[0]), value=-1.0)
+        expected = F.conv2d(padded, _sign(weight), None, stride, 0, dil, groups)
+        geometry = dict(kernel_size=k, stride=stride, padding=pad, dilation=dil, fan_in=weight[0].numel())
+        assert torch.equal(kernels.xnor_conv(x, words, count=False, **geometry), expected), (x.shape, geometry, groups)
 
 
 @needs_numba
