@@ -198,7 +198,8 @@ if numba is not None:
         # The rows of the weight (tap i, j and word q) go four at a time, four output pixels at once: per
         # output channel four weight loads serve sixteen popcounts, and each count is loaded and stored once.
         # The epilogue turns the counts into float32 (Wo, block), maps them by alpha * v + beta per output
-        # channel when form > 0 (see _affine), then writes NCHW in 8 x 8 transposed blocks.
+        # channel when form > 0 (see _affine), then writes NCHW in 8 x 8 transposed blocks. The first pass
+        # masks acc's unset values to 0 (an AND with keep = 0, then -1) instead of zeroing every task's acc.
         n_ = xp.shape[0]
         groups, rows, og = wt.shape
         wpg = xp.shape[3] // groups
@@ -213,7 +214,7 @@ if numba is not None:
             n = r // ho
             o0 = ob * oblock
             m = min(o0 + oblock, og) - o0
-            acc = np.zeros((wo + 3, m), np.int64)  # rows wo..wo + 2: scratch for the pixels past the last
+            acc = np.empty((wo + 3, m), np.int64)  # rows wo..wo + 2: scratch for the pixels past the last
             hs = np.empty(4, np.int64)  # per row of the four: input row, column offset, word
             ws = np.empty(4, np.int64)
             cs = np.empty(4, np.int64)
@@ -228,6 +229,7 @@ if numba is not None:
                 wb = wt[g, r0 + min(1, k - 1), o0 : o0 + m]
                 wc = wt[g, r0 + min(2, k - 1), o0 : o0 + m]
                 wd = wt[g, r0 + min(3, k - 1), o0 : o0 + m]
+                keep = np.int64(0) if r0 == 0 else np.int64(-1)
                 for ow in range(0, wo, 4):
                     p0 = ow * sw
                     p1 = p0 + sw if ow + 1 < wo else p0
@@ -241,28 +243,29 @@ if numba is not None:
                         xd0, xd1, xd2, xd3 = _four(xp, n, hs[3], cs[3], p0 + ws[3], p1 + ws[3], p2 + ws[3], p3 + ws[3])
                         for o in range(m):
                             va, vb, vc, vd = wa[o], wb[o], wc[o], wd[o]
-                            acc[ow, o] += (
+                            acc[ow, o] = (acc[ow, o] & keep) + (
                                 _popcount(xa0 ^ va) + _popcount(xb0 ^ vb) + _popcount(xc0 ^ vc) + _popcount(xd0 ^ vd)
                             )
-                            acc[a1, o] += (
+                            acc[a1, o] = (acc[a1, o] & keep) + (
                                 _popcount(xa1 ^ va) + _popcount(xb1 ^ vb) + _popcount(xc1 ^ vc) + _popcount(xd1 ^ vd)
                             )
-                            acc[a2, o] += (
+                            acc[a2, o] = (acc[a2, o] & keep) + (
                                 _popcount(xa2 ^ va) + _popcount(xb2 ^ vb) + _popcount(xc2 ^ vc) + _popcount(xd2 ^ vd)
                             )
-                            acc[a3, o] += (
+                            acc[a3, o] = (acc[a3, o] & keep) + (
                                 _popcount(xa3 ^ va) + _popcount(xb3 ^ vb) + _popcount(xc3 ^ vc) + _popcount(xd3 ^ vd)
                             )
                     else:  # the last 1-3 rows, one at a time
                         for e in range(k):
                             w1 = wt[g, r0 + e, o0 : o0 + m]
                             x0, x1, x2, x3 = _four(xp, n, hs[e], cs[e], p0 + ws[e], p1 + ws[e], p2 + ws[e], p3 + ws[e])
+                            kept = keep if e == 0 else np.int64(-1)
                             for o in range(m):
                                 v = w1[o]
-                                acc[ow, o] += _popcount(x0 ^ v)
-                                acc[a1, o] += _popcount(x1 ^ v)
-                                acc[a2, o] += _popcount(x2 ^ v)
-                                acc[a3, o] += _popcount(x3 ^ v)
+                                acc[ow, o] = (acc[ow, o] & kept) + _popcount(x0 ^ v)
+                                acc[a1, o] = (acc[a1, o] & kept) + _popcount(x1 ^ v)
+                                acc[a2, o] = (acc[a2, o] & kept) + _popcount(x2 ^ v)
+                                acc[a3, o] = (acc[a3, o] & kept) + _popcount(x3 ^ v)
             scale = 1 if count else 2  # agreeing bits fan_in - d, or the +-1 dot fan_in - 2 d
             tile = np.empty((wo, m), np.float32)
             oc = g * og + o0
