@@ -95,10 +95,13 @@ def read_state_dict(path: str | Path) -> dict[str, Any]:
     return load_file(str(source))
 
 
-def load_packed(path: str | Path, model_factory: Callable[..., nn.Module] | None = None) -> nn.Module:
+def load_packed(
+    path: str | Path, model_factory: Callable[..., nn.Module] | None = None, *, fuse_bn: bool = True
+) -> nn.Module:
     """The model of a packed export with its 1-bit layers as ``PackedQLayer`` (eval mode), rebuilt with
-    the zoo's ``build_model(**model_args)`` or ``model_factory(**model_args)`` for a model outside it."""
-    return packed.load_packed(path, model_factory or build_model)
+    the zoo's ``build_model(**model_args)`` or ``model_factory(**model_args)`` for a model outside it;
+    ``fuse_bn``: each BatchNorm2d after a packed conv moves into it (same outputs, see docs/export.md)."""
+    return packed.load_packed(path, model_factory or build_model, fuse_bn=fuse_bn)
 
 
 def _with_weights(model: nn.Module, state: dict, path: Path, args: dict) -> nn.Module:
