@@ -380,6 +380,9 @@ def pack_activations(
     return out
 
 
+_NO_AFFINE = np.zeros(0, np.float32)  # alpha and beta of a layer without a fused BatchNorm (form 0)
+
+
 def xnor_conv(
     x: torch.Tensor,
     weights: np.ndarray,
@@ -413,9 +416,6 @@ def xnor_conv(
     alpha, beta, form = affine if affine is not None else (_NO_AFFINE, _NO_AFFINE, 0)
     _conv(xp, weights, out.numpy(), kh, kw, sh, sw, dh, dw, fan_in, count, oblock, form, alpha, beta)
     return out
-
-
-_NO_AFFINE = np.zeros(0, np.float32)
 
 
 def affine_rows(values: np.ndarray, alpha: np.ndarray, beta: np.ndarray, form: int) -> np.ndarray:

@@ -184,8 +184,7 @@ class PackedQLayer(nn.Module):
             raise RuntimeError(f"activation {s['activation_method']!r} did not give +-1 values")
         bits = F.pad((xq > 0).float(), (pw, pw, ph, ph))  # pad bit 0 = -1, as QConv2d pads with -1
         cols = F.unfold(bits, (kh, kw), dilation=s["dilation"], stride=s["stride"])  # (n, C*kh*kw, L)
-        ho = (h + 2 * ph - s["dilation"][0] * (kh - 1) - 1) // s["stride"][0] + 1
-        wo = (wd + 2 * pw - s["dilation"][1] * (kw - 1) - 1) // s["stride"][1] + 1
+        ho, wo = self._output_size(h, wd)
         ell = cols.shape[-1]
         # (n, groups, L, fan_in) patch bits; unfold orders rows (channel, kh, kw) like the weight
         cols = cols.reshape(n, groups, self.fan_in, ell).permute(1, 0, 3, 2) > 0.5
@@ -198,6 +197,12 @@ class PackedQLayer(nn.Module):
         # same order and plain (offset) binary nets give bit-identical logits
         dot = dot.reshape(n, out, ho, wo).contiguous()
         return dot.to(xq.dtype)
+
+    def _output_size(self, h: int, w: int) -> tuple[int, int]:
+        """The conv's output height and width for an (h, w) input."""
+        s = self.settings
+        (kh, kw), (ph, pw), (sh, sw), (dh, dw) = s["shape"][2:], s["padding"], s["stride"], s["dilation"]
+        return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
 
     def _dot_linear(self, xq: torch.Tensor) -> torch.Tensor:
         if not self.settings["xnor_inputs"]:
@@ -238,12 +243,10 @@ class PackedQLayer(nn.Module):
         """``self.norm`` as the kernel's (alpha, beta, form) for a plain conv's counts, or None: no norm,
         training mode, not a float32 input, a 1x1 output map (torch's BatchNorm takes another path there),
         or no float32 form matched torch's BatchNorm on every count (``batchnorm_affine``)."""
-        norm, s = self.norm, self.settings
+        norm = self.norm
         if norm is None or norm.training or type(norm) is not nn.BatchNorm2d or norm.running_var is None:
             return None
-        (kh, kw), (ph, pw), (sh, sw), (dh, dw) = s["shape"][2:], s["padding"], s["stride"], s["dilation"]
-        ho = (x.shape[-2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-        wo = (x.shape[-1] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        ho, wo = self._output_size(*x.shape[-2:])
         if x.dtype != torch.float32 or ho * wo <= 1:
             return None
         tensors = (norm.running_mean, norm.running_var, norm.weight, norm.bias)
@@ -303,6 +306,9 @@ class PackedQLayer(nn.Module):
         return self._normed(h)
 
 
+AFFINE_FORMS = (1, 2)  # kernels.affine_rows: an FMA, then multiply-then-add
+
+
 def batchnorm_affine(norm: nn.BatchNorm2d, fan_in: int) -> tuple[np.ndarray, np.ndarray, int] | None:
     """An eval-mode BatchNorm2d after a plain packed conv as the kernel's epilogue: (alpha, beta, form).
 
@@ -326,9 +332,6 @@ def batchnorm_affine(norm: nn.BatchNorm2d, fan_in: int) -> tuple[np.ndarray, np.
         if np.array_equal(kernels.affine_rows(counts.numpy(), a, b, form).view(np.uint32), bits):
             return a, b, form
     return None
-
-
-AFFINE_FORMS = (1, 2)  # kernels.affine_rows: an FMA, then multiply-then-add
 
 
 def fuse_batchnorm(model: nn.Module) -> int:

@@ -133,10 +133,14 @@ def _float_op(layer: nn.Module, x: torch.Tensor, norm: nn.Module | None) -> Call
     then ``norm`` when the packed layer has its BatchNorm fused in (``packed.fuse_batchnorm``)."""
     with torch.no_grad():
         xq, w = layer.act(x), layer.quantized_weight().detach()
-    if isinstance(layer, nn.Conv2d):
-        conv = lambda: F.conv2d(xq, w, None, layer.stride, layer.qpadding, layer.dilation, layer.groups)  # noqa: E731
-        return conv if norm is None else lambda: norm(conv())
-    return lambda: F.linear(xq, w)
+    if not isinstance(layer, nn.Conv2d):
+        return lambda: F.linear(xq, w)
+
+    def conv() -> torch.Tensor:
+        h = F.conv2d(xq, w, None, layer.stride, layer.qpadding, layer.dilation, layer.groups)
+        return h if norm is None else norm(h)
+
+    return conv
 
 
 def _layers(float_model, packed, shape, batch: int, rounds: int, seconds, seed: int) -> list[tuple]:
