@@ -15,7 +15,9 @@ Bits are little-endian, 1 = +1 and 0 = -1, as in the export (``docs/export.md``)
 The sign is fused into the packing: bit = 1 where ``sign(x) = +1`` as ``quantizers._sign`` defines it,
 ``copysign(1, x + 0.0)``: the IEEE sign bit clear, or x = -0.0 (which becomes +0.0). NaN keeps its sign bit.
 As one unsigned compare of the float's bits u: ``u <= 0x80000000`` (the bits of -0.0).
-Threads: torch's setting (``torch.get_num_threads()``), passed to numba on every call.
+Threads: torch's setting (``torch.get_num_threads()``), passed to numba on every call. The LLVM pieces
+the loops call (popcount, FMA, the epilogue's 8 x 8 transpose, prefetch, sign words) are in
+``bitrain.binary.intrinsics``.
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ import torch
 
 try:
     import numba
-    from llvmlite import ir
-    from numba import prange, types
-    from numba.extending import intrinsic
+    from numba import prange
+
+    from bitrain.binary.intrinsics import fma, popcount, prefetch, signwords8, signwords16, transpose8
 except ImportError as e:  # the [fast] extra is not installed: callers use the torch reference
     numba = None
     IMPORT_ERROR: str | None = f"{type(e).__name__}: {e}"
@@ -45,34 +47,11 @@ if numba is not None:
         except RuntimeError:  # no writable cache location: compile at each start instead
             return numba.njit(**options)(fn)
 
-    @intrinsic
-    def _popcount(typingctx, x):
-        """llvm.ctpop of a uint64 (vpopcntq on CPUs with AVX-512 VPOPCNTDQ, popcnt otherwise)."""
-        sig = types.int64(types.uint64)
-
-        def codegen(context, builder, signature, args):
-            fn = builder.module.declare_intrinsic("llvm.ctpop", [ir.IntType(64)])
-            return builder.call(fn, args)
-
-        return sig, codegen
-
-    @intrinsic
-    def _fma(typingctx, x, a, b):
-        """llvm.fma.f32: x * a + b rounded once (vfmadd where the CPU has FMA, an exact libm call otherwise)."""
-        sig = types.float32(types.float32, types.float32, types.float32)
-
-        def codegen(context, builder, signature, args):
-            f32 = ir.FloatType()
-            fn = builder.module.declare_intrinsic("llvm.fma", [f32], fnty=ir.FunctionType(f32, [f32, f32, f32]))
-            return builder.call(fn, args)
-
-        return sig, codegen
-
     @numba.njit(inline="always", cache=True)
     def _affine(v, a, b, form):
         """The epilogue's per-channel affine map of a count v: FMA (form 1), multiply then add (2), none (0)."""
         if form == 1:
-            return _fma(v, a, b)
+            return fma(v, a, b)
         if form == 2:
             return v * a + b  # fastmath=False: two roundings, never contracted into an FMA
         return v
@@ -83,102 +62,6 @@ if numba is not None:
         for c in range(out.shape[0]):
             for i in range(values.shape[0]):
                 out[c, i] = _affine(values[i], alpha[c], beta[c], form)
-
-    def _shuffle_masks() -> list[tuple[int, list[int], list[int]]]:
-        """An 8 x 8 transpose in three rounds: round b swaps the off-diagonal b x b blocks of each 2b x 2b
-        block, pairing rows i and i + b (lo takes the first b of every 2b lanes of both, hi the second b)."""
-        stages = []
-        for b in (4, 2, 1):
-            lo, hi = [], []
-            for g in range(0, 8, 2 * b):
-                lo += [g + k for k in range(b)] + [8 + g + k for k in range(b)]
-                hi += [g + b + k for k in range(b)] + [8 + g + b + k for k in range(b)]
-            stages.append((b, lo, hi))
-        return stages
-
-    _STAGES = _shuffle_masks()
-
-    @intrinsic
-    def _transpose8(typingctx, src, src_stride, dst, dst_stride):
-        """Store the transpose of the 8 x 8 float32 block at address src (rows src_stride bytes apart) at dst
-        (rows dst_stride bytes apart): 8 loads, 24 shuffles, 8 stores, instead of 64 strided scalar moves."""
-        sig = types.void(types.intp, types.intp, types.intp, types.intp)
-
-        def codegen(context, builder, signature, args):
-            vt = ir.VectorType(ir.FloatType(), 8)
-            i32 = ir.IntType(32)
-            src_, sstride, dst_, dstride = args
-            rows = []
-            for i in range(8):
-                addr = builder.add(src_, builder.mul(sstride, ir.Constant(sstride.type, i)))
-                rows.append(builder.load(builder.inttoptr(addr, vt.as_pointer()), align=4))
-            for b, lo, hi in _STAGES:
-                new = list(rows)
-                for i in range(8):
-                    if (i // b) % 2 == 0:
-                        a, c = rows[i], rows[i + b]
-                        new[i] = builder.shuffle_vector(a, c, ir.Constant(ir.VectorType(i32, 8), lo))
-                        new[i + b] = builder.shuffle_vector(a, c, ir.Constant(ir.VectorType(i32, 8), hi))
-                rows = new
-            for j in range(8):
-                addr = builder.add(dst_, builder.mul(dstride, ir.Constant(dstride.type, j)))
-                builder.store(rows[j], builder.inttoptr(addr, vt.as_pointer()), align=4)
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    @intrinsic
-    def _prefetch(typingctx, addr):
-        """llvm.prefetch (read, keep in all cache levels) of the cache line at an address."""
-        sig = types.void(types.intp)
-
-        def codegen(context, builder, signature, args):
-            i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
-            fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
-            fn = builder.module.declare_intrinsic("llvm.prefetch", [i8p], fnty=fnty)
-            one, three = ir.Constant(i32, 1), ir.Constant(i32, 3)
-            builder.call(fn, [builder.inttoptr(args[0], i8p), ir.Constant(i32, 0), three, one])
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    def _signwords(lanes: int):
-        """An intrinsic (src, channel_stride, dst, dst_stride): the sign bits of 64 channels at ``lanes``
-        consecutive pixels, float32 bits read from src + c * channel_stride (c = 0..63), written as
-        ``lanes`` uint64 words at dst + p * dst_stride. In registers: 64 vector loads, compares (u <=
-        0x80000000, the +1 side of sign) and ORs into two uint32 halves, then one 64-bit word per pixel."""
-
-        @intrinsic
-        def signwords(typingctx, src, channel_stride, dst, dst_stride):
-            sig = types.void(types.intp, types.intp, types.intp, types.intp)
-
-            def codegen(context, builder, signature, args):
-                i32, i64 = ir.IntType(32), ir.IntType(64)
-                vt, wt = ir.VectorType(i32, lanes), ir.VectorType(i64, lanes)
-                src_, cstride, dst_, dstride = args
-                minus_zero = ir.Constant(vt, [0x80000000] * lanes)
-                zero = ir.Constant(vt, [0] * lanes)
-                halves = [zero, zero]
-                for c in range(64):
-                    addr = builder.add(src_, builder.mul(cstride, ir.Constant(cstride.type, c)))
-                    v = builder.load(builder.inttoptr(addr, vt.as_pointer()), align=4)
-                    plus = builder.icmp_unsigned("<=", v, minus_zero)
-                    bit = builder.select(plus, ir.Constant(vt, [1 << (c % 32)] * lanes), zero)
-                    halves[c // 32] = builder.or_(halves[c // 32], bit)
-                lo, hi = builder.zext(halves[0], wt), builder.zext(halves[1], wt)
-                words = builder.or_(lo, builder.shl(hi, ir.Constant(wt, [32] * lanes)))
-                for p in range(lanes):
-                    addr = builder.add(dst_, builder.mul(dstride, ir.Constant(dstride.type, p)))
-                    builder.store(
-                        builder.extract_element(words, ir.Constant(i32, p)), builder.inttoptr(addr, i64.as_pointer())
-                    )
-                return context.get_dummy_value()
-
-            return sig, codegen
-
-        return signwords
-
-    _signwords16, _signwords8 = _signwords(16), _signwords(8)
 
     @_jit
     def _pack(xbits, ph, pw, groups, sh, sw, rblock, out):
@@ -208,9 +91,9 @@ if numba is not None:
                             for w0 in range(0, w_, lanes):
                                 w0 = min(w0, w_ - lanes)  # the last block overlaps the one before: same words
                                 if lanes == 16:
-                                    _signwords16(src + w0 * 4, cstride, dst + w0 * dstride, dstride)
+                                    signwords16(src + w0 * 4, cstride, dst + w0 * dstride, dstride)
                                 else:
-                                    _signwords8(src + w0 * 4, cstride, dst + w0 * dstride, dstride)
+                                    signwords8(src + w0 * 4, cstride, dst + w0 * dstride, dstride)
                         continue
                     buf[:] = 0
                     for c in range(c0, min(c0 + 64, (g + 1) * cg)):
@@ -218,7 +101,7 @@ if numba is not None:
                             for r in range(rows):
                                 row = xbits[n, c + 1, (h0 + r) * sh].ctypes.data
                                 for b in range(0, xbits.shape[3] * 4, 64):
-                                    _prefetch(row + b)
+                                    prefetch(row + b)
                         half = (c - c0) >> 5
                         shift = np.uint32((c - c0) & 31)
                         for r in range(rows):
@@ -295,16 +178,16 @@ if numba is not None:
                         for o in range(m):
                             va, vb, vc, vd = wa[o], wb[o], wc[o], wd[o]
                             acc[ow, o] = (acc[ow, o] & keep) + (
-                                _popcount(xa0 ^ va) + _popcount(xb0 ^ vb) + _popcount(xc0 ^ vc) + _popcount(xd0 ^ vd)
+                                popcount(xa0 ^ va) + popcount(xb0 ^ vb) + popcount(xc0 ^ vc) + popcount(xd0 ^ vd)
                             )
                             acc[a1, o] = (acc[a1, o] & keep) + (
-                                _popcount(xa1 ^ va) + _popcount(xb1 ^ vb) + _popcount(xc1 ^ vc) + _popcount(xd1 ^ vd)
+                                popcount(xa1 ^ va) + popcount(xb1 ^ vb) + popcount(xc1 ^ vc) + popcount(xd1 ^ vd)
                             )
                             acc[a2, o] = (acc[a2, o] & keep) + (
-                                _popcount(xa2 ^ va) + _popcount(xb2 ^ vb) + _popcount(xc2 ^ vc) + _popcount(xd2 ^ vd)
+                                popcount(xa2 ^ va) + popcount(xb2 ^ vb) + popcount(xc2 ^ vc) + popcount(xd2 ^ vd)
                             )
                             acc[a3, o] = (acc[a3, o] & keep) + (
-                                _popcount(xa3 ^ va) + _popcount(xb3 ^ vb) + _popcount(xc3 ^ vc) + _popcount(xd3 ^ vd)
+                                popcount(xa3 ^ va) + popcount(xb3 ^ vb) + popcount(xc3 ^ vc) + popcount(xd3 ^ vd)
                             )
                     else:  # the last 1-3 rows, one at a time
                         for e in range(k):
@@ -313,10 +196,10 @@ if numba is not None:
                             kept = keep if e == 0 else np.int64(-1)
                             for o in range(m):
                                 v = w1[o]
-                                acc[ow, o] = (acc[ow, o] & kept) + _popcount(x0 ^ v)
-                                acc[a1, o] = (acc[a1, o] & kept) + _popcount(x1 ^ v)
-                                acc[a2, o] = (acc[a2, o] & kept) + _popcount(x2 ^ v)
-                                acc[a3, o] = (acc[a3, o] & kept) + _popcount(x3 ^ v)
+                                acc[ow, o] = (acc[ow, o] & kept) + popcount(x0 ^ v)
+                                acc[a1, o] = (acc[a1, o] & kept) + popcount(x1 ^ v)
+                                acc[a2, o] = (acc[a2, o] & kept) + popcount(x2 ^ v)
+                                acc[a3, o] = (acc[a3, o] & kept) + popcount(x3 ^ v)
             scale = 1 if count else 2  # agreeing bits fan_in - d, or the +-1 dot fan_in - 2 d
             tile = np.empty((wo, m), np.float32)
             oc = g * og + o0
@@ -332,7 +215,7 @@ if numba is not None:
             src, dst = tile.ctypes.data, out[n, oc, oh].ctypes.data  # addresses: no array views per block
             for ob in range(0, m8, 8):
                 for ow in range(0, w8, 8):
-                    _transpose8(src + (ow * m + ob) * 4, m * 4, dst + (ob * ho * wo + ow) * 4, ho * wo * 4)
+                    transpose8(src + (ow * m + ob) * 4, m * 4, dst + (ob * ho * wo + ow) * 4, ho * wo * 4)
                 for o in range(ob, ob + 8):
                     for ow in range(w8, wo):
                         out[n, oc + o, oh, ow] = tile[ow, o]

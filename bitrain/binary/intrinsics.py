@@ -1,0 +1,136 @@
+"""LLVM intrinsics for the numba kernels (``bitrain.binary.kernels``), written with llvmlite: the pieces
+numba's loops do not vectorise well by themselves. Each takes raw addresses (``array.ctypes.data``)
+where it reads or writes memory; the callers keep them inside their arrays."""
+
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+
+
+@intrinsic
+def popcount(typingctx, x):
+    """llvm.ctpop of a uint64 (vpopcntq on CPUs with AVX-512 VPOPCNTDQ, popcnt otherwise)."""
+    sig = types.int64(types.uint64)
+
+    def codegen(context, builder, signature, args):
+        fn = builder.module.declare_intrinsic("llvm.ctpop", [ir.IntType(64)])
+        return builder.call(fn, args)
+
+    return sig, codegen
+
+
+@intrinsic
+def fma(typingctx, x, a, b):
+    """llvm.fma.f32: x * a + b rounded once (vfmadd where the CPU has FMA, an exact libm call otherwise)."""
+    sig = types.float32(types.float32, types.float32, types.float32)
+
+    def codegen(context, builder, signature, args):
+        f32 = ir.FloatType()
+        fn = builder.module.declare_intrinsic("llvm.fma", [f32], fnty=ir.FunctionType(f32, [f32, f32, f32]))
+        return builder.call(fn, args)
+
+    return sig, codegen
+
+
+def _shuffle_masks() -> list[tuple[int, list[int], list[int]]]:
+    """An 8 x 8 transpose in three rounds: round b swaps the off-diagonal b x b blocks of each 2b x 2b
+    block, pairing rows i and i + b (lo takes the first b of every 2b lanes of both, hi the second b)."""
+    stages = []
+    for b in (4, 2, 1):
+        lo, hi = [], []
+        for g in range(0, 8, 2 * b):
+            lo += [g + k for k in range(b)] + [8 + g + k for k in range(b)]
+            hi += [g + b + k for k in range(b)] + [8 + g + b + k for k in range(b)]
+        stages.append((b, lo, hi))
+    return stages
+
+
+_STAGES = _shuffle_masks()
+
+
+@intrinsic
+def transpose8(typingctx, src, src_stride, dst, dst_stride):
+    """Store the transpose of the 8 x 8 float32 block at address src (rows src_stride bytes apart) at dst
+    (rows dst_stride bytes apart): 8 loads, 24 shuffles, 8 stores, instead of 64 strided scalar moves."""
+    sig = types.void(types.intp, types.intp, types.intp, types.intp)
+
+    def codegen(context, builder, signature, args):
+        vt = ir.VectorType(ir.FloatType(), 8)
+        i32 = ir.IntType(32)
+        src_, sstride, dst_, dstride = args
+        rows = []
+        for i in range(8):
+            addr = builder.add(src_, builder.mul(sstride, ir.Constant(sstride.type, i)))
+            rows.append(builder.load(builder.inttoptr(addr, vt.as_pointer()), align=4))
+        for b, lo, hi in _STAGES:
+            new = list(rows)
+            for i in range(8):
+                if (i // b) % 2 == 0:
+                    a, c = rows[i], rows[i + b]
+                    new[i] = builder.shuffle_vector(a, c, ir.Constant(ir.VectorType(i32, 8), lo))
+                    new[i + b] = builder.shuffle_vector(a, c, ir.Constant(ir.VectorType(i32, 8), hi))
+            rows = new
+        for j in range(8):
+            addr = builder.add(dst_, builder.mul(dstride, ir.Constant(dstride.type, j)))
+            builder.store(rows[j], builder.inttoptr(addr, vt.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def prefetch(typingctx, addr):
+    """llvm.prefetch (read, keep in all cache levels) of the cache line at an address."""
+    sig = types.void(types.intp)
+
+    def codegen(context, builder, signature, args):
+        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        fn = builder.module.declare_intrinsic("llvm.prefetch", [i8p], fnty=fnty)
+        one, three = ir.Constant(i32, 1), ir.Constant(i32, 3)
+        builder.call(fn, [builder.inttoptr(args[0], i8p), ir.Constant(i32, 0), three, one])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def _signwords(lanes: int):
+    """An intrinsic (src, channel_stride, dst, dst_stride): the sign bits of 64 channels at ``lanes``
+    consecutive pixels, float32 bits read from src + c * channel_stride (c = 0..63), written as
+    ``lanes`` uint64 words at dst + p * dst_stride. In registers: 64 vector loads, compares (u <=
+    0x80000000, the +1 side of sign) and ORs into two uint32 halves, then one 64-bit word per pixel."""
+
+    @intrinsic
+    def signwords(typingctx, src, channel_stride, dst, dst_stride):
+        sig = types.void(types.intp, types.intp, types.intp, types.intp)
+
+        def codegen(context, builder, signature, args):
+            i32, i64 = ir.IntType(32), ir.IntType(64)
+            vt, wt = ir.VectorType(i32, lanes), ir.VectorType(i64, lanes)
+            src_, cstride, dst_, dstride = args
+            minus_zero = ir.Constant(vt, [0x80000000] * lanes)
+            zero = ir.Constant(vt, [0] * lanes)
+            halves = [zero, zero]
+            for c in range(64):
+                addr = builder.add(src_, builder.mul(cstride, ir.Constant(cstride.type, c)))
+                v = builder.load(builder.inttoptr(addr, vt.as_pointer()), align=4)
+                plus = builder.icmp_unsigned("<=", v, minus_zero)
+                bit = builder.select(plus, ir.Constant(vt, [1 << (c % 32)] * lanes), zero)
+                halves[c // 32] = builder.or_(halves[c // 32], bit)
+            lo, hi = builder.zext(halves[0], wt), builder.zext(halves[1], wt)
+            words = builder.or_(lo, builder.shl(hi, ir.Constant(wt, [32] * lanes)))
+            for p in range(lanes):
+                addr = builder.add(dst_, builder.mul(dstride, ir.Constant(dstride.type, p)))
+                builder.store(
+                    builder.extract_element(words, ir.Constant(i32, p)), builder.inttoptr(addr, i64.as_pointer())
+                )
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return signwords
+
+
+signwords16, signwords8 = _signwords(16), _signwords(8)
