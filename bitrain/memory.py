@@ -9,7 +9,8 @@ glibc (``mallopt``) to serve every block from its heaps, not from ``mmap``, and 
 what jemalloc or tcmalloc (torch's own advice for CPU inference) give when preloaded. The memory a
 forward used stays with the process until it exits, and glibc settles on its blocks with some slack:
 ResNetE-18 at 224 px, batches 1-32 in turn, float model and export, held 860 MB against 520 MB, and
-a lone 256 MiB tensor made eight times grew the heap to four such blocks before it reused them. Right
+a lone 64-256 MiB tensor made again and again grew the heap to four to eight such blocks before it reused
+them (where glibc's small allocations land decides how soon freed blocks coalesce into one that fits). Right
 for ``bitrain predict``, ``eval`` and ``bench --inference`` on the CPU; not done for training.
 """
 
