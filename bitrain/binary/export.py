@@ -26,6 +26,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save
 
+from bitrain.binary.fused import fuse_residuals
 from bitrain.binary.layers import QConv2d, QLinear
 from bitrain.binary.packed import (  # noqa: F401 (the bit helpers and the layer are re-exported from here)
     PackedQLayer,
@@ -178,7 +179,10 @@ def load_packed(
     ``build_model``); the packed layers and tensors then replace its binary weights. ``kernel``: ``numba``,
     ``torch`` or ``auto`` (numba when it imports), default $BITRAIN_KERNEL or auto (``packed.resolve_kernel``).
     ``fuse_bn``: move each BatchNorm2d that follows a packed conv into it (``packed.fuse_batchnorm``: the
-    same outputs, one pass over memory fewer); False keeps the float model's modules one for one.
+    same outputs, one pass over memory fewer), then run each residual block that declares itself
+    (``residual_parts``) as one fused unit (``fused.fuse_residuals``: conv, BatchNorm, shortcut, sum and
+    the next conv's packing in one kernel call; the same outputs); False keeps the float model's modules
+    one for one.
     """
     from safetensors.torch import load_file
 
@@ -210,4 +214,5 @@ def load_packed(
     use_kernel(model, kernel)
     if fuse_bn:
         fuse_batchnorm(model)
+        fuse_residuals(model)
     return model.eval()

@@ -50,34 +50,73 @@ def _shuffle_masks() -> list[tuple[int, list[int], list[int]]]:
 _STAGES = _shuffle_masks()
 
 
-@intrinsic
-def transpose8(typingctx, src, src_stride, dst, dst_stride):
-    """Store the transpose of the 8 x 8 float32 block at address src (rows src_stride bytes apart) at dst
-    (rows dst_stride bytes apart): 8 loads, 24 shuffles, 8 stores, instead of 64 strided scalar moves."""
-    sig = types.void(types.intp, types.intp, types.intp, types.intp)
-
-    def codegen(context, builder, signature, args):
-        vt = ir.VectorType(ir.FloatType(), 8)
-        i32 = ir.IntType(32)
-        src_, sstride, dst_, dstride = args
-        rows = []
+def _transpose_rows(builder, rows: list) -> list:
+    """The 8 x 8 transpose of eight <8 x float> rows: 24 shuffles."""
+    i32 = ir.IntType(32)
+    for b, lo, hi in _STAGES:
+        new = list(rows)
         for i in range(8):
-            addr = builder.add(src_, builder.mul(sstride, ir.Constant(sstride.type, i)))
-            rows.append(builder.load(builder.inttoptr(addr, vt.as_pointer()), align=4))
-        for b, lo, hi in _STAGES:
-            new = list(rows)
-            for i in range(8):
-                if (i // b) % 2 == 0:
-                    a, c = rows[i], rows[i + b]
-                    new[i] = builder.shuffle_vector(a, c, ir.Constant(ir.VectorType(i32, 8), lo))
-                    new[i + b] = builder.shuffle_vector(a, c, ir.Constant(ir.VectorType(i32, 8), hi))
-            rows = new
-        for j in range(8):
-            addr = builder.add(dst_, builder.mul(dstride, ir.Constant(dstride.type, j)))
-            builder.store(rows[j], builder.inttoptr(addr, vt.as_pointer()), align=4)
-        return context.get_dummy_value()
+            if (i // b) % 2 == 0:
+                a, c = rows[i], rows[i + b]
+                new[i] = builder.shuffle_vector(a, c, ir.Constant(ir.VectorType(i32, 8), lo))
+                new[i + b] = builder.shuffle_vector(a, c, ir.Constant(ir.VectorType(i32, 8), hi))
+        rows = new
+    return rows
 
-    return sig, codegen
+
+def _rows(builder, base, stride, vt) -> list:
+    """Eight vectors of type vt loaded from base + i * stride (addresses as integers)."""
+    out = []
+    for i in range(8):
+        addr = builder.add(base, builder.mul(stride, ir.Constant(stride.type, i)))
+        out.append(builder.load(builder.inttoptr(addr, vt.as_pointer()), align=4))
+    return out
+
+
+def _transpose8(residual: bool, signs: bool):
+    """The epilogue's 8 x 8 block move, an intrinsic (src, src_stride, res, res_stride, dst, dst_stride,
+    signs, signs_stride): the float32 block at src (rows of 8 channels of one pixel, src_stride bytes
+    apart) stored transposed at dst (rows of 8 pixels of one channel, dst_stride bytes apart). With
+    ``residual``, the block at res (laid out like dst) is added first (transposed to the pixels' order in
+    registers: one IEEE addition per value, as torch's ``y + residual``); with ``signs``, the sign bits
+    of the 8 sums of pixel p (bit j: channel j is +1, u <= 0x80000000) are stored as one byte at
+    signs + p * signs_stride (the packed words of the next conv, little-endian). Arguments a variant does
+    not use are ignored."""
+
+    @intrinsic
+    def transpose8(typingctx, src, src_stride, res, res_stride, dst, dst_stride, sgn, sgn_stride):
+        sig = types.void(*([types.intp] * 8))
+
+        def codegen(context, builder, signature, args):
+            vt = ir.VectorType(ir.FloatType(), 8)
+            i32, i8 = ir.IntType(32), ir.IntType(8)
+            src_, sstride, res_, rstride, dst_, dstride, sgn_, gstride = args
+            rows = _rows(builder, src_, sstride, vt)  # rows[p]: pixel p
+            if residual:
+                add = _transpose_rows(builder, _rows(builder, res_, rstride, vt))
+                rows = [builder.fadd(a, b) for a, b in zip(rows, add)]
+            if signs:
+                vi = ir.VectorType(i32, 8)
+                minus_zero = ir.Constant(vi, [0x80000000] * 8)
+                for p in range(8):
+                    plus = builder.icmp_unsigned("<=", builder.bitcast(rows[p], vi), minus_zero)
+                    addr = builder.add(sgn_, builder.mul(gstride, ir.Constant(gstride.type, p)))
+                    builder.store(builder.bitcast(plus, i8), builder.inttoptr(addr, i8.as_pointer()))
+            rows = _transpose_rows(builder, rows)  # rows[j]: channel j
+            for j in range(8):
+                addr = builder.add(dst_, builder.mul(dstride, ir.Constant(dstride.type, j)))
+                builder.store(rows[j], builder.inttoptr(addr, vt.as_pointer()), align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return transpose8
+
+
+transpose8 = _transpose8(False, False)  # the plain move: 8 loads, 24 shuffles, 8 stores
+transpose8_residual = _transpose8(True, False)
+transpose8_signs = _transpose8(False, True)
+transpose8_residual_signs = _transpose8(True, True)
 
 
 @intrinsic

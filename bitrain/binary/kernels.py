@@ -22,6 +22,8 @@ the loops call (popcount, FMA, the epilogue's 8 x 8 transpose, prefetch, sign wo
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 
@@ -29,7 +31,17 @@ try:
     import numba
     from numba import prange
 
-    from bitrain.binary.intrinsics import fma, popcount, prefetch, signwords8, signwords16, transpose8
+    from bitrain.binary.intrinsics import (
+        fma,
+        popcount,
+        prefetch,
+        signwords8,
+        signwords16,
+        transpose8,
+        transpose8_residual,
+        transpose8_residual_signs,
+        transpose8_signs,
+    )
 except ImportError as e:  # the [fast] extra is not installed: callers use the torch reference
     numba = None
     IMPORT_ERROR: str | None = f"{type(e).__name__}: {e}"
@@ -121,12 +133,32 @@ if numba is not None:
                             )
 
     @numba.njit(inline="always", cache=True)
+    def _shortcut(xp, sc, n, h, w0, sw, o0, m, acc):
+        """The counts of a 1x1 conv (``sc.words`` (1, wpg, og)) over pixels (h, w0 + ow sw) of xp into acc."""
+        wo = acc.shape[0] - 3
+        for q in range(sc.words.shape[1]):
+            w1 = sc.words[0, q, o0 : o0 + m]
+            keep = np.int64(0) if q == 0 else np.int64(-1)
+            for ow in range(0, wo, 4):
+                p0 = w0 + ow * sw
+                p1 = p0 + sw if ow + 1 < wo else p0
+                p2 = p0 + 2 * sw if ow + 2 < wo else p0
+                p3 = p0 + 3 * sw if ow + 3 < wo else p0
+                x0, x1, x2, x3 = _four(xp, n, h, q, p0, p1, p2, p3)
+                for o in range(m):
+                    v = w1[o]
+                    acc[ow, o] = (acc[ow, o] & keep) + popcount(x0 ^ v)
+                    acc[ow + 1, o] = (acc[ow + 1, o] & keep) + popcount(x1 ^ v)
+                    acc[ow + 2, o] = (acc[ow + 2, o] & keep) + popcount(x2 ^ v)
+                    acc[ow + 3, o] = (acc[ow + 3, o] & keep) + popcount(x3 ^ v)
+
+    @numba.njit(inline="always", cache=True)
     def _four(xp, n, h, c, p0, p1, p2, p3):
         """Word c of pixels p0..p3 of row h of image n."""
         return xp[n, h, p0, c], xp[n, h, p1, c], xp[n, h, p2, c], xp[n, h, p3, c]
 
     @_jit
-    def _conv(xp, wt, out, kh, kw, sh, sw, dh, dw, fan_in, count, oblock, form, alpha, beta):
+    def _conv(xp, wt, out, kh, kw, sh, sw, dh, dw, fan_in, count, oblock, form, alpha, beta, sc, res, yp):
         # xp (N, Hp, Wp, groups * wpg) uint64, wt (groups, kh * kw * wpg, og) uint64, out (N, O, Ho, Wo) float32.
         # One task per (image, output row, group, block of output channels); its counts (Wo, block) stay in L1.
         # The rows of the weight (tap i, j and word q) go four at a time, four output pixels at once: per
@@ -134,6 +166,10 @@ if numba is not None:
         # The epilogue turns the counts into float32 (Wo, block), maps them by alpha * v + beta per output
         # channel when form > 0 (see _affine), then writes NCHW in 8 x 8 transposed blocks. The first pass
         # masks acc's unset values to 0 (an AND with keep = 0, then -1) instead of zeroing every task's acc.
+        # The unit's extras (``xnor_conv``), each off when its array is empty: sc, a 1x1 shortcut conv
+        # (ShortcutWords) over the same packed input, its own counts and affine added to the tile; res, a
+        # float32 residual added in the epilogue; yp, uint8 (N, Ho + 2 qh, Wo + 2 qw, 8 * words): the signs of
+        # the outputs packed for the next conv, 8 channels per byte (so oblock % 8 == 0).
         n_ = xp.shape[0]
         groups, rows, og = wt.shape
         wpg = xp.shape[3] // groups
@@ -149,6 +185,11 @@ if numba is not None:
             o0 = ob * oblock
             m = min(o0 + oblock, og) - o0
             acc = np.empty((wo + 3, m), np.int64)  # rows wo..wo + 2: scratch for the pixels past the last
+            if res.shape[0] > 0:  # the residual's rows, on their way while the popcounts run: 2x faster from DRAM
+                for o in range(m):
+                    row = res[n, g * og + o0 + o, oh].ctypes.data
+                    for b in range(0, wo * 4, 64):
+                        prefetch(row + b)
             hs = np.empty(4, np.int64)  # per row of the four: input row, column offset, word
             ws = np.empty(4, np.int64)
             cs = np.empty(4, np.int64)
@@ -211,17 +252,48 @@ if numba is not None:
                 else:
                     for o in range(m):
                         tile[ow, o] = _affine(np.float32(fan_in - scale * acc[ow, o]), a[o], b[o], form)
+            if sc.words.shape[0] > 0:  # the 1x1 shortcut: its counts over the input pixel (oh sh, ow sw)
+                _shortcut(xp, sc, n, oh * sh + sc.oh, sc.ow, sw, o0, m, acc)
+                a2, b2 = sc.alpha[oc : oc + m], sc.beta[oc : oc + m]
+                for ow in range(wo):
+                    for o in range(m):
+                        tile[ow, o] += _affine(np.float32(sc.fan_in - scale * acc[ow, o]), a2[o], b2[o], sc.form)
             m8, w8 = m - m % 8, wo - wo % 8
+            has_res, has_signs = res.shape[0] > 0, yp.shape[0] > 0
+            cstride = ho * wo * 4  # bytes from one channel's row to the next, in out and res
             src, dst = tile.ctypes.data, out[n, oc, oh].ctypes.data  # addresses: no array views per block
+            rsrc = res[n, oc, oh].ctypes.data if has_res else 0
+            qh, qw = (yp.shape[1] - ho) // 2, (yp.shape[2] - wo) // 2
+            gstride = yp.shape[3]  # bytes per pixel of the next conv's words
+            sdst = yp[n, oh + qh, qw].ctypes.data + oc // 8 if has_signs else 0
             for ob in range(0, m8, 8):
                 for ow in range(0, w8, 8):
-                    transpose8(src + (ow * m + ob) * 4, m * 4, dst + (ob * ho * wo + ow) * 4, ho * wo * 4)
-                for o in range(ob, ob + 8):
-                    for ow in range(w8, wo):
-                        out[n, oc + o, oh, ow] = tile[ow, o]
-            for o in range(m8, m):
+                    t8 = (src + (ow * m + ob) * 4, m * 4, rsrc + (ob * ho * wo + ow) * 4, cstride)
+                    d8 = (dst + (ob * ho * wo + ow) * 4, cstride, sdst + ow * gstride + ob // 8, gstride)
+                    if has_res and has_signs:
+                        transpose8_residual_signs(t8[0], t8[1], t8[2], t8[3], d8[0], d8[1], d8[2], d8[3])
+                    elif has_res:
+                        transpose8_residual(t8[0], t8[1], t8[2], t8[3], d8[0], d8[1], d8[2], d8[3])
+                    elif has_signs:
+                        transpose8_signs(t8[0], t8[1], t8[2], t8[3], d8[0], d8[1], d8[2], d8[3])
+                    else:
+                        transpose8(t8[0], t8[1], t8[2], t8[3], d8[0], d8[1], d8[2], d8[3])
+            tail = np.empty(8, np.float32)  # the last wo % 8 pixels (and m % 8 channels), one value at a time
+            tail_bits = tail.view(np.uint32)
+            for ow in range(w8, wo):
+                for ob in range(0, m8, 8):
+                    byte = np.uint8(0)
+                    for j in range(8):
+                        v = tile[ow, ob + j] + res[n, oc + ob + j, oh, ow] if has_res else tile[ow, ob + j]
+                        out[n, oc + ob + j, oh, ow] = v
+                        tail[j] = v
+                        byte |= np.uint8(tail_bits[j] <= _MINUS_ZERO) << np.uint8(j)
+                    if has_signs:
+                        yp[n, oh + qh, ow + qw, (oc + ob) // 8] = byte
+            for o in range(m8, m):  # never with signs (xnor_conv keeps the blocks whole bytes then)
                 for ow in range(wo):
-                    out[n, oc + o, oh, ow] = tile[ow, o]
+                    v = tile[ow, o] + res[n, oc + o, oh, ow] if has_res else tile[ow, o]
+                    out[n, oc + o, oh, ow] = v
 
 
 def available() -> bool:
@@ -264,6 +336,27 @@ def pack_activations(
 
 
 _NO_AFFINE = np.zeros(0, np.float32)  # alpha and beta of a layer without a fused BatchNorm (form 0)
+_NO_WORDS = np.zeros((0, 0, 0), np.uint64)
+_NO_ROWS = np.zeros((0, 0, 0, 0), np.float32)
+_NO_BYTES = np.zeros((0, 0, 0, 0), np.uint8)
+
+
+class Shortcut(NamedTuple):
+    """A 1x1 conv over the same packed input as the main conv, with the main conv's stride: its output
+    pixel (oh, ow) reads the input pixel (oh sh, ow sw), i.e. the padded pixel (oh sh + oh0, ow sw + ow0)
+    where (oh0, ow0) is the main conv's padding. Its counts, mapped by its own affine, are added to the
+    main conv's (a ResNet downsample shortcut, ``packed.PackedResidual``)."""
+
+    words: np.ndarray  # pack_weights of the 1x1 conv, groups 1: (1, wpg, og)
+    oh: int
+    ow: int
+    fan_in: int
+    form: int
+    alpha: np.ndarray
+    beta: np.ndarray
+
+
+_NO_SHORTCUT = Shortcut(_NO_WORDS, 0, 0, 0, 0, _NO_AFFINE, _NO_AFFINE)
 
 
 def xnor_conv(
@@ -277,28 +370,58 @@ def xnor_conv(
     fan_in: int,
     count: bool,
     affine: tuple[np.ndarray, np.ndarray, int] | None = None,
-) -> torch.Tensor:
+    packed: np.ndarray | None = None,
+    shortcut: Shortcut | None = None,
+    residual: torch.Tensor | None = None,
+    pack_out: tuple[int, int] | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, np.ndarray]:
     """The binary conv of sign(x) (N, C, H, W) with ``pack_weights``' words, -1 padded: float32 NCHW
     holding the +-1 dot products, or with ``count`` the agreeing bits ``(dot + fan_in) / 2``.
 
     ``affine`` (alpha, beta, form): float32 per output channel, each output v becomes alpha * v + beta
     with one rounding (form 1, an FMA) or two (form 2): a BatchNorm fused into the epilogue
-    (``packed.PackedQLayer``, which checks the form against torch's BatchNorm)."""
+    (``packed.PackedQLayer``, which checks the form against torch's BatchNorm).
+
+    The rest fuse a residual unit ``out = affine(conv(x)) + shortcut`` (``packed.PackedResidual``), groups 1:
+    ``packed``, ``pack_activations(x, padding)`` when the caller has it (x then gives only the shape);
+    ``shortcut``, a 1x1 binary conv over the same input (``Shortcut``, form 0 or an affine like the main
+    one's), computed in the same pass; ``residual``, float32 of the output's shape, added after the affine;
+    ``pack_out`` (qh, qw): also return the output's signs packed with that padding, for the next conv.
+    Each value is rounded as torch rounds ``conv + bn`` then ``+ shortcut``: the same bits."""
     groups, _, og = weights.shape
     (kh, kw), (sh, sw), (dh, dw), padding = kernel_size, stride, dilation, tuple(padding)
-    if (kh, kw) == (1, 1) and padding == (0, 0):  # a strided 1x1 conv reads every sh-th pixel only: pack those
+    unit = shortcut is not None or residual is not None or pack_out is not None
+    if unit and groups != 1:
+        raise ValueError("xnor_conv: shortcut, residual and pack_out need groups 1")
+    if packed is not None:
+        xp = packed
+    elif (kh, kw) == (1, 1) and padding == (0, 0) and not unit:  # a strided 1x1 conv: pack every sh-th pixel
         xp, sh, sw = pack_activations(x, (0, 0), groups, (sh, sw)), 1, 1
     else:
         xp = pack_activations(x, padding, groups)
     ho = (xp.shape[1] - dh * (kh - 1) - 1) // sh + 1
     wo = (xp.shape[2] - dw * (kw - 1) - 1) // sw + 1
     out = torch.empty((x.shape[0], groups * og, ho, wo), dtype=torch.float32)
+    if residual is not None and tuple(residual.shape) != tuple(out.shape):
+        raise ValueError(f"xnor_conv: residual {tuple(residual.shape)} for an output {tuple(out.shape)}")
+    if pack_out is not None and og % 8:
+        raise ValueError(f"xnor_conv: pack_out needs a multiple of 8 output channels, not {og}")
     oblock, rows = og, x.shape[0] * ho * groups
     while oblock > 32 and rows * ((og + oblock - 1) // oblock) < 8 * torch.get_num_threads():
+        if pack_out is not None and (oblock // 2) % 8:
+            break  # each task packs whole bytes of the next conv's words
         oblock //= 2  # few rows (small maps, batch 1): split the output channels too, for the threads
     alpha, beta, form = affine if affine is not None else (_NO_AFFINE, _NO_AFFINE, 0)
-    _conv(xp, weights, out.numpy(), kh, kw, sh, sw, dh, dw, fan_in, count, oblock, form, alpha, beta)
-    return out
+    res = _NO_ROWS if residual is None else residual.detach().float().contiguous().numpy()
+    yp = _NO_BYTES
+    if pack_out is not None:  # the border stays zero bits: -1 padding
+        (qh, qw), words = pack_out, (og + 63) // 64
+        yp = np.zeros((out.shape[0], ho + 2 * qh, wo + 2 * qw, 8 * words), np.uint8)
+    if packed is not None:
+        _threads()  # else pack_activations set them
+    args = (fan_in, count, oblock, form, alpha, beta, shortcut or _NO_SHORTCUT, res, yp)
+    _conv(xp, weights, out.numpy(), kh, kw, sh, sw, dh, dw, *args)
+    return out if pack_out is None else (out, yp.view(np.uint64))
 
 
 def affine_rows(values: np.ndarray, alpha: np.ndarray, beta: np.ndarray, form: int) -> np.ndarray:

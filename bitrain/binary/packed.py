@@ -277,13 +277,31 @@ class PackedQLayer(nn.Module):
         )
         return h.to(x.dtype)
 
+    def _plain(self, words_scaled: tuple[Any, bool]) -> tuple[bool, bool]:
+        """(plain, border) for numba: plain = the output is the kernel's count of agreeing bits (offset, no
+        bias, no scale, -1 padding); border = a pad value other than -1 that needs ``_border``'s term."""
+        s = self.settings
+        border = self.is_conv and s.get("pad_value", -1.0) != -1.0 and any(s["padding"])
+        return bool(s["offset"] and self.bias is None and not words_scaled[1] and not border), border
+
+    def unit_plan(self, x: torch.Tensor) -> tuple[Any, tuple[np.ndarray, np.ndarray, int]] | None:
+        """(kernel words, epilogue affine) when this conv can run inside a fused residual unit on x
+        (``fused.PackedResidual``): numba, sign fused into the packing, groups 1, a plain count with its
+        BatchNorm in the epilogue; else None."""
+        if not (self.kernel == "numba" and self.is_conv and self.fused_sign and self.numba_inputs):
+            return None
+        if x.device.type != "cpu" or self.settings.get("groups", 1) != 1:
+            return None
+        prepared = self._prepared()
+        affine = self._epilogue_norm(x) if self._plain(prepared)[0] else None
+        return None if affine is None else (prepared[0], affine)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.settings
         if self.kernel == "numba" and self.numba_inputs and x.device.type == "cpu":
             words, scaled = self._prepared()
             pad = s.get("pad_value", -1.0)
-            border = self.is_conv and pad != -1.0 and any(s["padding"])
-            plain = s["offset"] and self.bias is None and not scaled and not border
+            plain, border = self._plain((words, scaled))
             affine = self._epilogue_norm(x) if plain and self.is_conv else None
             h = self._dot_numba(x, words, count=plain, affine=affine)
             if plain:  # the kernel's count of agreeing bits is (dot + fan_in) / 2

@@ -53,6 +53,7 @@ class BlockE(nn.Module):
         super().__init__()
         self.version = version
         self.start = (c_out // slices) * write_on  # first shortcut channel this conv adds onto
+        self.sliced = slices > 1
         width = c_out // slices
         self.bn = nn.BatchNorm2d(c_in) if version == 2 else None
         body: list[nn.Module] = [QConv2d(c_in, width, 3, stride, 1)]
@@ -63,6 +64,13 @@ class BlockE(nn.Module):
         if c_in != c_out or stride != 1:
             ds = _downsample(c_in, c_out, stride, fp, pool, groups)
             self.downsample = nn.Sequential(*(ds + [nn.BatchNorm2d(c_out)] if version == 1 else ds))
+
+    def residual_parts(self) -> tuple[str, str | None] | None:
+        """("body", shortcut child or None) when this block computes ``body(x) + shortcut(x)`` (E1, whole
+        convs), for the packed model's fused units (``bitrain.binary.fused``); None otherwise."""
+        if self.bn is not None or self.sliced:  # E2's pre-norm, or a slice added onto the shortcut
+            return None
+        return "body", None if self.downsample is None else "downsample"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         inp = x if self.bn is None else self.bn(x)

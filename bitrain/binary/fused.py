@@ -1,0 +1,167 @@
+"""Residual units of a packed model run as one kernel call each: ``out = BN(qconv(x)) + shortcut(x)``.
+
+A block declares that it computes ``body(x) + shortcut(x)`` with a method ``residual_parts()``, which
+returns the names of its two children (the shortcut's None for the identity) or None when it computes
+something else (ResNetE's post-norm blocks do, ``models/resnet_e.py``). ``fuse_residuals`` replaces each
+such block of a packed model by a ``PackedResidual`` holding the same children under the same names (the
+same state_dict). When the body is a packed conv with its BatchNorm fused in (``packed.fuse_batchnorm``),
+numba's kernel (``kernels.xnor_conv``) then does, in one pass over the output:
+
+- the body conv and its BatchNorm, as before;
+- the shortcut: the identity's ``+ x`` read in the epilogue; a packed 1x1 conv with its BatchNorm (ResNetE's
+  binary downsample) computed from the same packed input, its counts mapped and added in the epilogue;
+  any other shortcut (pooling, a float conv) run by torch and added in the epilogue;
+- the signs of the output, packed for the next unit's conv, which then skips reading its input again.
+
+Every value is rounded as the float model rounds it (the affine form is checked per layer, additions are
+IEEE float32 additions in the same pairs), so the outputs are bit-identical; the tests compare them.
+Whatever the kernel cannot take (another activation, scaling, groups, torch's kernel, training mode,
+1x1 output maps) runs the block's own modules, as ``body(x) + shortcut(x)``.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from bitrain.binary.packed import PackedQLayer
+
+
+def _lead(module: nn.Module | None) -> PackedQLayer | None:
+    """The packed conv of a body ``nn.Sequential(conv, Identity...)`` (a fused BatchNorm leaves an
+    Identity), or the module itself when it is one; else None."""
+    if isinstance(module, PackedQLayer):
+        return module
+    if isinstance(module, nn.Sequential) and len(module) and isinstance(module[0], PackedQLayer):
+        if all(isinstance(m, nn.Identity) for m in list(module)[1:]):
+            return module[0]
+    return None
+
+
+class PackedResidual(nn.Module):
+    """``body(x) + shortcut(x)`` of a block that declares it (``residual_parts``), fused (module docstring)."""
+
+    def __init__(self, block: nn.Module, body: str, shortcut: str | None) -> None:
+        super().__init__()
+        for name, child in block.named_children():
+            self.add_module(name, child)
+        self.body_name, self.shortcut_name, self.source = body, shortcut, type(block).__name__
+        # the unit before in the model and the padding the unit after wants its signs packed with:
+        # plain attributes, not submodules (set by fuse_residuals)
+        object.__setattr__(self, "previous", None)
+        self.pack_next: tuple[int, int] | None = None
+        self._handoff: tuple[Any, int, tuple[int, int], np.ndarray] | None = None
+
+    def extra_repr(self) -> str:
+        return f"fused {self.source}: {self.body_name}(x) + {self.shortcut_name or 'x'}"
+
+    @property
+    def conv(self) -> PackedQLayer | None:
+        return _lead(getattr(self, self.body_name))
+
+    def takes_packed(self) -> bool:
+        """True when the unit before packs this unit's input for it (the model's order; checked per call)."""
+        prev = self.previous
+        return prev is not None and prev.pack_next is not None
+
+    def pack_input(self, x: torch.Tensor) -> np.ndarray:
+        """x's signs packed as this unit's conv reads them (what the unit before hands over)."""
+        from bitrain.binary import kernels
+
+        return kernels.pack_activations(x, tuple(self.conv.settings["padding"]))
+
+    def _take(self, x: torch.Tensor) -> np.ndarray | None:
+        """The packed signs of x from the unit before, if it produced x itself and x is unchanged since."""
+        prev = self.previous
+        if prev is None or prev._handoff is None:
+            return None
+        ref, version, padding, words = prev._handoff
+        prev._handoff = None
+        ok = ref() is x and x._version == version and padding == tuple(self.conv.settings["padding"])
+        return words if ok else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(x, self._take(x))
+
+    def run(self, x: torch.Tensor, packed: np.ndarray | None = None) -> torch.Tensor:
+        """The unit on x; ``packed``: x's signs as ``pack_input`` gives them, when the caller has them."""
+        from bitrain.binary import kernels
+
+        self._handoff = None
+        body = getattr(self, self.body_name)
+        shortcut = getattr(self, self.shortcut_name) if self.shortcut_name else None
+        conv = self.conv
+        plan = conv.unit_plan(x) if conv is not None and not self.training else None
+        if plan is None:
+            return body(x) + (x if shortcut is None else shortcut(x))
+        words, affine = plan
+        s = conv.settings
+        geometry = dict(
+            kernel_size=tuple(s["shape"][2:]), stride=s["stride"], padding=s["padding"], dilation=s["dilation"]
+        )
+        out_hw = conv._output_size(*x.shape[-2:])
+        extra: dict[str, Any] = {}
+        sc = _lead(shortcut)
+        sc_plan = sc.unit_plan(x) if sc is not None else None
+        if shortcut is None:
+            extra["residual"] = x
+        elif sc_plan is not None and self._same_pixels(conv, sc, x, out_hw):
+            (alpha, beta, form) = sc_plan[1]
+            ph, pw = s["padding"]
+            extra["shortcut"] = kernels.Shortcut(sc_plan[0], ph, pw, sc.fan_in, form, alpha, beta)
+        else:
+            extra["residual"] = shortcut(x)
+        residual = extra.get("residual")
+        if residual is not None and (
+            tuple(residual.shape) != (x.shape[0], conv.out_features, *out_hw) or residual.dtype != torch.float32
+        ):
+            return body(x) + residual  # a sum that broadcasts, promotes or fails: as the float model's
+        if self.pack_next is not None and conv.out_features % 8 == 0:
+            extra["pack_out"] = self.pack_next
+        result = kernels.xnor_conv(
+            x, words, fan_in=conv.fan_in, count=True, affine=affine, packed=packed, **geometry, **extra
+        )
+        if "pack_out" not in extra:
+            return result
+        out, signs = result
+        self._handoff = (weakref.ref(out), out._version, self.pack_next, signs)
+        return out
+
+    @staticmethod
+    def _same_pixels(conv: PackedQLayer, sc: PackedQLayer, x: torch.Tensor, out_hw: tuple[int, int]) -> bool:
+        """True when the shortcut is a 1x1 conv that reads input pixel (oh sh, ow sw) for output (oh, ow)
+        with the body conv's stride and output size: the center words of the body's packed input."""
+        s, t = conv.settings, sc.settings
+        return (
+            tuple(t["shape"][2:]) == (1, 1)
+            and tuple(t["padding"]) == (0, 0)
+            and tuple(t["stride"]) == tuple(s["stride"])
+            and sc.out_features == conv.out_features
+            and sc._output_size(*x.shape[-2:]) == out_hw
+        )
+
+
+def fuse_residuals(model: nn.Module) -> int:
+    """Replace every block with ``residual_parts()`` whose body is a packed conv by a ``PackedResidual``
+    (same children, same names, same outputs) and link consecutive units, so that each packs its output's
+    signs for the next one. Returns the number of units."""
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            declare = getattr(child, "residual_parts", None)
+            parts = declare() if callable(declare) else None
+            if parts is None or _lead(getattr(child, parts[0])) is None:
+                continue
+            parent._modules[name] = PackedResidual(child, *parts)
+            replaced += 1
+    units = [m for m in model.modules() if isinstance(m, PackedResidual)]
+    for a, b in zip(units, units[1:]):
+        nxt = b.conv
+        if nxt is not None and nxt.fused_sign and nxt.settings.get("groups", 1) == 1:
+            a.pack_next = tuple(nxt.settings["padding"])
+        object.__setattr__(b, "previous", a)
+    return replaced
