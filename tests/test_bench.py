@@ -149,15 +149,19 @@ def test_bench_inference_prints_ratios_agreement_and_layers(capsys):
             re.M,
         )
         assert re.search(
-            rf"^batch {batch}: layers ratio packed/float: \d+\.\d\d-\d+\.\d\d; the packed layers take", out, re.M
+            rf"^batch {batch}: layers ratio packed/float: \d+\.\d\d-\d+\.\d\d; the packed layers and units take", out, re.M
         )
-    layers = re.findall(
-        r"^  layer (\S+): QConv2d \(\d+, \d+, 3, 3\) \+ BatchNorm2d on \S+: float [0-9.]+ ms, packed [0-9.]+ ms, "
-        r"ratio packed/float: \d+\.\d\d$",
+    # each block runs as one fused unit: conv + BatchNorm + its shortcut, the next three on packed inputs
+    units = re.findall(
+        r"^  unit (\S+): QConv2d \(\d+, \d+, 3, 3\) \+ BatchNorm2d \+ (x|shortcut \(AvgPool2d, Conv2d, BatchNorm2d\)) "
+        r"on \S+( \(packed by the unit before\))?: float [0-9.]+ ms, packed [0-9.]+ ms, ratio packed/float: \d+\.\d\d$",
         out,
         re.M,
     )
-    assert layers == ["2.body.0", "3.body.0", "4.body.0", "5.body.0"] * 2
+    before = " (packed by the unit before)"
+    expected = [("2", "x", ""), ("3", "x", before), ("4", "shortcut (AvgPool2d, Conv2d, BatchNorm2d)", before)]
+    assert units == (expected + [("5", "x", before)]) * 2
+    assert not re.search(r"^  layer ", out, re.M)  # no binary layer outside a unit
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,9 @@ numba's kernel (``kernels.xnor_conv``) then does, in one pass over the output:
 - the shortcut: the identity's ``+ x`` read in the epilogue; a packed 1x1 conv with its BatchNorm (ResNetE's
   binary downsample) computed from the same packed input, its counts mapped and added in the epilogue;
   any other shortcut (pooling, a float conv) run by torch and added in the epilogue;
-- the signs of the output, packed for the next unit's conv, which then skips reading its input again.
+- the signs of the output, packed for the next unit's conv, which then skips reading its input again
+  (units follow each other in the model's order; where another module makes the next unit's input, the
+  first call finds out and the unit stops packing for it).
 
 Every value is rounded as the float model rounds it (the affine form is checked per layer, additions are
 IEEE float32 additions in the same pairs), so the outputs are bit-identical; the tests compare them.
@@ -81,8 +83,10 @@ class PackedResidual(nn.Module):
             return None
         ref, version, padding, words = prev._handoff
         prev._handoff = None
-        ok = ref() is x and x._version == version and padding == tuple(self.conv.settings["padding"])
-        return words if ok else None
+        if ref() is not x:  # something between the two makes this unit's input: stop packing for it
+            prev.pack_next = None
+            return None
+        return words if x._version == version and padding == tuple(self.conv.settings["padding"]) else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.run(x, self._take(x))

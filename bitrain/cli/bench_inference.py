@@ -143,28 +143,73 @@ def _float_op(layer: nn.Module, x: torch.Tensor, norm: nn.Module | None) -> Call
     return conv
 
 
+def _describe(layer: nn.Module, fast: nn.Module) -> str:
+    fused = " + BatchNorm2d" if getattr(fast, "norm", None) is not None else ""
+    return f"{type(layer).__name__} {tuple(layer.weight.shape)}{fused}"
+
+
+def _unit_ops(float_model, unit, name: str, x: torch.Tensor) -> tuple[Callable, Callable, str]:
+    """(float op, packed op, description) of a fused residual unit (``binary.fused.PackedResidual``):
+    the float side is its body conv (as ``_float_op``) + its shortcut (x, the float conv of a binary 1x1
+    shortcut with its BatchNorm, or the float model's shortcut modules); the packed side is the unit as the
+    model runs it, with its input already packed where the unit before packs it."""
+    from bitrain.binary.fused import _lead
+
+    conv_name = f"{name}.{unit.body_name}" + (".0" if unit.conv is not getattr(unit, unit.body_name) else "")
+    layer = float_model.get_submodule(conv_name)
+    body = _float_op(layer, x, unit.conv.norm)
+    what = _describe(layer, unit.conv)
+    if unit.shortcut_name is None:
+        shortcut, what = (lambda: x), what + " + x"
+    else:
+        fast_sc = _lead(getattr(unit, unit.shortcut_name))
+        module = float_model.get_submodule(f"{name}.{unit.shortcut_name}")
+        if fast_sc is not None:
+            sc_layer = module if fast_sc is getattr(unit, unit.shortcut_name) else module[0]
+            shortcut, what = _float_op(sc_layer, x, fast_sc.norm), f"{what} + {_describe(sc_layer, fast_sc)}"
+        else:
+            shortcut = lambda: module(x)  # noqa: E731
+            what += " + shortcut (" + ", ".join(type(m).__name__ for m in module.children() or [module]) + ")"
+    packed = unit.pack_input(x) if unit.takes_packed() else None
+    what += (
+        " on " + "x".join(str(s) for s in x.shape[1:]) + (" (packed by the unit before)" if packed is not None else "")
+    )
+    return (lambda: body() + shortcut()), (lambda: unit.run(x, packed)), what
+
+
 def _layers(float_model, packed, shape, batch: int, rounds: int, seconds, seed: int) -> list[tuple]:
-    """Per binary layer: (name, description, float seconds per round, packed seconds per round)."""
+    """Per fused residual unit and per other binary layer, in the model's order: (kind, name, description,
+    float seconds per round, packed seconds per round)."""
+    from bitrain.binary.fused import PackedResidual
     from bitrain.binary.packed import PackedQLayer
 
-    names = [n for n, m in packed.named_modules() if isinstance(m, PackedQLayer)]
+    units = {n: m for n, m in packed.named_modules() if isinstance(m, PackedResidual)}
+    inside = {f"{n}.{k}" for n, u in units.items() for k, _ in u.named_modules() if k}
+    layers = [n for n, m in packed.named_modules() if isinstance(m, PackedQLayer) and n not in inside]
     x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(seed))
-    inputs = _layer_inputs(float_model, names, x)
+    inputs = _layer_inputs(float_model, layers + list(units), x)
     rows = []
     with torch.no_grad():
-        for name in names:
-            layer, fast, inp = float_model.get_submodule(name), packed.get_submodule(name), inputs[name]
-            ops = {"float": _float_op(layer, inp, fast.norm), "packed": lambda f=fast, i=inp: f(i)}
+        for name, module in packed.named_modules():
+            inp = inputs.get(name)
+            if name in units:
+                float_op, packed_op, what = _unit_ops(float_model, module, name, inp)
+                kind = "unit"
+            elif name in layers:
+                layer = float_model.get_submodule(name)
+                float_op, packed_op = _float_op(layer, inp, module.norm), lambda f=module, i=inp: f(i)
+                what = _describe(layer, module) + " on " + "x".join(str(s) for s in inp.shape[1:])
+                kind = "layer"
+            else:
+                continue
+            ops = {"float": float_op, "packed": packed_op}
             times: dict[str, list[float]] = {"float": [], "packed": []}
             for op in ops.values():
                 op()  # warm-up
             for r in range(rounds):
                 for k in ("float", "packed") if r % 2 == 0 else ("packed", "float"):
                     times[k].append(min(seconds(ops[k]) for _ in range(3)))
-            geometry = "x".join(str(s) for s in inp.shape[1:])
-            fused = " + BatchNorm2d" if fast.norm is not None else ""
-            what = f"{type(layer).__name__} {tuple(layer.weight.shape)}{fused} on {geometry}"
-            rows.append((name, what, times["float"], times["packed"]))
+            rows.append((kind, name, what, times["float"], times["packed"]))
     return rows
 
 
@@ -234,15 +279,16 @@ def main(argv: Sequence[str]) -> int:
         )
         if ns.layers:
             rows = _layers(float_model, packed, shape, batch, ns.rounds, seconds, ns.seed)
-            ratios = [paired_ratio(f, p) for _, _, f, p in rows]
-            for (name, what, f, p), ratio in zip(rows, ratios):
+            ratios = [paired_ratio(f, p) for *_, f, p in rows]
+            for (kind, name, what, f, p), ratio in zip(rows, ratios):
                 print(
-                    f"  layer {name}: {what}: float {statistics.median(f) * 1e3:.3f} ms, packed "
+                    f"  {kind} {name}: {what}: float {statistics.median(f) * 1e3:.3f} ms, packed "
                     f"{statistics.median(p) * 1e3:.3f} ms, ratio packed/float: {ratio:.2f}"
                 )
-            in_layers = sum(statistics.median(p) for _, _, _, p in rows)
+            in_layers = sum(statistics.median(p) for *_, p in rows)
             print(
                 f"batch {batch}: layers ratio packed/float: {min(ratios):.2f}-{max(ratios):.2f}; the packed layers "
-                f"take {in_layers * 1e3:.2f} ms of the packed model's {tp * 1e3:.2f} ms (the rest: its float layers)"
+                f"and units take {in_layers * 1e3:.2f} ms of the packed model's {tp * 1e3:.2f} ms (the rest: "
+                "its float layers)"
             )
     return 0
