@@ -149,7 +149,9 @@ def test_bench_inference_prints_ratios_agreement_and_layers(capsys):
             re.M,
         )
         assert re.search(
-            rf"^batch {batch}: layers ratio packed/float: \d+\.\d\d-\d+\.\d\d; the packed layers and units take", out, re.M
+            rf"^batch {batch}: layers ratio packed/float: \d+\.\d\d-\d+\.\d\d; the packed layers and units take",
+            out,
+            re.M,
         )
     # each block runs as one fused unit: conv + BatchNorm + its shortcut, the next three on packed inputs
     units = re.findall(
