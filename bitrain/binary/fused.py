@@ -44,6 +44,18 @@ def _lead(module: nn.Module | None) -> PackedQLayer | None:
     return None
 
 
+class _Link:
+    """A unit's place in the chain: the unit before, the padding the unit after wants its signs packed
+    with (None: no packing), and the last output's signs until the unit after takes them."""
+
+    __slots__ = ("previous", "pack_next", "handoff")
+
+    def __init__(self) -> None:
+        self.previous: PackedResidual | None = None
+        self.pack_next: tuple[int, int] | None = None
+        self.handoff: tuple[Any, int, tuple[int, int], np.ndarray] | None = None
+
+
 class PackedResidual(nn.Module):
     """``body(x) + shortcut(x)`` of a block that declares it (``residual_parts``), fused (module docstring)."""
 
@@ -52,23 +64,25 @@ class PackedResidual(nn.Module):
         for name, child in block.named_children():
             self.add_module(name, child)
         self.body_name, self.shortcut_name, self.source = body, shortcut, type(block).__name__
-        # the unit before in the model and the padding the unit after wants its signs packed with:
-        # plain attributes, not submodules (set by fuse_residuals)
-        object.__setattr__(self, "previous", None)
-        self.pack_next: tuple[int, int] | None = None
-        self._handoff: tuple[Any, int, tuple[int, int], np.ndarray] | None = None
+        # plain attributes, not submodules: the chain (set by fuse_residuals) and the parts, resolved once
+        body_module = self._modules[body]
+        shortcut_module = self._modules[shortcut] if shortcut else None
+        parts = (body_module, shortcut_module, _lead(body_module), _lead(shortcut_module))
+        object.__setattr__(self, "link", _Link())
+        object.__setattr__(self, "_parts", parts)
 
     def extra_repr(self) -> str:
         return f"fused {self.source}: {self.body_name}(x) + {self.shortcut_name or 'x'}"
 
     @property
     def conv(self) -> PackedQLayer | None:
-        return _lead(getattr(self, self.body_name))
+        """The body's packed conv (None: the unit runs its modules as they are)."""
+        return self._parts[2]
 
     def takes_packed(self) -> bool:
         """True when the unit before packs this unit's input for it (the model's order; checked per call)."""
-        prev = self.previous
-        return prev is not None and prev.pack_next is not None
+        prev = self.link.previous
+        return prev is not None and prev.link.pack_next is not None
 
     def pack_input(self, x: torch.Tensor) -> np.ndarray:
         """x's signs packed as this unit's conv reads them (what the unit before hands over)."""
@@ -78,13 +92,13 @@ class PackedResidual(nn.Module):
 
     def _take(self, x: torch.Tensor) -> np.ndarray | None:
         """The packed signs of x from the unit before, if it produced x itself and x is unchanged since."""
-        prev = self.previous
-        if prev is None or prev._handoff is None:
+        prev = self.link.previous
+        if prev is None or prev.link.handoff is None:
             return None
-        ref, version, padding, words = prev._handoff
-        prev._handoff = None
+        ref, version, padding, words = prev.link.handoff
+        prev.link.handoff = None
         if ref() is not x:  # something between the two makes this unit's input: stop packing for it
-            prev.pack_next = None
+            prev.link.pack_next = None
             return None
         return words if x._version == version and padding == tuple(self.conv.settings["padding"]) else None
 
@@ -95,21 +109,16 @@ class PackedResidual(nn.Module):
         """The unit on x; ``packed``: x's signs as ``pack_input`` gives them, when the caller has them."""
         from bitrain.binary import kernels
 
-        self._handoff = None
-        body = getattr(self, self.body_name)
-        shortcut = getattr(self, self.shortcut_name) if self.shortcut_name else None
-        conv = self.conv
+        link = self.link
+        link.handoff = None
+        body, shortcut, conv, sc = self._parts
         plan = conv.unit_plan(x) if conv is not None and not self.training else None
         if plan is None:
             return body(x) + (x if shortcut is None else shortcut(x))
         words, affine = plan
         s = conv.settings
-        geometry = dict(
-            kernel_size=tuple(s["shape"][2:]), stride=s["stride"], padding=s["padding"], dilation=s["dilation"]
-        )
         out_hw = conv._output_size(*x.shape[-2:])
         extra: dict[str, Any] = {}
-        sc = _lead(shortcut)
         sc_plan = sc.unit_plan(x) if sc is not None else None
         if shortcut is None:
             extra["residual"] = x
@@ -124,15 +133,16 @@ class PackedResidual(nn.Module):
             tuple(residual.shape) != (x.shape[0], conv.out_features, *out_hw) or residual.dtype != torch.float32
         ):
             return body(x) + residual  # a sum that broadcasts, promotes or fails: as the float model's
-        if self.pack_next is not None and conv.out_features % 8 == 0:
-            extra["pack_out"] = self.pack_next
+        if link.pack_next is not None and conv.out_features % 8 == 0:
+            extra["pack_out"] = link.pack_next
+        geometry = dict(kernel_size=s["shape"][2:], stride=s["stride"], padding=s["padding"], dilation=s["dilation"])
         result = kernels.xnor_conv(
             x, words, fan_in=conv.fan_in, count=True, affine=affine, packed=packed, **geometry, **extra
         )
         if "pack_out" not in extra:
             return result
         out, signs = result
-        self._handoff = (weakref.ref(out), out._version, self.pack_next, signs)
+        link.handoff = (weakref.ref(out), out._version, link.pack_next, signs)
         return out
 
     @staticmethod
@@ -166,6 +176,6 @@ def fuse_residuals(model: nn.Module) -> int:
     for a, b in zip(units, units[1:]):
         nxt = b.conv
         if nxt is not None and nxt.fused_sign and nxt.settings.get("groups", 1) == 1:
-            a.pack_next = tuple(nxt.settings["padding"])
-        object.__setattr__(b, "previous", a)
+            a.link.pack_next = tuple(nxt.settings["padding"])
+        b.link.previous = a
     return replaced

@@ -173,3 +173,76 @@ def _signwords(lanes: int):
 
 
 signwords16, signwords8 = _signwords(16), _signwords(8)
+
+
+def _dot_block(vectors: int):
+    """An intrinsic (x0, x1, x2, x3, offsets, rows, w, w_stride, acc, acc_stride): the xnor-popcount
+    counts of four output pixels and ``vectors`` * 8 output channels over ``rows`` weight rows, in
+    registers. Row r reads the uint64 word at x_e + offsets[r] (bytes; offsets an int64 array's address)
+    of pixel e, broadcast, and the 8 * vectors words at w + r * w_stride; the counts sum(popcount(x ^ w))
+    are stored as int64 at acc + e * acc_stride (8 * vectors of them per pixel)."""
+
+    pixels = 4
+
+    @intrinsic
+    def dot(typingctx, x0, x1, x2, x3, offsets, rows, w, w_stride, acc, acc_stride):
+        sig = types.void(*([types.intp] * (pixels + 6)))
+
+        def codegen(context, builder, signature, values):
+            i64 = ir.IntType(64)
+            vt = ir.VectorType(i64, 8)
+            xs, (offs, rows, w, wstride, acc, astride) = values[:pixels], values[pixels:]
+            ctpop = builder.module.declare_intrinsic("llvm.ctpop.v8i64", (), ir.FunctionType(vt, [vt]))
+            zero = ir.Constant(vt, [0] * 8)
+            mask = ir.Constant(ir.VectorType(ir.IntType(32), 8), [0] * 8)
+            entry = builder.block
+            loop = builder.append_basic_block("dot.loop")
+            done = builder.append_basic_block("dot.done")
+            builder.branch(loop)
+            builder.position_at_end(loop)
+            r = builder.phi(i64)
+            r.add_incoming(ir.Constant(i64, 0), entry)
+            sums = []
+            for _ in range(pixels * vectors):
+                phi = builder.phi(vt)
+                phi.add_incoming(zero, entry)
+                sums.append(phi)
+            off = builder.load(
+                builder.inttoptr(builder.add(offs, builder.mul(r, ir.Constant(i64, 8))), i64.as_pointer())
+            )
+            wrow = builder.add(w, builder.mul(r, wstride))
+            ws = [
+                builder.load(builder.inttoptr(builder.add(wrow, ir.Constant(i64, 64 * v)), vt.as_pointer()), align=8)
+                for v in range(vectors)
+            ]
+            new = []
+            for e in range(pixels):
+                word = builder.load(builder.inttoptr(builder.add(xs[e], off), i64.as_pointer()))
+                splat = builder.shuffle_vector(
+                    builder.insert_element(ir.Constant(vt, ir.Undefined), word, ir.Constant(ir.IntType(32), 0)),
+                    ir.Constant(vt, ir.Undefined),
+                    mask,
+                )
+                for v in range(vectors):
+                    count = builder.call(ctpop, [builder.xor(splat, ws[v])])
+                    new.append(builder.add(sums[e * vectors + v], count))
+            r_next = builder.add(r, ir.Constant(i64, 1))
+            for phi, value in zip(sums, new):
+                phi.add_incoming(value, loop)
+            r.add_incoming(r_next, loop)
+            builder.cbranch(builder.icmp_signed("<", r_next, rows), loop, done)
+            builder.position_at_end(done)
+            for e in range(pixels):
+                for v in range(vectors):
+                    addr = builder.add(
+                        builder.add(acc, builder.mul(astride, ir.Constant(i64, e))), ir.Constant(i64, 64 * v)
+                    )
+                    builder.store(new[e * vectors + v], builder.inttoptr(addr, vt.as_pointer()), align=8)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return dot
+
+
+dot4x16 = _dot_block(2)  # four pixels by sixteen output channels

@@ -32,6 +32,7 @@ try:
     from numba import prange
 
     from bitrain.binary.intrinsics import (
+        dot4x16,
         fma,
         popcount,
         prefetch,
@@ -133,6 +134,19 @@ if numba is not None:
                             )
 
     @numba.njit(inline="always", cache=True)
+    def _counts(xrow, pstride, offs, wrow, wstride, acc, m):
+        """acc[ow, o] = the counts of output pixel ow (input words at xrow + ow * pstride + offs[r]) and
+        output channel o (words at wrow + r * wstride + 8 o), over the rows r of offs; m % 16 == 0."""
+        wo, arow, orow = acc.shape[0] - 3, acc.ctypes.data, offs.ctypes.data
+        for ow in range(0, wo, 4):
+            a0 = xrow + ow * pstride
+            a1 = a0 + pstride if ow + 1 < wo else a0  # past wo: the scratch rows of acc, from pixel ow again
+            a2 = a0 + 2 * pstride if ow + 2 < wo else a0
+            a3 = a0 + 3 * pstride if ow + 3 < wo else a0
+            for o in range(0, m, 16):
+                dot4x16(a0, a1, a2, a3, orow, offs.shape[0], wrow + o * 8, wstride, arow + (ow * m + o) * 8, m * 8)
+
+    @numba.njit(inline="always", cache=True)
     def _shortcut(xp, sc, n, h, w0, sw, o0, m, acc):
         """The counts of a 1x1 conv (``sc.words`` (1, wpg, og)) over pixels (h, w0 + ow sw) of xp into acc."""
         wo = acc.shape[0] - 3
@@ -175,6 +189,10 @@ if numba is not None:
         wpg = xp.shape[3] // groups
         ho, wo = out.shape[2], out.shape[3]
         nob = (og + oblock - 1) // oblock
+        offs = np.empty(rows, np.int64)  # bytes from a pixel's first word to weight row r's word
+        for r in range(rows):
+            offs[r] = (r // (kw * wpg) * dh * xp.strides[1] + r // wpg % kw * dw * xp.strides[2]) + r % wpg * 8
+        sc_offs = np.arange(sc.words.shape[1]) * 8  # the shortcut's rows: the words of one pixel
         for t in prange(n_ * ho * groups * nob):
             ob = t % nob
             r = t // nob
@@ -193,7 +211,10 @@ if numba is not None:
             hs = np.empty(4, np.int64)  # per row of the four: input row, column offset, word
             ws = np.empty(4, np.int64)
             cs = np.empty(4, np.int64)
-            for r0 in range(0, rows, 4):
+            if m % 16 == 0:  # the counts of 4 pixels x 16 channels stay in registers over all rows
+                xrow = xp[n, oh * sh, 0, g * wpg : (g + 1) * wpg].ctypes.data
+                _counts(xrow, xp.strides[2] * sw, offs, wt[g, 0, o0 : o0 + m].ctypes.data, og * 8, acc, m)
+            for r0 in range(0 if m % 16 else rows, rows, 4):  # else 4 rows at a time, the counts in acc
                 k = min(4, rows - r0)
                 for e in range(4):
                     re = r0 + min(e, k - 1)
@@ -253,7 +274,11 @@ if numba is not None:
                     for o in range(m):
                         tile[ow, o] = _affine(np.float32(fan_in - scale * acc[ow, o]), a[o], b[o], form)
             if sc.words.shape[0] > 0:  # the 1x1 shortcut: its counts over the input pixel (oh sh, ow sw)
-                _shortcut(xp, sc, n, oh * sh + sc.oh, sc.ow, sw, o0, m, acc)
+                if m % 16 == 0:
+                    xrow = xp[n, oh * sh + sc.oh, sc.ow, :].ctypes.data
+                    _counts(xrow, xp.strides[2] * sw, sc_offs, sc.words[0, 0, o0 : o0 + m].ctypes.data, og * 8, acc, m)
+                else:
+                    _shortcut(xp, sc, n, oh * sh + sc.oh, sc.ow, sw, o0, m, acc)
                 a2, b2 = sc.alpha[oc : oc + m], sc.beta[oc : oc + m]
                 for ow in range(wo):
                     for o in range(m):

@@ -217,7 +217,8 @@ class PackedQLayer(nn.Module):
 
     def _prepared(self) -> tuple[Any, bool]:
         """The weights in the numba kernel's layout and whether the layer scales, for the current buffers."""
-        key = tuple((t.data_ptr(), t._version) for t in (self.weight_packed, self.weight_scale))
+        buffers = self._buffers  # the dict itself: a module attribute lookup costs a microsecond a tensor
+        key = tuple((t.data_ptr(), t._version) for t in (buffers["weight_packed"], buffers["weight_scale"]))
         if self._words is None or self._words[0] != key:
             from bitrain.binary import kernels
 
@@ -249,7 +250,8 @@ class PackedQLayer(nn.Module):
         ho, wo = self._output_size(*x.shape[-2:])
         if x.dtype != torch.float32 or ho * wo <= 1:
             return None
-        tensors = (norm.running_mean, norm.running_var, norm.weight, norm.bias)
+        b, p = norm._buffers, norm._parameters  # the dicts: the key is computed on every call
+        tensors = (b["running_mean"], b["running_var"], p.get("weight"), p.get("bias"))
         key = tuple((t.data_ptr(), t._version) for t in tensors if t is not None) + (norm.eps,)
         if self._affine is None or self._affine[0] != key:
             self._affine = (key, batchnorm_affine(norm, self.fan_in))
