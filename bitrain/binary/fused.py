@@ -24,7 +24,7 @@ Whatever the kernel cannot take (another activation, scaling, groups, torch's ke
 from __future__ import annotations
 
 import weakref
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -48,12 +48,55 @@ class _Link:
     """A unit's place in the chain: the unit before, the padding the unit after wants its signs packed
     with (None: no packing), and the last output's signs until the unit after takes them."""
 
-    __slots__ = ("previous", "pack_next", "handoff")
+    __slots__ = ("previous", "pack_next", "handoff", "plan")
 
     def __init__(self) -> None:
         self.previous: PackedResidual | None = None
         self.pack_next: tuple[int, int] | None = None
         self.handoff: tuple[Any, int, tuple[int, int], np.ndarray] | None = None
+        self.plan: tuple[tuple, list, _Plan | None] | None = None  # (input key, _stamp, plan): the last one
+
+
+class _Plan(NamedTuple):
+    """What a unit's kernel call needs for one input geometry (``PackedResidual._plan``)."""
+
+    words: np.ndarray
+    affine: tuple[np.ndarray, np.ndarray, int]
+    shortcut: str  # "x", "kernel" (a packed 1x1 in the same pass) or "torch" (the shortcut's modules)
+    kernel_shortcut: Any  # kernels.Shortcut for "kernel"
+    out_shape: tuple[int, ...]
+    geometry: dict[str, Any]
+    fan_in: int
+    pack_ok: bool  # the output channels fill whole bytes of the next conv's words
+
+
+def _stamp(layers: list[PackedQLayer]) -> list[tuple]:
+    """What a plan was made from: per packed layer (and its fused BatchNorm) its mode, kernel, and the
+    identity and version of every tensor; ``_fresh`` compares it in a few dict lookups."""
+    entries = []
+    for layer in layers:
+        norm = layer._modules.get("norm")
+        entries.append((layer, layer.training, layer.kernel, layer._modules, "norm", norm))
+        for m in (layer, norm) if norm is not None else (layer,):
+            entries.append((m, m.training, None, None, None, None))
+            for d in (m._buffers, m._parameters):
+                entries += [(d, name, t, t._version) for name, t in d.items() if t is not None]
+    return entries
+
+
+def _fresh(entries: list[tuple]) -> bool:
+    for e in entries:
+        if len(e) == 4:
+            d, name, t, version = e
+            if d.get(name) is not t or t._version != version:
+                return False
+        else:
+            m, training, kernel, children, child, value = e
+            if m.training != training or (
+                children is not None and (children.get(child) is not value or m.kernel != kernel)
+            ):
+                return False
+    return True
 
 
 class PackedResidual(nn.Module):
@@ -111,39 +154,57 @@ class PackedResidual(nn.Module):
 
         link = self.link
         link.handoff = None
-        body, shortcut, conv, sc = self._parts
-        plan = conv.unit_plan(x) if conv is not None and not self.training else None
+        body, shortcut = self._parts[:2]
+        plan = self._plan(x)
         if plan is None:
             return body(x) + (x if shortcut is None else shortcut(x))
-        words, affine = plan
-        s = conv.settings
-        out_hw = conv._output_size(*x.shape[-2:])
         extra: dict[str, Any] = {}
-        sc_plan = sc.unit_plan(x) if sc is not None else None
-        if shortcut is None:
-            extra["residual"] = x
-        elif sc_plan is not None and self._same_pixels(conv, sc, x, out_hw):
-            (alpha, beta, form) = sc_plan[1]
-            ph, pw = s["padding"]
-            extra["shortcut"] = kernels.Shortcut(sc_plan[0], ph, pw, sc.fan_in, form, alpha, beta)
+        if plan.shortcut == "kernel":
+            extra["shortcut"] = plan.kernel_shortcut
         else:
-            extra["residual"] = shortcut(x)
-        residual = extra.get("residual")
-        if residual is not None and (
-            tuple(residual.shape) != (x.shape[0], conv.out_features, *out_hw) or residual.dtype != torch.float32
-        ):
-            return body(x) + residual  # a sum that broadcasts, promotes or fails: as the float model's
-        if link.pack_next is not None and conv.out_features % 8 == 0:
+            residual = x if plan.shortcut == "x" else shortcut(x)
+            if tuple(residual.shape) != plan.out_shape or residual.dtype != torch.float32:
+                return body(x) + residual  # a sum that broadcasts, promotes or fails: as the float model's
+            extra["residual"] = residual
+        if link.pack_next is not None and plan.pack_ok:
             extra["pack_out"] = link.pack_next
-        geometry = dict(kernel_size=s["shape"][2:], stride=s["stride"], padding=s["padding"], dilation=s["dilation"])
         result = kernels.xnor_conv(
-            x, words, fan_in=conv.fan_in, count=True, affine=affine, packed=packed, **geometry, **extra
+            x, plan.words, fan_in=plan.fan_in, count=True, affine=plan.affine, packed=packed, **plan.geometry, **extra
         )
         if "pack_out" not in extra:
             return result
         out, signs = result
         link.handoff = (weakref.ref(out), out._version, link.pack_next, signs)
         return out
+
+    def _plan(self, x: torch.Tensor) -> _Plan | None:
+        """The kernel call's parts for x, or None (the unit runs its modules); kept for the next call while
+        x's shape and the layers' tensors and modes stay the same."""
+        key = (x.shape, x.dtype, x.device.type, self.training)
+        cached = self.link.plan
+        if cached is not None and cached[0] == key and _fresh(cached[1]):
+            return cached[2]
+        conv, sc = self._parts[2:]
+        plan = self._make_plan(x, conv, sc) if conv is not None and not self.training else None
+        self.link.plan = (key, _stamp([m for m in (conv, sc) if m is not None]), plan)
+        return plan
+
+    def _make_plan(self, x: torch.Tensor, conv: PackedQLayer, sc: PackedQLayer | None) -> _Plan | None:
+        from bitrain.binary import kernels
+
+        ready = conv.unit_plan(x)
+        if ready is None:
+            return None
+        s = conv.settings
+        out_hw = conv._output_size(*x.shape[-2:])
+        kind, fused = ("x" if self._parts[1] is None else "torch"), None
+        sc_ready = sc.unit_plan(x) if sc is not None else None
+        if sc_ready is not None and self._same_pixels(conv, sc, x, out_hw):
+            (alpha, beta, form), (ph, pw) = sc_ready[1], s["padding"]
+            kind, fused = "kernel", kernels.Shortcut(sc_ready[0], ph, pw, sc.fan_in, form, alpha, beta)
+        geometry = dict(kernel_size=s["shape"][2:], stride=s["stride"], padding=s["padding"], dilation=s["dilation"])
+        out_shape = (x.shape[0], conv.out_features, *out_hw)
+        return _Plan(ready[0], ready[1], kind, fused, out_shape, geometry, conv.fan_in, conv.out_features % 8 == 0)
 
     @staticmethod
     def _same_pixels(conv: PackedQLayer, sc: PackedQLayer, x: torch.Tensor, out_hw: tuple[int, int]) -> bool:
