@@ -16,8 +16,9 @@ The sign is fused into the packing: bit = 1 where ``sign(x) = +1`` as ``quantize
 ``copysign(1, x + 0.0)``: the IEEE sign bit clear, or x = -0.0 (which becomes +0.0). NaN keeps its sign bit.
 As one unsigned compare of the float's bits u: ``u <= 0x80000000`` (the bits of -0.0).
 Threads: torch's setting (``torch.get_num_threads()``), passed to numba on every call. The LLVM pieces
-the loops call (popcount, FMA, the epilogue's 8 x 8 transpose, prefetch, sign words) are in
-``bitrain.binary.intrinsics``.
+the loops call (popcount, FMA, the 4 x 16 count block, the epilogue's 8 x 8 transpose, prefetch, sign
+words) are in ``bitrain.binary.intrinsics``. ``xnor_conv``'s unit arguments (a residual, a 1x1 shortcut,
+the output's signs packed for the next conv) serve ``bitrain.binary.fused``.
 """
 
 from __future__ import annotations
@@ -175,15 +176,17 @@ if numba is not None:
     def _conv(xp, wt, out, kh, kw, sh, sw, dh, dw, fan_in, count, oblock, form, alpha, beta, sc, res, yp):
         # xp (N, Hp, Wp, groups * wpg) uint64, wt (groups, kh * kw * wpg, og) uint64, out (N, O, Ho, Wo) float32.
         # One task per (image, output row, group, block of output channels); its counts (Wo, block) stay in L1.
-        # The rows of the weight (tap i, j and word q) go four at a time, four output pixels at once: per
-        # output channel four weight loads serve sixteen popcounts, and each count is loaded and stored once.
+        # Blocks of 16k channels: dot4x16 keeps the counts of 4 output pixels x 16 channels in registers over
+        # all rows of the weight (tap i, j and word q; offs: where each row's word lies from a pixel's first).
+        # Other blocks: the rows four at a time, four output pixels at once (per output channel four weight
+        # loads serve sixteen popcounts, each count loaded and stored once per pass); the first pass masks
+        # acc's unset values to 0 (an AND with keep = 0, then -1) instead of zeroing every task's acc.
         # The epilogue turns the counts into float32 (Wo, block), maps them by alpha * v + beta per output
-        # channel when form > 0 (see _affine), then writes NCHW in 8 x 8 transposed blocks. The first pass
-        # masks acc's unset values to 0 (an AND with keep = 0, then -1) instead of zeroing every task's acc.
+        # channel when form > 0 (see _affine), then writes NCHW in 8 x 8 transposed blocks.
         # The unit's extras (``xnor_conv``), each off when its array is empty: sc, a 1x1 shortcut conv
-        # (ShortcutWords) over the same packed input, its own counts and affine added to the tile; res, a
-        # float32 residual added in the epilogue; yp, uint8 (N, Ho + 2 qh, Wo + 2 qw, 8 * words): the signs of
-        # the outputs packed for the next conv, 8 channels per byte (so oblock % 8 == 0).
+        # (``Shortcut``) over the same packed input, its own counts and affine added to the tile; res, a
+        # float32 residual added in the transpose; yp, uint8 (N, Ho + 2 qh, Wo + 2 qw, 8 * words): the signs of
+        # the sums packed for the next conv, a byte per 8 channels, also in the transpose (oblock % 8 == 0).
         n_ = xp.shape[0]
         groups, rows, og = wt.shape
         wpg = xp.shape[3] // groups
