@@ -67,6 +67,7 @@ def test_unit_extras_equal_conv_batchnorm_shortcut_bit_for_bit(seed):
     cases = {}
     if o == c and stride == 1:
         cases["+ x"] = ({"residual": x}, main + x)
+        cases["+ x, channels_last"] = ({"residual": x.contiguous(memory_format=torch.channels_last)}, main + x)
     w1 = torch.randn(o, c, 1, 1, generator=g)
     bn1 = _norm(o, c, g)
     with torch.no_grad():
@@ -90,6 +91,19 @@ def test_unit_extras_equal_conv_batchnorm_shortcut_bit_for_bit(seed):
     # without the packed input given, the kernel packs x itself: the same values
     extra, want = next(iter(cases.values()))
     assert torch.equal(_bits(kernels.xnor_conv(x, words, affine=affine, **geometry, **extra)), _bits(want))
+
+
+@pytest.mark.parametrize("c", [8, 40, 64, 72, 128, 200])
+def test_channels_last_input_packs_as_nchw(c):
+    """A channels_last tensor is packed where it lies (64 channels per compare), with the same words."""
+    g = torch.Generator().manual_seed(c)
+    x = torch.randn(2, c, 5, 7, generator=g)
+    x.view(-1)[::5] = -0.0
+    x.view(-1)[3] = float("nan")
+    x.view(-1)[4] = 0.0
+    cl = x.contiguous(memory_format=torch.channels_last)
+    assert not cl.is_contiguous()
+    assert (kernels.pack_activations(cl, (1, 2)) == kernels.pack_activations(x, (1, 2))).all()
 
 
 def test_unit_arguments_are_checked():
@@ -125,9 +139,10 @@ def _spy(monkeypatch) -> list[dict]:
     calls: list[dict] = []
     real = kernels.xnor_conv
 
-    def spy(*args, **kw):
+    def spy(x, *args, **kw):
         calls.append({k: kw.get(k) is not None for k in ("packed", "shortcut", "residual", "pack_out")})
-        return real(*args, **kw)
+        calls[-1]["channels_last"] = not x.is_contiguous()
+        return real(x, *args, **kw)
 
     monkeypatch.setattr(kernels, "xnor_conv", spy)
     return calls
@@ -158,6 +173,9 @@ def test_resnet_e_units_are_fused_and_bit_identical(tmp_path, monkeypatch, varia
     only_bn = load_packed(tmp_path / "m.safetensors", build_model, kernel="numba", fuse_bn=False)
     fuse_batchnorm(only_bn)
     assert fused.state_dict().keys() == only_bn.state_dict().keys()
+    # the stem's max-pool hands the first unit channels_last (only a BatchNorm between); the float model's does not
+    # (sliced: the first unit comes later, after blocks that are not units)
+    assert fused.features[4].channels_last_out == chained and not model.features[4].channels_last_out
     calls = _spy(monkeypatch)
     with torch.no_grad():
         got = fused(x)
@@ -170,6 +188,8 @@ def test_resnet_e_units_are_fused_and_bit_identical(tmp_path, monkeypatch, varia
         # each unit after the first takes its input packed by the one before; the last packs nothing
         assert [c["packed"] for c in unit_calls] == [False] + [chained] * (n_units - 1)
         assert [c["pack_out"] for c in unit_calls] == [True] * (n_units - 1) + [False]
+        # the first unit reads the channels_last input as it lies (but a torch shortcut gets NCHW)
+        assert [c["channels_last"] for c in unit_calls] == [chained] + [False] * (n_units - 1)
         calls.clear()
         with torch.no_grad():
             assert torch.equal(fused(x), expected)

@@ -11,6 +11,8 @@ numba's kernel (``kernels.xnor_conv``) then does, in one pass over the output:
 - the shortcut: the identity's ``+ x`` read in the epilogue; a packed 1x1 conv with its BatchNorm (ResNetE's
   binary downsample) computed from the same packed input, its counts mapped and added in the epilogue;
   any other shortcut (pooling, a float conv) run by torch and added in the epilogue;
+- a channels_last input (the stem's max-pool hands one over where only BatchNorm or ReLU lie between,
+  ``_hand_over_channels_last``) packed and added as it lies, with no NCHW copy;
 - the signs of the output, packed for the next unit's conv, which then skips reading its input again
   (units follow each other in the model's order; where another module makes the next unit's input, the
   first call finds out and the unit stops packing for it).
@@ -156,6 +158,9 @@ class PackedResidual(nn.Module):
         link.handoff = None
         body, shortcut = self._parts[:2]
         plan = self._plan(x)
+        if x.dim() == 4 and not x.is_contiguous() and (plan is None or plan.shortcut == "torch"):
+            x = x.contiguous()  # a channels_last input (fuse_residuals' hand-over): torch's layers get NCHW
+            plan = self._plan(x)
         if plan is None:
             return body(x) + (x if shortcut is None else shortcut(x))
         extra: dict[str, Any] = {}
@@ -234,9 +239,39 @@ def fuse_residuals(model: nn.Module) -> int:
             parent._modules[name] = PackedResidual(child, *parts)
             replaced += 1
     units = [m for m in model.modules() if isinstance(m, PackedResidual)]
+    for unit in units:
+        _hand_over_channels_last(model, unit)
     for a, b in zip(units, units[1:]):
         nxt = b.conv
         if nxt is not None and nxt.fused_sign and nxt.settings.get("groups", 1) == 1:
             a.link.pack_next = tuple(nxt.settings["padding"])
         b.link.previous = a
     return replaced
+
+
+_PER_CHANNEL = (nn.BatchNorm2d, nn.ReLU, nn.Identity)  # the same values in either memory layout
+
+
+def _hand_over_channels_last(model: nn.Module, unit: PackedResidual) -> bool:
+    """Where the unit's input comes, through ``nn.Sequential`` order and per-channel layers only, from a
+    module that can hand on channels_last (``channels_last_out``: the zoo's stem max-pool), let it: the
+    unit packs that layout in place (64 channels per compare) and adds it as its residual, and the NCHW
+    copy is not made. True when set."""
+    parents = {id(c): (p, name) for p in model.modules() for name, c in p.named_children()}
+    node = unit
+    while True:  # up while the unit (or its container) is the first child of a Sequential
+        parent, name = parents.get(id(node), (None, None))
+        if not isinstance(parent, nn.Sequential):
+            return False
+        names = list(parent._modules)
+        if names.index(name) > 0:
+            break
+        node = parent
+    for before in reversed(names[: names.index(name)]):
+        module = parent._modules[before]
+        if hasattr(type(module), "channels_last_out"):
+            module.channels_last_out = True
+            return True
+        if type(module) not in _PER_CHANNEL:
+            return False
+    return False

@@ -246,3 +246,20 @@ def _dot_block(vectors: int):
 
 
 dot4x16 = _dot_block(2)  # four pixels by sixteen output channels
+
+
+@intrinsic
+def signword64(typingctx, src, dst):
+    """The sign bits of 64 consecutive float32 (the channels of one pixel in channels_last) as one uint64
+    at dst: bit c = 1 where value c is +1 (u <= 0x80000000). One 64-lane compare, bitcast to i64."""
+    sig = types.void(types.intp, types.intp)
+
+    def codegen(context, builder, signature, args):
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        vt = ir.VectorType(i32, 64)
+        v = builder.load(builder.inttoptr(args[0], vt.as_pointer()), align=4)
+        plus = builder.icmp_unsigned("<=", v, ir.Constant(vt, [0x80000000] * 64))
+        builder.store(builder.bitcast(plus, i64), builder.inttoptr(args[1], i64.as_pointer()))
+        return context.get_dummy_value()
+
+    return sig, codegen

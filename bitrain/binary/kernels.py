@@ -37,6 +37,7 @@ try:
         fma,
         popcount,
         prefetch,
+        signword64,
         signwords8,
         signwords16,
         transpose8,
@@ -134,6 +135,25 @@ if numba is not None:
                                 np.uint64(buf[1, r, w]) << np.uint64(32)
                             )
 
+    @_jit
+    def _pack_nhwc(xbits, ph, pw, out):
+        # xbits: float32 (N, H, W, C) viewed as uint32 (a channels_last tensor's memory), groups 1; out as _pack's.
+        # One task per input row; a pixel's 64 channels are contiguous: one compare of 64 lanes per word.
+        n_, h_, w_, c_ = xbits.shape
+        words = out.shape[3]
+        for t in prange(n_ * h_):
+            n, h = t // h_, t % h_
+            for w in range(w_):
+                src, dst = xbits[n, h, w].ctypes.data, out[n, h + ph, w + pw].ctypes.data
+                for q in range(words):
+                    if 64 * q + 64 <= c_:
+                        signword64(src + 256 * q, dst + 8 * q)
+                    else:  # the last, partial word
+                        word = np.uint64(0)
+                        for c in range(64 * q, c_):
+                            word |= np.uint64(xbits[n, h, w, c] <= _MINUS_ZERO) << np.uint64(c - 64 * q)
+                        out[n, h + ph, w + pw, q] = word
+
     @numba.njit(inline="always", cache=True)
     def _counts(xrow, pstride, offs, wrow, wstride, acc, m):
         """acc[ow, o] = the counts of output pixel ow (input words at xrow + ow * pstride + offs[r]) and
@@ -173,7 +193,7 @@ if numba is not None:
         return xp[n, h, p0, c], xp[n, h, p1, c], xp[n, h, p2, c], xp[n, h, p3, c]
 
     @_jit
-    def _conv(xp, wt, out, kh, kw, sh, sw, dh, dw, fan_in, count, oblock, form, alpha, beta, sc, res, yp):
+    def _conv(xp, wt, out, kh, kw, sh, sw, dh, dw, fan_in, count, oblock, form, alpha, beta, sc, res, res_nhwc, yp):
         # xp (N, Hp, Wp, groups * wpg) uint64, wt (groups, kh * kw * wpg, og) uint64, out (N, O, Ho, Wo) float32.
         # One task per (image, output row, group, block of output channels); its counts (Wo, block) stay in L1.
         # Blocks of 16k channels: dot4x16 keeps the counts of 4 output pixels x 16 channels in registers over
@@ -185,7 +205,7 @@ if numba is not None:
         # channel when form > 0 (see _affine), then writes NCHW in 8 x 8 transposed blocks.
         # The unit's extras (``xnor_conv``), each off when its array is empty: sc, a 1x1 shortcut conv
         # (``Shortcut``) over the same packed input, its own counts and affine added to the tile; res, a
-        # float32 residual added in the transpose; yp, uint8 (N, Ho + 2 qh, Wo + 2 qw, 8 * words): the signs of
+        # float32 residual added in the transpose (res_nhwc: one laid out channels_last, added to the tile); yp, uint8 (N, Ho + 2 qh, Wo + 2 qw, 8 * words): the signs of
         # the sums packed for the next conv, a byte per 8 channels, also in the transpose (oblock % 8 == 0).
         n_ = xp.shape[0]
         groups, rows, og = wt.shape
@@ -211,6 +231,11 @@ if numba is not None:
                     row = res[n, g * og + o0 + o, oh].ctypes.data
                     for b in range(0, wo * 4, 64):
                         prefetch(row + b)
+            if res_nhwc.shape[0] > 0:  # the same for a channels_last residual: m channels of each pixel
+                for ow in range(wo):
+                    px = res_nhwc[n, oh, ow, g * og + o0 :].ctypes.data
+                    for b in range(0, m * 4, 64):
+                        prefetch(px + b)
             hs = np.empty(4, np.int64)  # per row of the four: input row, column offset, word
             ws = np.empty(4, np.int64)
             cs = np.empty(4, np.int64)
@@ -286,6 +311,11 @@ if numba is not None:
                 for ow in range(wo):
                     for o in range(m):
                         tile[ow, o] += _affine(np.float32(sc.fan_in - scale * acc[ow, o]), a2[o], b2[o], sc.form)
+            if res_nhwc.shape[0] > 0:  # a channels_last residual: contiguous per pixel, added before the transpose
+                for ow in range(wo):
+                    rr = res_nhwc[n, oh, ow, oc : oc + m]
+                    for o in range(m):
+                        tile[ow, o] += rr[o]
             m8, w8 = m - m % 8, wo - wo % 8
             has_res, has_signs = res.shape[0] > 0, yp.shape[0] > 0
             cstride = ho * wo * 4  # bytes from one channel's row to the next, in out and res
@@ -346,17 +376,27 @@ def pack_weights(weight_packed: torch.Tensor, shape: list[int], groups: int = 1)
     return np.ascontiguousarray(words.reshape(groups, kh * kw * wpg, og))
 
 
+def _channels_last(x: torch.Tensor) -> bool:
+    """A 4-d tensor laid out channels_last and not also NCHW (C == 1 or 1x1 maps are both)."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
 def pack_activations(
     x: torch.Tensor, padding: tuple[int, int] = (0, 0), groups: int = 1, subsample: tuple[int, int] = (1, 1)
 ) -> np.ndarray:
     """sign(x) of float (N, C, H, W) bit-packed per pixel, with a -1 border (see the module docstring);
-    ``subsample`` (sh, sw) keeps every sh-th row and sw-th column only (a 1x1 conv's stride)."""
-    x = x.detach().float().contiguous()
+    ``subsample`` (sh, sw) keeps every sh-th row and sw-th column only (a 1x1 conv's stride). A
+    channels_last x is read as it lies (groups 1, no subsampling), any other layout as NCHW."""
+    x = x.detach().float()
     n, c, h, w = x.shape
     (ph, pw), (sh, sw) = padding, subsample
     hs, ws = (h + sh - 1) // sh, (w + sw - 1) // sw
     out = np.zeros((n, hs + 2 * ph, ws + 2 * pw, groups * ((c // groups + 63) // 64)), np.uint64)
     _threads()
+    if _channels_last(x) and groups == 1 and (sh, sw) == (1, 1):  # read in place: 64 channels per compare
+        _pack_nhwc(x.permute(0, 2, 3, 1).numpy().view(np.uint32), ph, pw, out)
+        return out
+    x = x.contiguous()
     # row blocks of about 2048 pixels, at least four per thread
     rblock = max(1, min(hs, 2048 // max(ws, 1), (n * hs) // (4 * torch.get_num_threads()) or 1))
     _pack(x.numpy().view(np.uint32), ph, pw, groups, sh, sw, rblock, out)
@@ -430,8 +470,8 @@ def xnor_conv(
     ho = (xp.shape[1] - dh * (kh - 1) - 1) // sh + 1
     wo = (xp.shape[2] - dw * (kw - 1) - 1) // sw + 1
     out = torch.empty((x.shape[0], groups * og, ho, wo), dtype=torch.float32)
-    if residual is not None and tuple(residual.shape) != tuple(out.shape):
-        raise ValueError(f"xnor_conv: residual {tuple(residual.shape)} for an output {tuple(out.shape)}")
+    if residual is not None and (tuple(residual.shape) != tuple(out.shape) or residual.dtype != torch.float32):
+        raise ValueError(f"xnor_conv: residual {residual.dtype} {tuple(residual.shape)} for float32 {tuple(out.shape)}")
     if pack_out is not None and og % 8:
         raise ValueError(f"xnor_conv: pack_out needs a multiple of 8 output channels, not {og}")
     oblock, rows = og, x.shape[0] * ho * groups
@@ -440,14 +480,18 @@ def xnor_conv(
             break  # each task packs whole bytes of the next conv's words
         oblock //= 2  # few rows (small maps, batch 1): split the output channels too, for the threads
     alpha, beta, form = affine if affine is not None else (_NO_AFFINE, _NO_AFFINE, 0)
-    res = _NO_ROWS if residual is None else residual.detach().float().contiguous().numpy()
+    res, res_nhwc = _NO_ROWS, _NO_ROWS
+    if residual is not None and _channels_last(residual):  # (N, H, W, C) as it lies: added pixel by pixel
+        res_nhwc = residual.detach().permute(0, 2, 3, 1).numpy()
+    elif residual is not None:
+        res = residual.detach().contiguous().numpy()
     yp = _NO_BYTES
     if pack_out is not None:  # the border stays zero bits: -1 padding
         (qh, qw), words = pack_out, (og + 63) // 64
         yp = np.zeros((out.shape[0], ho + 2 * qh, wo + 2 * qw, 8 * words), np.uint8)
     if packed is not None:
         _threads()  # else pack_activations set them
-    args = (fan_in, count, oblock, form, alpha, beta, shortcut or _NO_SHORTCUT, res, yp)
+    args = (fan_in, count, oblock, form, alpha, beta, shortcut or _NO_SHORTCUT, res, res_nhwc, yp)
     _conv(xp, weights, out.numpy(), kh, kw, sh, sw, dh, dw, *args)
     return out if pack_out is None else (out, yp.view(np.uint64))
 

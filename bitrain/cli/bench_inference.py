@@ -7,7 +7,9 @@ on it, their order alternating; the ratio is the median over rounds of float sec
 so a change of the machine's load between rounds cancels out. ``--layers`` times every binary layer
 alone, the float conv (or linear) of its ±1 input and weight against the packed layer's forward
 (sign, packing and xnor-popcount) on the same real-valued input; where ``load_packed`` fused the
-BatchNorm after a conv into the packed layer, both sides include that BatchNorm.
+BatchNorm after a conv into the packed layer, both sides include that BatchNorm. A fused residual unit
+(``binary.fused``) is timed whole: the float conv + BatchNorm + shortcut against the unit as the packed
+model runs it (its input in the packed model's layout, already packed where the unit before packs it).
 """
 
 from __future__ import annotations
@@ -114,15 +116,15 @@ def _end_to_end(float_model, packed, shape, batch: int, rounds: int, seconds, se
     return dict(float=t_float, packed=t_packed, same=same, total=total, worst=worst)
 
 
-def _layer_inputs(float_model: nn.Module, names: list[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The real-valued input of each named layer of the float model, for input ``x``."""
+def _layer_inputs(model: nn.Module, names: list[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The real-valued input of each named layer of the model, for input ``x``."""
     seen: dict[str, torch.Tensor] = {}
     hooks = [
-        float_model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: seen.__setitem__(n, a[0].detach()))
+        model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: seen.__setitem__(n, a[0].detach()))
         for n in names
     ]
     with torch.no_grad():
-        float_model(x)
+        model(x)
     for h in hooks:
         h.remove()
     return seen
@@ -148,7 +150,7 @@ def _describe(layer: nn.Module, fast: nn.Module) -> str:
     return f"{type(layer).__name__} {tuple(layer.weight.shape)}{fused}"
 
 
-def _unit_ops(float_model, unit, name: str, x: torch.Tensor) -> tuple[Callable, Callable, str]:
+def _unit_ops(float_model, unit, name: str, x: torch.Tensor, xp: torch.Tensor) -> tuple[Callable, Callable, str]:
     """(float op, packed op, description) of a fused residual unit (``binary.fused.PackedResidual``):
     the float side is its body conv (as ``_float_op``) + its shortcut (x, the float conv of a binary 1x1
     shortcut with its BatchNorm, or the float model's shortcut modules); the packed side is the unit as the
@@ -170,11 +172,13 @@ def _unit_ops(float_model, unit, name: str, x: torch.Tensor) -> tuple[Callable, 
         else:
             shortcut = lambda: module(x)  # noqa: E731
             what += " + shortcut (" + ", ".join(type(m).__name__ for m in module.children() or [module]) + ")"
-    packed = unit.pack_input(x) if unit.takes_packed() else None
-    what += (
-        " on " + "x".join(str(s) for s in x.shape[1:]) + (" (packed by the unit before)" if packed is not None else "")
-    )
-    return (lambda: body() + shortcut()), (lambda: unit.run(x, packed)), what
+    packed = unit.pack_input(xp) if unit.takes_packed() else None
+    what += " on " + "x".join(str(s) for s in x.shape[1:])
+    if packed is not None:
+        what += " (packed by the unit before)"
+    elif not xp.is_contiguous():
+        what += " (channels_last from the layer before)"
+    return (lambda: body() + shortcut()), (lambda: unit.run(xp, packed)), what
 
 
 def _layers(float_model, packed, shape, batch: int, rounds: int, seconds, seed: int) -> list[tuple]:
@@ -188,12 +192,13 @@ def _layers(float_model, packed, shape, batch: int, rounds: int, seconds, seed: 
     layers = [n for n, m in packed.named_modules() if isinstance(m, PackedQLayer) and n not in inside]
     x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(seed))
     inputs = _layer_inputs(float_model, layers + list(units), x)
+    packed_inputs = _layer_inputs(packed, list(units), x)  # a unit's input as the packed model gives it
     rows = []
     with torch.no_grad():
         for name, module in packed.named_modules():
             inp = inputs.get(name)
             if name in units:
-                float_op, packed_op, what = _unit_ops(float_model, module, name, inp)
+                float_op, packed_op, what = _unit_ops(float_model, module, name, inp, packed_inputs[name])
                 kind = "unit"
             elif name in layers:
                 layer = float_model.get_submodule(name)

@@ -176,12 +176,19 @@ class MaxPool2d(nn.MaxPool2d):
     """``nn.MaxPool2d`` that pools a CPU tensor in channels_last and returns it NCHW when no gradient is
     taken: torch's CPU max-pool is vectorised over channels only in channels_last, 4x faster for the
     64x112x112 maps of an ImageNet stem (batch 16: 10 against 41 ms with the two copies), and a max is
-    exact. Training keeps the plain path (its backward is slower through the copies)."""
+    exact. Training keeps the plain path (its backward is slower through the copies).
+
+    ``channels_last_out``: hand the channels_last result on as it is (no NCHW copy). A packed model sets it
+    when a fused unit that reads channels_last takes the pool's output through per-channel layers only
+    (``bitrain.binary.fused.fuse_residuals``); the values are the same."""
+
+    channels_last_out = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.return_indices or not _inference_on_cpu(x):
             return super().forward(x)
-        return super().forward(x.contiguous(memory_format=torch.channels_last)).contiguous()
+        y = super().forward(x.contiguous(memory_format=torch.channels_last))
+        return y if self.channels_last_out else y.contiguous()
 
 
 def padded_same_maxpool(x: torch.Tensor) -> torch.Tensor:
