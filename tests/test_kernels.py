@@ -73,7 +73,11 @@ def test_xnor_conv_on_random_geometries():
     channels_last and strided inputs, against the float conv of the signs."""
     rng, gen = random.Random(17), torch.Generator().manual_seed(18)
     for _ in range(60):
-        groups, cg, og = rng.choice([1, 1, 2, 3]), rng.choice([3, 31, 64, 65, 129]), rng.choice([1, 7, 8, 9, 33])
+        groups, cg, og = (
+            rng.choice([1, 1, 2, 3]),
+            rng.choice([3, 31, 64, 65, 129]),
+            rng.choice([1, 7, 8, 9, 16, 33, 48]),
+        )
         k = (rng.choice([1, 2, 3, 5]), rng.choice([1, 2, 3, 5]))
         stride = (rng.choice([1, 2, 3]), rng.choice([1, 2, 3]))
         dil = (rng.choice([1, 2]), rng.choice([1, 2])) if rng.random() < 0.3 else (1, 1)
