@@ -168,6 +168,16 @@ if numba is not None:
                 dot4x16(a0, a1, a2, a3, orow, offs.shape[0], wrow + o * 8, wstride, arow + (ow * m + o) * 8, m * 8)
 
     @numba.njit(inline="always", cache=True)
+    def _add_row(acc, ow, w1, x0, x1, x2, x3, keep):
+        """acc[ow + i, o] = (acc[ow + i, o] & keep) + popcount(x_i ^ w1[o]): one weight row, four pixels."""
+        for o in range(w1.shape[0]):
+            v = w1[o]
+            acc[ow, o] = (acc[ow, o] & keep) + popcount(x0 ^ v)
+            acc[ow + 1, o] = (acc[ow + 1, o] & keep) + popcount(x1 ^ v)
+            acc[ow + 2, o] = (acc[ow + 2, o] & keep) + popcount(x2 ^ v)
+            acc[ow + 3, o] = (acc[ow + 3, o] & keep) + popcount(x3 ^ v)
+
+    @numba.njit(inline="always", cache=True)
     def _shortcut(xp, sc, n, h, w0, sw, o0, m, acc):
         """The counts of a 1x1 conv (``sc.words`` (1, wpg, og)) over pixels (h, w0 + ow sw) of xp into acc."""
         wo = acc.shape[0] - 3
@@ -180,12 +190,7 @@ if numba is not None:
                 p2 = p0 + 2 * sw if ow + 2 < wo else p0
                 p3 = p0 + 3 * sw if ow + 3 < wo else p0
                 x0, x1, x2, x3 = _four(xp, n, h, q, p0, p1, p2, p3)
-                for o in range(m):
-                    v = w1[o]
-                    acc[ow, o] = (acc[ow, o] & keep) + popcount(x0 ^ v)
-                    acc[ow + 1, o] = (acc[ow + 1, o] & keep) + popcount(x1 ^ v)
-                    acc[ow + 2, o] = (acc[ow + 2, o] & keep) + popcount(x2 ^ v)
-                    acc[ow + 3, o] = (acc[ow + 3, o] & keep) + popcount(x3 ^ v)
+                _add_row(acc, ow, w1, x0, x1, x2, x3, keep)
 
     @numba.njit(inline="always", cache=True)
     def _four(xp, n, h, c, p0, p1, p2, p3):
@@ -283,13 +288,7 @@ if numba is not None:
                         for e in range(k):
                             w1 = wt[g, r0 + e, o0 : o0 + m]
                             x0, x1, x2, x3 = _four(xp, n, hs[e], cs[e], p0 + ws[e], p1 + ws[e], p2 + ws[e], p3 + ws[e])
-                            kept = keep if e == 0 else np.int64(-1)
-                            for o in range(m):
-                                v = w1[o]
-                                acc[ow, o] = (acc[ow, o] & kept) + popcount(x0 ^ v)
-                                acc[a1, o] = (acc[a1, o] & kept) + popcount(x1 ^ v)
-                                acc[a2, o] = (acc[a2, o] & kept) + popcount(x2 ^ v)
-                                acc[a3, o] = (acc[a3, o] & kept) + popcount(x3 ^ v)
+                            _add_row(acc, ow, w1, x0, x1, x2, x3, keep if e == 0 else np.int64(-1))
             scale = 1 if count else 2  # agreeing bits fan_in - d, or the +-1 dot fan_in - 2 d
             tile = np.empty((wo, m), np.float32)
             oc = g * og + o0
