@@ -9,18 +9,15 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from test_kernels import _calibrated, _sign  # the same helpers as the single-layer kernel tests
 
 from bitrain.binary import kernels
 from bitrain.binary.export import export_packed, load_packed, pack_signs
 from bitrain.binary.fused import PackedResidual
-from bitrain.binary.packed import PackedQLayer, batchnorm_affine, fuse_batchnorm
+from bitrain.binary.packed import PackedQLayer, batchnorm_affine, fuse_batchnorm, use_kernel
 from bitrain.models import build_model
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"numba is not installed ({kernels.IMPORT_ERROR})")
-
-
-def _sign(x: torch.Tensor) -> torch.Tensor:
-    return torch.copysign(torch.ones(()), x + 0.0)
 
 
 def _norm(c: int, fan_in: int, g: torch.Generator) -> nn.BatchNorm2d:
@@ -118,20 +115,6 @@ def test_unit_arguments_are_checked():
         kernels.xnor_conv(x, words, residual=x, kernel_size=(3, 3), padding=(1, 1), fan_in=144, count=True)
     with pytest.raises(ValueError, match="multiple of 8"):
         kernels.xnor_conv(x, words, pack_out=(1, 1), kernel_size=(3, 3), padding=(1, 1), fan_in=144, count=True)
-
-
-def _calibrated(model: nn.Module, shape: tuple[int, ...], seed: int) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    for m in norms:
-        m.momentum = None
-    model.train()
-    with torch.no_grad():
-        model(torch.randn(8, *shape, generator=g))
-        for m in (m for m in norms if m.affine):
-            m.weight.copy_(torch.randn(m.num_features, generator=g) + 0.5)
-            m.bias.copy_(0.3 * torch.randn(m.num_features, generator=g))
-    return model.eval()
 
 
 def _spy(monkeypatch) -> list[dict]:
@@ -249,3 +232,27 @@ def test_blocks_declare_their_sum():
     small = declared(name="small_resnet_e", image_size=28)
     assert small.count(("body", "shortcut")) == 3 and small.count(("body", None)) == 3
     assert set(declared(name="small_reactnet", image_size=28)) == {None}
+
+
+def test_the_kept_plan_follows_the_layers(tmp_path):
+    """A unit keeps its kernel call's parts per input shape; new BatchNorm statistics, a new kernel or a new
+    batch size make a new plan, with the unfused model's results each time."""
+    args = dict(name="tiny_resnet_e", num_classes=10, in_channels=1, image_size=8)
+    torch.manual_seed(41)
+    model = _calibrated(build_model(**args), (1, 8, 8), seed=42)
+    export_packed(model, tmp_path / "t.safetensors", model_args=args)
+    fused = load_packed(tmp_path / "t.safetensors", build_model)
+    plain = load_packed(tmp_path / "t.safetensors", build_model, fuse_bn=False)
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(43))
+    with torch.no_grad():
+        assert torch.equal(fused(x), plain(x))
+        first = fused[3].link.plan
+        for norm in (fused[3].conv.norm, plain.get_submodule("3.body.1")):
+            norm.running_mean.add_(0.75)  # in place: the tensor's version changes
+        assert torch.equal(fused(x), plain(x)) and fused[3].link.plan is not first
+        assert not torch.equal(fused(x), model(x))  # the new statistics are used
+        kernel_plan = fused[3].link.plan
+        use_kernel(fused, "torch")
+        assert torch.equal(fused(x), plain(x)) and fused[3].link.plan[3] is None  # torch: the block's modules
+        use_kernel(fused, "numba")
+        assert torch.equal(fused(x[:1]), plain(x[:1])) and fused[3].link.plan is not kernel_plan

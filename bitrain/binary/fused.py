@@ -56,7 +56,7 @@ class _Link:
         self.previous: PackedResidual | None = None
         self.pack_next: tuple[int, int] | None = None
         self.handoff: tuple[Any, int, tuple[int, int], np.ndarray] | None = None
-        self.plan: tuple[tuple, list, _Plan | None] | None = None  # (input key, _stamp, plan): the last one
+        self.plan: tuple[tuple, list, list, _Plan | None] | None = None  # (input key, _modes, _tensors, plan)
 
 
 class _Plan(NamedTuple):
@@ -72,33 +72,29 @@ class _Plan(NamedTuple):
     pack_ok: bool  # the output channels fill whole bytes of the next conv's words
 
 
-def _stamp(layers: list[PackedQLayer]) -> list[tuple]:
-    """What a plan was made from: per packed layer (and its fused BatchNorm) its mode, kernel, and the
-    identity and version of every tensor; ``_fresh`` compares it in a few dict lookups."""
+def _modes(layers: list[PackedQLayer]) -> list[Any]:
+    """Per packed layer: its kernel, mode, fused BatchNorm (the module) and that one's mode."""
+    out: list[Any] = []
+    for layer in layers:
+        norm = layer._modules.get("norm")
+        out += [layer.kernel, layer.training, norm, None if norm is None else norm.training]
+    return out
+
+
+def _tensors(layers: list[PackedQLayer]) -> list[tuple]:
+    """(dict, name, tensor, version) of every buffer and parameter of the layers and their BatchNorms."""
     entries = []
     for layer in layers:
         norm = layer._modules.get("norm")
-        entries.append((layer, layer.training, layer.kernel, layer._modules, "norm", norm))
         for m in (layer, norm) if norm is not None else (layer,):
-            entries.append((m, m.training, None, None, None, None))
             for d in (m._buffers, m._parameters):
                 entries += [(d, name, t, t._version) for name, t in d.items() if t is not None]
     return entries
 
 
-def _fresh(entries: list[tuple]) -> bool:
-    for e in entries:
-        if len(e) == 4:
-            d, name, t, version = e
-            if d.get(name) is not t or t._version != version:
-                return False
-        else:
-            m, training, kernel, children, child, value = e
-            if m.training != training or (
-                children is not None and (children.get(child) is not value or m.kernel != kernel)
-            ):
-                return False
-    return True
+def _fresh(layers: list[PackedQLayer], modes: list[Any], tensors: list[tuple]) -> bool:
+    """True while the layers are as a plan found them: the same modes, the same tensors, unchanged."""
+    return _modes(layers) == modes and all(d.get(name) is t and t._version == v for d, name, t, v in tensors)
 
 
 class PackedResidual(nn.Module):
@@ -123,6 +119,11 @@ class PackedResidual(nn.Module):
     def conv(self) -> PackedQLayer | None:
         """The body's packed conv (None: the unit runs its modules as they are)."""
         return self._parts[2]
+
+    @property
+    def shortcut_conv(self) -> PackedQLayer | None:
+        """The shortcut's packed 1x1 conv, or None (the identity, or a shortcut of other layers)."""
+        return self._parts[3]
 
     def takes_packed(self) -> bool:
         """True when the unit before packs this unit's input for it (the model's order; checked per call)."""
@@ -186,12 +187,13 @@ class PackedResidual(nn.Module):
         """The kernel call's parts for x, or None (the unit runs its modules); kept for the next call while
         x's shape and the layers' tensors and modes stay the same."""
         key = (x.shape, x.dtype, x.device.type, self.training)
-        cached = self.link.plan
-        if cached is not None and cached[0] == key and _fresh(cached[1]):
-            return cached[2]
         conv, sc = self._parts[2:]
+        layers = [m for m in (conv, sc) if m is not None]
+        cached = self.link.plan
+        if cached is not None and cached[0] == key and _fresh(layers, *cached[1:3]):
+            return cached[3]
         plan = self._make_plan(x, conv, sc) if conv is not None and not self.training else None
-        self.link.plan = (key, _stamp([m for m in (conv, sc) if m is not None]), plan)
+        self.link.plan = (key, _modes(layers), _tensors(layers), plan)
         return plan
 
     def _make_plan(self, x: torch.Tensor, conv: PackedQLayer, sc: PackedQLayer | None) -> _Plan | None:

@@ -155,23 +155,23 @@ def _unit_ops(float_model, unit, name: str, x: torch.Tensor, xp: torch.Tensor) -
     the float side is its body conv (as ``_float_op``) + its shortcut (x, the float conv of a binary 1x1
     shortcut with its BatchNorm, or the float model's shortcut modules); the packed side is the unit as the
     model runs it, with its input already packed where the unit before packs it."""
-    from bitrain.binary.fused import _lead
 
-    conv_name = f"{name}.{unit.body_name}" + (".0" if unit.conv is not getattr(unit, unit.body_name) else "")
-    layer = float_model.get_submodule(conv_name)
+    def float_layer(fast: nn.Module) -> nn.Module:  # the float model's layer at the packed layer's place
+        return float_model.get_submodule(next(f"{name}.{k}" for k, m in unit.named_modules() if m is fast))
+
+    layer = float_layer(unit.conv)
     body = _float_op(layer, x, unit.conv.norm)
     what = _describe(layer, unit.conv)
     if unit.shortcut_name is None:
         shortcut, what = (lambda: x), what + " + x"
+    elif unit.shortcut_conv is not None:
+        sc_layer = float_layer(unit.shortcut_conv)
+        shortcut = _float_op(sc_layer, x, unit.shortcut_conv.norm)
+        what = f"{what} + {_describe(sc_layer, unit.shortcut_conv)}"
     else:
-        fast_sc = _lead(getattr(unit, unit.shortcut_name))
         module = float_model.get_submodule(f"{name}.{unit.shortcut_name}")
-        if fast_sc is not None:
-            sc_layer = module if fast_sc is getattr(unit, unit.shortcut_name) else module[0]
-            shortcut, what = _float_op(sc_layer, x, fast_sc.norm), f"{what} + {_describe(sc_layer, fast_sc)}"
-        else:
-            shortcut = lambda: module(x)  # noqa: E731
-            what += " + shortcut (" + ", ".join(type(m).__name__ for m in module.children() or [module]) + ")"
+        shortcut = lambda: module(x)  # noqa: E731
+        what += " + shortcut (" + ", ".join(type(m).__name__ for m in list(module.children()) or [module]) + ")"
     packed = unit.pack_input(xp) if unit.takes_packed() else None
     what += " on " + "x".join(str(s) for s in x.shape[1:])
     if packed is not None:
