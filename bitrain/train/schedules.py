@@ -1,4 +1,5 @@
 """Learning rate as a pure function of the step: nothing to checkpoint, resume just works.
+Torch-free (the CLI's option schema reads ``DEFAULT_LR_STEPS`` from here).
 
 The shapes follow gluoncv's ``LRScheduler`` / ``LRSequential`` that BMXNet v2 uses: a linear
 warmup over ``warmup_epochs`` from ``warmup_lr`` to ``lr`` (BMXNet parses ``--warmup-lr`` but
@@ -15,6 +16,10 @@ from functools import partial
 from bitrain.errors import UserError
 from bitrain.names import LR_MODES
 
+#: the epochs at which step mode drops the lr when none are given (BMXNet's ``--lr-steps`` default);
+#: the one home of this default: ``bitrain train``'s ``--lr-steps`` reads it too
+DEFAULT_LR_STEPS: tuple[float, ...] = (30, 60, 90)
+
 
 def lr_at(
     step: int,
@@ -25,7 +30,7 @@ def lr_at(
     epochs: int,
     warmup_epochs: float = 0,
     warmup_lr: float = 0.0,
-    lr_steps: Sequence[float] = (30, 60, 90),
+    lr_steps: Sequence[float] = DEFAULT_LR_STEPS,
     lr_factor: float = 0.1,
     power: float = 2.0,
     target_lr: float = 0.0,

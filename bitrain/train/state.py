@@ -35,3 +35,30 @@ class TrainState:
     epoch_elapsed: float = 0.0  # seconds already spent in ``epoch`` before a mid-epoch resume
     epoch_times: list[float] = field(default_factory=list)
     nonfinite_skipped: int = 0
+
+    # the resume arithmetic, named (global_batch: samples per step over all ranks)
+    @classmethod
+    def at_epoch(cls, epoch: int, steps_per_epoch: int, global_batch: int) -> TrainState:
+        """The position at the start of ``epoch`` with nothing trained in it (``start_epoch``)."""
+        step = epoch * steps_per_epoch
+        return cls(epoch=epoch, step=step, samples=step * global_batch)
+
+    @property
+    def epoch_first_step(self) -> int:
+        """The step of ``epoch``'s first batch (its lr is the epoch's lr)."""
+        return self.step - self.batch
+
+    def samples_before_epoch(self, global_batch: int) -> int:
+        """Samples seen when ``epoch`` began (TensorBoard's x value of its start)."""
+        return self.samples - self.batch * global_batch
+
+    def advance(self, global_batch: int) -> None:
+        """One optimizer step of ``global_batch`` samples done."""
+        self.batch, self.step, self.samples = self.batch + 1, self.step + 1, self.samples + global_batch
+
+    def finish_epoch(self, epoch_time: float) -> int:
+        """Move to the next epoch's start; returns the epoch just finished."""
+        done = self.epoch
+        self.epoch, self.batch, self.epoch_elapsed = done + 1, 0, 0.0
+        self.epoch_times.append(epoch_time)
+        return done
