@@ -77,8 +77,10 @@ def _in_memory(name: str, data_dir: str | None, dummy_shape: tuple[int, int, int
     if name == "dummy":
         if len(dummy_shape) != 3 or dummy_shape[1] != dummy_shape[2] or min(dummy_shape) < 1:
             raise UserError(f"dummy shape must be (C, S, S) with S >= 1, got {tuple(dummy_shape)}")
-        if dummy_classes < 1 or dummy_size < 1:
-            raise UserError(f"dummy needs >= 1 classes and samples, got {dummy_classes}/{dummy_size}")
+        if dummy_classes < 2:  # the one rule, for the API and --dummy-classes: 1 class is no classifier
+            raise UserError(f"--dummy-classes must be at least 2, got {dummy_classes}")
+        if dummy_size < 1:
+            raise UserError(f"--dummy-size must be at least 1, got {dummy_size}")
         x_tr, y_tr = make_dummy(tuple(dummy_shape), dummy_classes, dummy_size, 0)
         x_va, y_va = make_dummy(tuple(dummy_shape), dummy_classes, max(1, dummy_size // 4), 1)
         ch = dummy_shape[0]
