@@ -12,7 +12,7 @@
 #      eager                                                                    goal >= 0.95
 #   3. the same, torch.compile                                                  goal >= 0.95
 #   4. benchmarks/bench_loader.py: device loader vs a ResNet-18 train step      goal >= 20
-#   5. tests/test_amp.py on the device (BITRAIN_TEST_DEVICE): AMP, GradScaler,
+#   5. tests/train/test_amp.py on the device (BITRAIN_TEST_DEVICE): AMP, GradScaler,
 #      channels_last, compile, no host syncs                                    goal: all pass
 # A row that fails is marked FAILED and the others still run; each row's output is kept in the
 # logs folder named at the end. Nothing is installed: the tree's bitrain runs through PYTHONPATH,
@@ -157,12 +157,12 @@ row "loader/train step" "$( ((last_rc)) || grab loader '^ratio loader\/step: ([0
   "device loader $(grab loader '^device loader .*: ([0-9,]+) samples\/sec') img/s" loader
 
 # 5. the AMP / compile tests on the device
-run amp_tests env BITRAIN_TEST_DEVICE="$device" "$PY" -m pytest -q -p no:cacheprovider tests/test_amp.py \
+run amp_tests env BITRAIN_TEST_DEVICE="$device" "$PY" -m pytest -q -p no:cacheprovider tests/train/test_amp.py \
   "${tests[@]}" || true
 summary=$(grep -E '[0-9]+ (passed|failed|error)' "$logs/amp_tests.log" | tail -n 1 | tr -d '=' || true)
 summary=${summary# }
 passed=$( ((last_rc)) || grep -oE '[0-9]+ passed' <<<"$summary" || true)
-row "tests/test_amp.py on $device" "$passed" "all pass" "$summary" amp_tests "$summary"
+row "tests/train/test_amp.py on $device" "$passed" "all pass" "$summary" amp_tests "$summary"
 
 # --- the table --------------------------------------------------------------------------------
 {

@@ -15,6 +15,11 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "Trainer": "bitrain.train.trainer",
+    "Loss": "bitrain.train.loss",
+    "CheckpointSaver": "bitrain.train.saver",
+    "Placement": "bitrain.train.options",
+    "StopPolicy": "bitrain.train.options",
+    "LoopOptions": "bitrain.train.options",
     "TrainState": "bitrain.train.state",
     "evaluate": "bitrain.train.evaluation",
     "Interrupted": "bitrain.train.trainer",

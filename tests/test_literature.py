@@ -18,6 +18,7 @@ from bitrain.models.alexnet import magnitude_aware_sign_unclipped
 from bitrain.models.parts import BatchNormNoScale, keras_bn, max_pool, own
 from bitrain.models.reactnet import reactnet_sign
 from bitrain.models.realtobinary import Gate
+from bitrain.train.options import LoopOptions, StopPolicy
 from bitrain.train.trainer import Trainer
 
 # trainable parameters at 224 px, 1000 classes, 3 channels, as the references count them
@@ -71,7 +72,8 @@ def test_trains_a_test_run_on_digits(name, digits):
     before = [m.weight.detach().flatten()[::101].clone() for m in binary]  # a sample: the AlexNets hold 60M
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     # BatchNorm statistics re-estimated before validation, as the CLI does by default (--bn-recalibrate)
-    out = Trainer(model, opt, train, val, epochs=1, test_run=True, log_interval=0, bn_recalibrate=2).fit()
+    stop, options = StopPolicy(test_run=True), LoopOptions(log_interval=0, bn_recalibrate=2)
+    out = Trainer(model, opt, train, val, epochs=1, stop=stop, options=options).fit()
     assert math.isfinite(out["val"]["loss"]) and out["val"]["samples"] == 32
     changed = sum(not torch.equal(b, m.weight.detach().flatten()[::101]) for b, m in zip(before, binary))
     assert changed >= 0.9 * len(binary)  # the gradient reaches the binary layers' latent weights

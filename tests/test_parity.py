@@ -221,6 +221,7 @@ def test_quicknets_relus_see_negative_inputs():
 
 def test_quicknet_weight_clip_is_applied_by_the_trainer_every_step():
     from bitrain.data.loader import DeviceLoader
+    from bitrain.train.optim import build_optimizer
     from bitrain.train.trainer import Trainer
 
     torch.manual_seed(0)
@@ -230,7 +231,7 @@ def test_quicknet_weight_clip_is_applied_by_the_trainer_every_step():
         convs[0].weight.fill_(3.0)  # past the bound, as a large step could leave it
     images = torch.randint(0, 256, (8, 1, 8, 8), dtype=torch.uint8)
     loader = DeviceLoader(images, torch.arange(8) % 4, batch_size=4, train=True, mean=(0.5,), std=(0.25,))
-    Trainer(model, "sgd", loader, None, epochs=1, lr=0.1).fit()
+    Trainer(model, build_optimizer(model, "sgd", lr=0.1), loader, None, epochs=1).fit()
     assert all(c.weight.abs().max().item() <= 1.25 for c in convs)  # no --clip-latent-weights given
 
 

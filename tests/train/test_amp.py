@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,8 @@ from conftest import read_rows, run_cli
 
 from bitrain.data import build_data
 from bitrain.models import build_model
+from bitrain.train.options import LoopOptions, Placement, StopPolicy
+from bitrain.train.saver import CheckpointSaver
 from bitrain.train.trainer import Trainer
 
 BATCH = 64  # digits: 1442 train samples -> 22 steps per epoch
@@ -52,13 +55,32 @@ def _model(seed: int = 0) -> nn.Module:
     return build_model("tiny_resnet_e", num_classes=10, in_channels=1, image_size=8, bits=32, bits_a=32)
 
 
-def _trainer(digits, model: nn.Module | None = None, **kw) -> Trainer:
+def _trainer(
+    digits,
+    model: nn.Module | None = None,
+    *,
+    epochs: int = 1,
+    dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+    compile: bool = False,
+    test_run: bool = False,
+    run_dir: Path | None = None,
+    log_interval: int = 0,
+) -> Trainer:
     train, val, _ = digits
     model = model if model is not None else _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    kw.setdefault("epochs", 1)
-    kw.setdefault("log_interval", 0)
-    return Trainer(model, opt, train, val, device=DEVICE, **kw)
+    return Trainer(
+        model,
+        opt,
+        train,
+        val,
+        epochs=epochs,
+        saver=CheckpointSaver(run_dir / "checkpoints") if run_dir is not None else None,
+        placement=Placement(device=DEVICE, dtype=dtype, compile=compile, channels_last=channels_last),
+        stop=StopPolicy(test_run=test_run),
+        options=LoopOptions(log_interval=log_interval),
+    )
 
 
 def _capture_conv_dtypes(model: nn.Module) -> list[torch.dtype]:

@@ -286,15 +286,20 @@ def test_resume_cuts_what_was_logged_after_the_checkpoint(small_run, tmp_path):
     assert len(steps) == len(set(steps)) and 0.123 not in [round(e.value, 3) for e in ea.Scalars("accuracy/batch")]
 
 
-def test_python_api_with_an_optimizer_name(tmp_path):
-    """Trainer(model, "adam", ...) with the bitrain loaders: trains, writes last.pt, no CLI involved."""
-    from bitrain import Trainer, build_data, build_model
+def test_python_api_with_an_optimizer_object(tmp_path):
+    """Trainer(model, build_optimizer(model, "adam", ...), ...) with the bitrain loaders: trains, writes
+    last.pt, no CLI involved; an optimizer name is refused with the way to build one."""
+    from bitrain import CheckpointSaver, Trainer, build_data, build_model, build_optimizer, make_schedule
 
     train, val, info = build_data("digits", batch_size=64)
     model = build_model(
         "tiny_resnet_e", num_classes=info.num_classes, in_channels=info.in_channels, image_size=info.image_size
     )
-    trainer = Trainer(model, "adam", train, val, epochs=3, lr=0.01, run_dir=tmp_path)
+    with pytest.raises(TypeError, match="build_optimizer"):
+        Trainer(model, "adam", train, val, epochs=3)
+    schedule = make_schedule(lr=0.01, mode="step", steps_per_epoch=len(train), epochs=3)
+    saver = CheckpointSaver(tmp_path / "checkpoints")
+    trainer = Trainer(model, build_optimizer(model, "adam", lr=0.01), train, val, epochs=3, schedule=schedule, saver=saver)
     assert isinstance(trainer.optimizer, torch.optim.Adam)
     assert [g["weight_decay"] for g in trainer.optimizer.param_groups] == [0.0, 0.0]
     result = trainer.fit()

@@ -11,9 +11,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from conftest import assert_same_weights, final_weights, read_rows, run_cli
 
-from bitrain import build_data, build_model
+from bitrain import build_data, build_model, build_optimizer, make_schedule
 from bitrain.train.evaluation import evaluate
-from bitrain.train.mixup import distillation_loss
+from bitrain.train.loss import Loss, distillation_loss
+from bitrain.train.options import LoopOptions
 from bitrain.train.trainer import Trainer
 
 QUICK = ("--cpu", "--epochs", "2", "--batch-size", "128", "--log-interval", "0")
@@ -29,10 +30,19 @@ def _model(bits: int = 1) -> nn.Module:
     return build_model("tiny_resnet_e", num_classes=10, in_channels=1, image_size=8, bits=bits, bits_a=bits)
 
 
-def _trainer(digits, model=None, **kw) -> Trainer:
+def _trainer(digits, model=None, *, epochs: int = 2, bn_recalibrate: int = 0, loss: Loss | None = None) -> Trainer:
     train, val, _ = digits
-    kw = {"epochs": 2, "lr": 0.01, "lr_mode": "cosine", "log_interval": 0, **kw}
-    return Trainer(model or _model(), "adam", train, val, **kw)
+    model = model or _model()
+    return Trainer(
+        model,
+        build_optimizer(model, "adam", lr=0.01),
+        train,
+        val,
+        epochs=epochs,
+        schedule=make_schedule(lr=0.01, mode="cosine", steps_per_epoch=len(train), epochs=epochs),
+        loss=loss,
+        options=LoopOptions(log_interval=0, bn_recalibrate=bn_recalibrate),
+    )
 
 
 # ------------------------------------------------------------------ BatchNorm re-estimation
@@ -107,17 +117,18 @@ def test_alpha_zero_is_the_label_loss_and_alpha_one_follows_the_teacher(digits):
     teacher = _model(bits=32)
     plain = _trainer(digits, epochs=1)
     plain.fit()
-    ignored = _trainer(digits, epochs=1, teacher=copy.deepcopy(teacher), distill_alpha=0.0)
+    ignored = _trainer(digits, epochs=1, loss=Loss(teacher=copy.deepcopy(teacher), distill_alpha=0.0))
     ignored.fit()
     assert_same_weights(plain.model.state_dict(), ignored.model.state_dict())
-    distilled = _trainer(digits, epochs=1, teacher=copy.deepcopy(teacher), distill_alpha=1.0)
+    distilled = _trainer(digits, epochs=1, loss=Loss(teacher=copy.deepcopy(teacher), distill_alpha=1.0))
     x, y = next(iter(digits[0]))
     with torch.no_grad():
         want = distillation_loss(distilled.net(x), teacher.eval()(x))
     distilled.net.train()
     got = distilled.train_step(x, y)
     assert got.item() == pytest.approx(want.item(), rel=1e-4)
-    assert all(not p.requires_grad for p in distilled.teacher.parameters()) and not distilled.teacher.training
+    teacher_used = distilled.loss.teacher
+    assert all(not p.requires_grad for p in teacher_used.parameters()) and not teacher_used.training
 
 
 @pytest.fixture(scope="module")
