@@ -299,7 +299,9 @@ def test_python_api_with_an_optimizer_object(tmp_path):
         Trainer(model, "adam", train, val, epochs=3)
     schedule = make_schedule(lr=0.01, mode="step", steps_per_epoch=len(train), epochs=3)
     saver = CheckpointSaver(tmp_path / "checkpoints")
-    trainer = Trainer(model, build_optimizer(model, "adam", lr=0.01), train, val, epochs=3, schedule=schedule, saver=saver)
+    trainer = Trainer(
+        model, build_optimizer(model, "adam", lr=0.01), train, val, epochs=3, schedule=schedule, saver=saver
+    )
     assert isinstance(trainer.optimizer, torch.optim.Adam)
     assert [g["weight_decay"] for g in trainer.optimizer.param_groups] == [0.0, 0.0]
     result = trainer.fit()
