@@ -25,6 +25,7 @@ from bitrain.data.cache import default_data_dir
 from bitrain.data.loader import DeviceLoader
 from bitrain.data.mnist import load_mnist
 from bitrain.train.evaluation import evaluate, recalibrate_bn
+from bitrain.train.options import LoopOptions
 from bitrain.train.trainer import Trainer
 
 
@@ -47,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     train = DeviceLoader(xt, yt, batch_size=32, train=True, seed=123, **norm)
     val = DeviceLoader(xv, yv, batch_size=32, train=False, **norm)
     model = build_model("tiny_resnet_e", num_classes=10, in_channels=1, image_size=28)
-    trainer = Trainer(model, build_optimizer(model, "adam", lr=0.01), train, None, epochs=0, log_interval=0)
+    opt = build_optimizer(model, "adam", lr=0.01)
+    trainer = Trainer(model, opt, train, None, epochs=0, options=LoopOptions(log_interval=0))
     rows = []
     print(f"{'epoch':>5} {'running':>8} {'re-est K=' + str(ns.k):>11} {'batch stats':>11} {'re-est s':>9}")
     for epoch in range(ns.epochs):

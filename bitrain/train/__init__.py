@@ -1,3 +1,4 @@
-"""The training loop and what it needs: Trainer, state, callbacks, metrics, lr schedules, optimizers,
-mixup, checkpoints, torch.distributed helpers and preemption. Knows nothing of the config, the zoo or
-the data-set registry: everything comes in as flat keyword arguments."""
+"""The training loop and what it needs: Trainer and its parts (loss, checkpoint saver, placement / stop
+policy / loop options), state, callbacks, metrics, lr schedules, optimizers, checkpoints,
+torch.distributed helpers and preemption. Knows nothing of the config, the zoo or the data-set
+registry: the CLI builds the parts from its config, an API user directly."""

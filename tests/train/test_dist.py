@@ -58,7 +58,8 @@ PROBE = textwrap.dedent("""
     def fit_and_dump(self):
         out = fit(self)
         weights = {k: v.detach().clone().contiguous() for k, v in self.model.state_dict().items()}
-        save_file(weights, str(self.run_dir / f"rank{self.dist.rank}.safetensors"))
+        run_dir = self.saver.folder.parent  # the saver writes into RUN/checkpoints
+        save_file(weights, str(run_dir / f"rank{self.dist.rank}.safetensors"))
         return out
 
     def failing_step(self, x, y):
