@@ -53,7 +53,7 @@ class Run:
 
     cfg: C.TrainConfig
     device: torch.device
-    rank: Any  # dist.DistInfo
+    dist_info: Any  # train.dist.DistInfo: rank, world_size, is_main
     train_loader: Any
     val_loader: Any
     info: Any  # data.DataInfo
@@ -67,23 +67,23 @@ def main(argv: Sequence[str]) -> int:
 
     Returns the exit code.
     """
-    cfg, payload, ckpt_path = resolve_config(argv)
+    cfg, payload, ckpt_path = resolve_config(argv)  # flags, YAML, the resumed checkpoint's config
     gpus = C.parse_ints("gpus", cfg.gpus) if cfg.gpus else []
     if len(gpus) > 1 and "WORLD_SIZE" not in os.environ:
         from bitrain.cli.launch import launch_ranks  # one process per GPU through torch.distributed.run
 
         return launch_ranks(list(argv), nproc=len(gpus))
-    run = build_run(cfg)
+    run = build_run(cfg)  # device, process group, data, model
     if cfg.dry_run or cfg.plot_network:
         print_summary(run.model, run.info, cfg.plot_network)
         if cfg.dry_run:
             return 0
-    trainer = build_trainer(run)
+    trainer = build_trainer(run)  # optimizer, schedule, loss, saver, placement, stop policy, options
     restore(run, trainer, payload, ckpt_path)  # before the run directory is touched
-    run_lock = open_run_dir(run, payload, ckpt_path)
+    run_lock = open_run_dir(run, payload, ckpt_path)  # locked, prepared, config.yaml written
     callbacks = attach_loggers(run, trainer)  # a resumed run's logs continue where its checkpoint left them
     announce(run, trainer, ckpt_path if payload is not None else None)
-    return fit(run, trainer, callbacks, run_lock)
+    return fit(run, trainer, callbacks, run_lock)  # the exit code
 
 
 def build_run(cfg: C.TrainConfig) -> Run:
@@ -94,13 +94,13 @@ def build_run(cfg: C.TrainConfig) -> Run:
     from bitrain.train import dist
 
     device = select_device(cfg)
-    rank = dist.init_from_env(device.type, device=device)
-    torch.manual_seed(cfg.seed + rank.rank)
-    train_loader, val_loader, info = build_loaders(cfg, device, rank.rank, rank.world_size)
+    dist_info = dist.init_from_env(device.type, device=device)
+    torch.manual_seed(cfg.seed + dist_info.rank)
+    train_loader, val_loader, info = build_loaders(cfg, device, dist_info.rank, dist_info.world_size)
     margs = model_args(cfg, info)
     model = build_model(**margs)
     run_dir = Path(cfg.prefix) if cfg.prefix else default_run_dir(cfg.model, cfg.dataset)
-    return Run(cfg, device, rank, train_loader, val_loader, info, margs, model, run_dir)
+    return Run(cfg, device, dist_info, train_loader, val_loader, info, margs, model, run_dir)
 
 
 def build_trainer(run: Run) -> Trainer:
@@ -147,10 +147,10 @@ def open_run_dir(run: Run, payload: dict | None, ckpt_path: Path | None) -> Any:
     from bitrain.train import dist
 
     cfg, run_dir = run.cfg, run.run_dir
-    run_lock = lock_run_dir(run_dir) if run.rank.is_main else None  # before anything in it changes
+    run_lock = lock_run_dir(run_dir) if run.dist_info.is_main else None  # before anything in it changes
     if run_lock is not None and cfg.resume == "auto":
         _check_still_newest(run_lock, run_dir, payload, ckpt_path)
-    if run.rank.is_main:
+    if run.dist_info.is_main:
         try:  # --resume with nothing to resume yet (e.g. killed before the first checkpoint) starts fresh there
             prepare_run_dir(
                 run_dir,
@@ -172,7 +172,7 @@ def attach_loggers(run: Run, trainer: Trainer) -> list:
 
     cfg, run_dir = run.cfg, run.run_dir
     callbacks: list = []
-    if run.rank.is_main:
+    if run.dist_info.is_main:
         progress = ProgressETA(cfg.progress, live=console.live())
         tb_dir = Path(cfg.write_summary) if cfg.write_summary else run_dir / "tb"
         callbacks = [
@@ -192,7 +192,7 @@ def announce(run: Run, trainer: Trainer, resumed_from: Path | None) -> None:
         trainer.message(f"resumed from {resumed_from}: epoch {s.epoch}, batch {s.batch}, step {s.step}")
     trainer.message(
         f"bitrain: training {cfg.model} ({cfg.bits}-bit weights, {cfg.bits_a}-bit activations) on {info.name} "
-        f"({info.num_train} train / {info.num_val} val) on {run.device}, world size {run.rank.world_size}; "
+        f"({info.num_train} train / {info.num_val} val) on {run.device}, world size {run.dist_info.world_size}; "
         f"run dir {run.run_dir}"
     )
 
@@ -208,7 +208,7 @@ def fit(run: Run, trainer: Trainer, callbacks: list, run_lock: Any) -> int:
     interrupted = False
     try:
         result = trainer.fit()
-        if run.rank.is_main:
+        if run.dist_info.is_main:
             save_final_weights(run.model, run_dir / "model.safetensors", run.model_args)
             say(f"[Done] average epoch time (first epoch left out): {result['avg_epoch_time']:.3f}s")
             say(f"[Done] best validation top-1: {result['best_acc']:.4f}; run dir: {run_dir}")
