@@ -83,8 +83,8 @@ APPROXIMATIONS = ("", "xnor", "binet")  # weight (and input) scaling of a binary
 PACKED_KERNELS = ("auto", "numba", "torch")  # packed 1-bit inference (load_packed, $BITRAIN_KERNEL)
 
 # models (bitrain.models)
-STEMS = ("imagenet", "grouped_stem", "thumbnail")  # --initial-layers
-INITIALIZATIONS = ("gaussian", "default", "msraprelu_avg", "msraprelu_in")
+STEMS = ("imagenet", "grouped_stem", "thumbnail")  # --initial-layers; the first is the default
+INITIALIZATIONS = ("gaussian", "default", "msraprelu_avg", "msraprelu_in")  # the first is the default
 # architecture options (BMXNet flag names with - -> _) that build_model passes through to builders
 ARCH_OPTIONS = (
     "fp_downsample_sc",
