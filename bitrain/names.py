@@ -2,7 +2,9 @@
 
 The registries (data sets, quantizers, optimizers, lr schedules, initialisations, stems) are built
 from these tuples or checked against them by ``tests/test_names.py``; the config's choices, the
-help text and the error messages read them from here.
+help text and the error messages read them from here. Each quantizer's names and bit widths are its
+``QUANTIZER_NAMES`` row (``bitrain.binary.quantizers`` attaches its functions to it); ``flag`` spells
+an option's command-line flag for every error message.
 """
 
 from __future__ import annotations
