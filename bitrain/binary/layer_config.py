@@ -47,13 +47,13 @@ def check_bits(bits: int, option: str = "bits") -> int:
 
 
 def check_approximation(value: str) -> str:
-    """'' | xnor | binet; ``abc`` (ABC-Net) is refused with its reason, anything else with the valid values."""
+    """'' | xnor | binet (``names.APPROXIMATIONS``); ``abc`` (ABC-Net) is refused with its reason, anything else
+    with the valid values. The one rule for the layers, ``build_model`` and the command line."""
+    valid = ", ".join(repr(a) if a == "" else a for a in APPROXIMATIONS)
     if value == "abc":
-        raise UserError(
-            f"{flag('approximation')} abc is not supported (ABC-Net: BMXNet crashes on it); use '', xnor or binet"
-        )
+        raise UserError(f"{flag('approximation')} abc is not supported (ABC-Net: BMXNet crashes on it); use {valid}")
     if value not in APPROXIMATIONS:
-        raise UserError(f"approximation {value!r} is not valid; use '', 'binet' or 'xnor'")
+        raise UserError(f"{flag('approximation')} {value!r} is not valid; choose from: {valid}")
     return value
 
 
