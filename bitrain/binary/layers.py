@@ -1,4 +1,7 @@
-"""Quantized layers: QActivation, QConv2d, QLinear, the scaling approximations and the layer config.
+"""Quantized layers: QConv2d, QLinear, the scaling approximations and the latent-weight bounds.
+
+QActivation (``activation.py``) and the layer configuration (``layer_config.py``: the defaults,
+``binary_layer_config``) are importable from here too.
 
 BMXNet v2 semantics (``gluon/nn/binary_layers.py``), re-done as plain nn.Conv2d / nn.Linear
 subclasses whose forward is: quantize input -> pad -> conv (or linear).
