@@ -10,7 +10,7 @@ recipes for the environments; in short:
 Each reference gives one compressed ``<reference>.npz``: float32 arrays named ``<group>/<case>/<what>``
 (the input ``x``, a fixed upstream gradient ``dy``, the reference's output ``y`` and input gradient
 ``grad`` = d sum(y * dy) / dx) and ``meta``, a JSON string (versions, parameter counts, settings), so
-that tests/test_parity.py recomputes the same with bitrain and compares. The grid holds 0, -0.0, +-1, the clip edges 1.25 and 0.05 with
+that tests/binary/test_parity.py recomputes the same with bitrain and compares. The grid holds 0, -0.0, +-1, the clip edges 1.25 and 0.05 with
 their float32 neighbours, and every rounding edge (k + 1/2) / n of 1..4 bits with its neighbours.
 """
 

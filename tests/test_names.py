@@ -71,6 +71,28 @@ def test_quantizer_registry_matches_the_names():
                 assert quant.get_quantizer(name, bits) is not None
 
 
+def test_each_quantizer_is_one_row_of_the_names_and_one_spec():
+    """``names.QUANTIZER_NAMES`` (names, widths; torch-free) and ``quantizers.SPECS`` (functions, properties)
+    list the same quantizers in the same order, and every width fact is read from the names."""
+    assert [q.name for q in quant.SPECS] == [q.name for q in names.QUANTIZER_NAMES]
+    for q, row in zip(quant.SPECS, names.QUANTIZER_NAMES):
+        assert (q.bits, q.aliases) == (row.bits, row.aliases)
+        # a 32-bit form of its own exactly where it also takes a smaller width (approx_sign's polynomial)
+        assert (q.fp_fn is not None) == (32 in row.bits and len(row.bits) > 1), q.name
+    assert names.KBIT_QUANTIZERS == ("round", "dorefa", "dorefa_quantizer")
+    assert set(names.QUANTIZERS_BY_NAME) == quant.ALL_NAMES
+    for bits in names.BITS:
+        for kind in ("activation", "weight"):
+            assert quant.valid_methods(bits, kind) == names.quantizers_for(bits, kind)
+            assert names.default_quantizer(bits, kind) in names.quantizers_for(bits, kind)
+            for name in names.QUANTIZERS_BY_NAME:  # the torch-free rule and the records agree
+                assert names.fits(name, bits, kind) == (quant.QUANTIZERS[name].resolve(bits, kind) is not None)
+
+
+def test_flag():
+    assert names.flag("clip_threshold") == "--clip-threshold" and names.flag("bits") == "--bits"
+
+
 def test_optimizer_lr_mode_dtype_registries_match_the_names():
     assert (*OPTIMIZERS, "bop") == names.OPTIMIZERS
     model = build_model("lenet", num_classes=10, in_channels=1, image_size=28)
@@ -104,6 +126,7 @@ def test_readme_flag_table_lists_the_names():
 def test_the_names_and_the_help_need_no_torch():
     code = (
         "import sys, contextlib, io, bitrain.names, bitrain.data.sets, bitrain.cli.config\n"
+        "import bitrain.binary.layer_config, bitrain.binary.geometry\n"
         "from bitrain.cli import main\n"
         "with contextlib.redirect_stdout(io.StringIO()):\n"
         "    codes = [main(['--help']), main(['train', '--help'])]\n"

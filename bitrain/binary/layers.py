@@ -1,4 +1,7 @@
-"""Quantized layers: QActivation, QConv2d, QLinear, the scaling approximations and the layer config.
+"""Quantized layers: QConv2d, QLinear, the scaling approximations and the latent-weight bounds.
+
+QActivation (``activation.py``) and the layer configuration (``layer_config.py``: the defaults,
+``binary_layer_config``) are importable from here too.
 
 BMXNet v2 semantics (``gluon/nn/binary_layers.py``), re-done as plain nn.Conv2d / nn.Linear
 subclasses whose forward is: quantize input -> pad -> conv (or linear).
@@ -34,141 +37,33 @@ training (``latent_weight_warning``): no hook runs on the hot path.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import math
-from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from bitrain.binary import quantizers as quant
+from bitrain.binary.activation import QActivation, resolve_method
+from bitrain.binary.geometry import conv_out_size
+from bitrain.binary.layer_config import LayerConfig, binary_layer_config, check_approximation, get_layer_config
 from bitrain.errors import UserError
-from bitrain.names import APPROXIMATIONS
 
-
-@dataclass(frozen=True)
-class LayerConfig:
-    """Defaults for quantized layers built inside ``binary_layer_config`` (BMXNet flag values)."""
-
-    bits: int = 1
-    bits_a: int = 1
-    activation_method: str = "det_sign"
-    weight_quantization: str = "det_sign"
-    clip_threshold: float = 1.0
-    approximation: str = ""
-    no_offset: bool = False
-
-
-_CONFIG = [LayerConfig()]
-
-
-def get_layer_config() -> LayerConfig:
-    """The layer defaults in effect now (innermost ``binary_layer_config`` block)."""
-    return _CONFIG[-1]
-
-
-def _check_approximation(value: str) -> str:
-    if value == "abc":
-        raise UserError("approximation 'abc' (ABC-Net) is not supported; use '', 'binet' or 'xnor'")
-    if value not in APPROXIMATIONS:
-        raise UserError(f"approximation {value!r} is not valid; use '', 'binet' or 'xnor'")
-    return value
-
-
-def _check_clip(value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise UserError(f"clip_threshold={value!r} must be a number > 0 (inf = no gradient cancel)")
-    return float(value)
-
-
-def _check_name(value, option: str):
-    if isinstance(value, str) and value not in quant.ALL_NAMES:
-        flag = "--" + option.replace("_", "-")  # the CLI flag and the keyword name both, for either user
-        raise UserError(f"{flag} ({option}) {value!r} is unknown; valid: {', '.join(sorted(quant.ALL_NAMES))}")
-    return value
-
-
-@contextlib.contextmanager
-def binary_layer_config(**overrides) -> Iterator[LayerConfig]:
-    """Layers built inside the block take these defaults (BMXNet set_binary_layer_config).
-
-    A value of None keeps the current one. Values are validated here, so a bad flag fails
-    before any model is built.
-    """
-    fields = {f.name for f in dataclasses.fields(LayerConfig)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise UserError(f"binary_layer_config: unknown option(s) {unknown}; valid: {', '.join(sorted(fields))}")
-    cfg = dataclasses.replace(get_layer_config(), **{k: v for k, v in overrides.items() if v is not None})
-    quant.check_bits(cfg.bits, "bits")
-    quant.check_bits(cfg.bits_a, "bits_a")
-    _check_name(cfg.activation_method, "activation_method")
-    _check_name(cfg.weight_quantization, "weight_quantization")
-    _check_clip(cfg.clip_threshold)
-    _check_approximation(cfg.approximation)
-    _CONFIG.append(cfg)
-    try:
-        yield cfg
-    finally:
-        _CONFIG.pop()
-
-
-def _resolve(explicit, configured: str, bits: int, kind: str, option: str):
-    """(method, fn): an explicit name must fit the bits; a configured default that does not
-    fit falls back to the default for the bits (BMXNet's assure_consistency)."""
-    if explicit is not None:
-        if not isinstance(explicit, str):
-            return explicit, quant.get_quantizer(explicit)
-        _check_name(explicit, option)
-        if explicit not in quant.valid_methods(bits, kind):
-            raise UserError(
-                f"{option} {explicit!r} does not fit {bits}-bit {kind}s; "
-                f"valid: {', '.join(quant.valid_methods(bits, kind))}"
-            )
-        return explicit, quant.get_quantizer(explicit, bits, kind)
-    method = configured if configured in quant.valid_methods(bits, kind) else quant.default_method(bits, kind)
-    return method, quant.get_quantizer(method, bits, kind)
-
-
-class QActivation(nn.Module):
-    """Input quantizer: gradient cancel at ``clip_threshold``, then quantize to ``bits`` bits.
-
-    ``method`` is a registry name (see ``bitrain.binary.quantizers``) or a callable/module taking x.
-    """
-
-    def __init__(self, bits: int | None = None, clip_threshold: float | None = None, method=None):
-        super().__init__()
-        cfg = get_layer_config()
-        self.bits = quant.check_bits(cfg.bits_a if bits is None else bits, "bits_a")
-        self.clip_threshold = _check_clip(cfg.clip_threshold if clip_threshold is None else clip_threshold)
-        self.method, fn = _resolve(method, cfg.activation_method, self.bits, "activation", "activation_method")
-        # a callable/module method stays in self.method (a module is registered there, so
-        # train()/eval() and .to() reach it); a name keeps its resolved function in _fn
-        self._named = isinstance(self.method, str)
-        self._fn = fn if self._named else None
-
-    @property
-    def is_identity(self) -> bool:
-        """True when the forward returns x unchanged (32-bit identity)."""
-        return self.method == "identity"
-
-    @property
-    def plus_minus_one(self) -> bool:
-        """True when the output is det_sign's +-1 (0 -> +1), an xnor-popcount input; a callable says so itself."""
-        if self._named:
-            return self.bits == 1 and quant.QUANTIZERS[self.method].plus_minus_one
-        return bool(getattr(self.method, "plus_minus_one", False))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._named:
-            return self._fn(x, self.clip_threshold, self.bits)
-        return self.method(x)
-
-    def extra_repr(self) -> str:
-        return f"bits={self.bits}, method={self.method!r}, clip_threshold={self.clip_threshold}"
+# the configuration lives in layer_config.py (torch-free, read by the command line too) and QActivation in
+# activation.py; their public names stay importable from here, where the layers are
+__all__ = [
+    "LayerConfig",
+    "QActivation",
+    "QConv2d",
+    "QLinear",
+    "binary_layer_config",
+    "binary_layers",
+    "clip_latent_weights_",
+    "get_layer_config",
+    "has_weight_clips",
+    "latent_weight_warning",
+    "mark_latent_bounded",
+]
 
 
 def _check_weight_clip(value) -> float | None:
@@ -204,9 +99,9 @@ def _setup(
     layer.weight_clip = _check_weight_clip(weight_clip)
     layer.bits = quant.check_bits(cfg.bits if bits is None else bits, "bits")
     layer.bits_a = quant.check_bits(cfg.bits_a if bits_a is None else bits_a, "bits_a")
-    layer.approximation = _check_approximation(cfg.approximation if approximation is None else approximation)
+    layer.approximation = check_approximation(cfg.approximation if approximation is None else approximation)
     layer.no_offset = bool(cfg.no_offset if no_offset is None else no_offset)
-    layer.weight_quantization, wq = _resolve(
+    layer.weight_quantization, wq = resolve_method(
         weight_quantization, cfg.weight_quantization, layer.bits, "weight", "weight_quantization"
     )
     layer._wq = wq if isinstance(layer.weight_quantization, str) else None
@@ -239,12 +134,10 @@ def _forward_weight(layer: nn.Module, scale: float) -> torch.Tensor:
     return w if scale == 1.0 else w * scale
 
 
-def _out_size(hw, conv: nn.Conv2d) -> int:
-    # spatial output positions of a QConv2d (padding qpadding) on an hw input
-    out = 1
-    for size, p, k, s, d in zip(hw, conv.qpadding, conv.kernel_size, conv.stride, conv.dilation):
-        out *= (size + 2 * p - d * (k - 1) - 1) // s + 1
-    return out
+def _out_hw(hw, conv: nn.Conv2d) -> tuple[int, int]:
+    # output height and width of a QConv2d (padding qpadding) on an hw input
+    h, w = (conv_out_size(*a) for a in zip(hw, conv.kernel_size, conv.stride, conv.qpadding, conv.dilation))
+    return h, w
 
 
 def _offset_args(layer: nn.Module, w: torch.Tensor):
@@ -313,7 +206,7 @@ class QConv2d(nn.Conv2d):
         x_real = x
         x = self.act(x)
         # (dot + fan_in) / 2: halve whichever is smaller, the weights or the output
-        n_out = x.shape[0] * self.out_channels * _out_size(x.shape[-2:], self)
+        n_out = x.shape[0] * self.out_channels * math.prod(_out_hw(x.shape[-2:], self))
         half_w = self.apply_offset and self.weight.numel() <= n_out
         w = _forward_weight(self, 0.5 if half_w else 1.0)
         b = w.new_full((self.out_channels,), self.fan_in / 2.0) if half_w else None
@@ -343,8 +236,8 @@ class QConv2d(nn.Conv2d):
             cols = F.unfold(mask, self.kernel_size, dilation=self.dilation, stride=self.stride)[0]
             if not torch.compiler.is_compiling():
                 self._border_cols = {key: cols}  # one entry: a model sees one size at a time
-        ho = (h + 2 * ph - self.dilation[0] * (self.kernel_size[0] - 1) - 1) // self.stride[0] + 1
-        return (w.sum(1).flatten(1) @ cols).view(1, w.shape[0], ho, -1)
+        ho, wo = _out_hw(hw, self)
+        return (w.sum(1).flatten(1) @ cols).view(1, w.shape[0], ho, wo)
 
     def _xnor_k(self, x: torch.Tensor) -> torch.Tensor:
         # K (N, 1, H', W'): channel-mean |x| averaged over each receptive field (zero padded)

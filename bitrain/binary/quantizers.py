@@ -25,13 +25,14 @@ from dataclasses import dataclass
 import torch
 
 from bitrain.binary.kbit import dorefa, dorefa_quantizer, dorefa_quantizer_weights, round_half_up, round_ste
+from bitrain.binary.layer_config import check_bits
 from bitrain.binary.ste import INF, grad_cancel
 from bitrain.binary.ste import cancel as _cancel
 from bitrain.binary.ste import sign as _sign
 from bitrain.errors import UserError
-from bitrain.names import BITS
+from bitrain.names import BITS, QUANTIZER_NAMES, QUANTIZERS_BY_NAME, default_quantizer, fits, quantizers_for
 
-__all__ = ["INF", "dorefa", "dorefa_quantizer", "dorefa_quantizer_weights", "round_half_up", "round_ste"]
+__all__ = ["INF", "check_bits", "dorefa", "dorefa_quantizer", "dorefa_quantizer_weights", "round_half_up", "round_ste"]
 Quantizer = Callable[..., torch.Tensor]
 
 
@@ -205,92 +206,69 @@ def approx_sign_poly(x: torch.Tensor, clip_threshold: float = INF, bits: int = 3
 
 # --- the registry: one record per quantizer ---------------------------------------------------
 
-ONE_BIT, K_BIT, FULL = (1,), (1, 2, 3, 4, 5, 6, 7, 8), (32,)
-
 
 @dataclass(frozen=True)
 class QuantizerSpec:
-    """Everything bitrain knows about one quantizer; every other module asks this record."""
+    """Everything bitrain knows about one quantizer; every other module asks this record. Its names and
+    widths are its row in ``bitrain.names.QUANTIZER_NAMES`` (torch-free, so the command line reads them)."""
 
     name: str
-    fn: Quantizer  # the form below 32 bits (at 32 bits when ``bits`` is FULL only)
-    bits: tuple[int, ...]  # the widths it accepts
-    aliases: tuple[str, ...] = ()  # larq / bitorch / BMXNet names for the same function
-    fp_fn: Quantizer | None = None  # the full-precision (32-bit activation) form, when it has one
+    fn: Quantizer  # the form below 32 bits (at 32 bits when 32 is its only width)
+    fp_fn: Quantizer | None = None  # the full-precision (32-bit activation) form, when it also takes 32
     weight_fn: Quantizer | None = None  # the form for weights, when it differs (per output channel, larq's DoReFa)
     # det_sign's +-1 (0 -> +1): the xnor offset on weights; an input the export packs as sign bits
     plus_minus_one: bool = False
     ste_sign: bool = False  # the plain straight-through sign: weights take one fused scaled_sign pass
     scaled: bool = False  # output carries a magnitude (an export stores it as weight_scale)
 
+    @property
+    def bits(self) -> tuple[int, ...]:
+        """The widths it accepts (``bitrain.names``)."""
+        return QUANTIZERS_BY_NAME[self.name].bits
+
+    @property
+    def aliases(self) -> tuple[str, ...]:
+        """larq / bitorch / BMXNet names for the same function (``bitrain.names``)."""
+        return QUANTIZERS_BY_NAME[self.name].aliases
+
     def resolve(self, bits: int, kind: str = "activation") -> Quantizer | None:
         """The function for ``bits`` and ``kind`` (activation or weight), or None when it does not fit."""
-        if bits == 32:
-            if 32 not in self.bits and self.fp_fn is None:
-                return None
-            if kind == "weight" and self.name != "identity":  # full-precision weights are the weights
-                return None
-            return self.fp_fn or self.fn
-        if bits not in self.bits:
+        if not fits(self.name, bits, kind):
             return None
+        if bits == 32:
+            return self.fp_fn or self.fn
         return self.weight_fn if kind == "weight" and self.weight_fn is not None else self.fn
 
 
 SPECS: tuple[QuantizerSpec, ...] = (
-    QuantizerSpec("det_sign", det_sign, ONE_BIT, ("ste_sign", "sign"), plus_minus_one=True, ste_sign=True),
-    QuantizerSpec(
-        "approx_sign",
-        approx_sign,
-        ONE_BIT,
-        ("sign_approx_sign", "approxsign"),
-        fp_fn=approx_sign_poly,
-        plus_minus_one=True,
-    ),
-    QuantizerSpec("swish_sign", swish_sign, ONE_BIT, ("swishsign",), plus_minus_one=True),
-    QuantizerSpec("ste_heaviside", ste_heaviside, ONE_BIT),
-    QuantizerSpec("steheaviside", steheaviside, ONE_BIT),  # +-1, but 0 -> -1: not det_sign's
-    QuantizerSpec(
-        "magnitude_aware_sign", magnitude_aware_sign, ONE_BIT, weight_fn=magnitude_aware_sign_weight, scaled=True
-    ),
-    QuantizerSpec("round", round_ste, K_BIT),
-    QuantizerSpec("dorefa", dorefa, K_BIT),
-    QuantizerSpec("dorefa_quantizer", dorefa_quantizer, K_BIT, weight_fn=dorefa_quantizer_weights),
-    QuantizerSpec("ste_tern", ste_tern, (2,)),
-    QuantizerSpec("identity", identity, FULL),
-    QuantizerSpec("relu", relu, FULL),
-    QuantizerSpec("clip", clip, FULL),
-    QuantizerSpec("leaky_clip", leaky_clip, FULL),
+    QuantizerSpec("det_sign", det_sign, plus_minus_one=True, ste_sign=True),
+    QuantizerSpec("approx_sign", approx_sign, fp_fn=approx_sign_poly, plus_minus_one=True),
+    QuantizerSpec("swish_sign", swish_sign, plus_minus_one=True),
+    QuantizerSpec("ste_heaviside", ste_heaviside),
+    QuantizerSpec("steheaviside", steheaviside),  # +-1, but 0 -> -1: not det_sign's
+    QuantizerSpec("magnitude_aware_sign", magnitude_aware_sign, weight_fn=magnitude_aware_sign_weight, scaled=True),
+    QuantizerSpec("round", round_ste),
+    QuantizerSpec("dorefa", dorefa),
+    QuantizerSpec("dorefa_quantizer", dorefa_quantizer, weight_fn=dorefa_quantizer_weights),
+    QuantizerSpec("ste_tern", ste_tern),
+    QuantizerSpec("identity", identity),
+    QuantizerSpec("relu", relu),
+    QuantizerSpec("clip", clip),
+    QuantizerSpec("leaky_clip", leaky_clip),
 )
+if [q.name for q in SPECS] != [q.name for q in QUANTIZER_NAMES]:  # one spec per row of the names, in order
+    raise RuntimeError("bitrain.binary.quantizers.SPECS and bitrain.names.QUANTIZER_NAMES list different quantizers")
 #: every name (aliases included) -> its record
 QUANTIZERS: dict[str, QuantizerSpec] = {n: q for q in SPECS for n in (q.name, *q.aliases)}
 ALL_NAMES = frozenset(QUANTIZERS)
 VALID_BITS = BITS
+default_method = default_quantizer  # BMXNet's default for a width (bitrain.names)
+valid_methods = quantizers_for  # the names that fit a width and a use (bitrain.names)
 
 
 def spec(name: str) -> QuantizerSpec | None:
     """The record of a quantizer name (None for a callable or an unknown name)."""
     return QUANTIZERS.get(name) if isinstance(name, str) else None
-
-
-def default_method(bits: int, kind: str = "activation") -> str:
-    """BMXNet's default quantizer for a bit width: det_sign (1), round/dorefa (2-8), identity (32)."""
-    if bits == 1:
-        return "det_sign"
-    if bits == 32:
-        return "identity"
-    return "round" if kind == "activation" else "dorefa"
-
-
-def valid_methods(bits: int, kind: str = "activation") -> list[str]:
-    """Names accepted for this bit width and use (activation or weight)."""
-    return sorted(n for n, q in QUANTIZERS.items() if q.resolve(bits, kind) is not None)
-
-
-def check_bits(bits: int, option: str = "bits") -> int:
-    """bits in 1..8 or 32, else UserError naming the option."""
-    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in VALID_BITS:
-        raise UserError(f"{option}={bits!r} is not supported; use 1..8 or 32 (32 = full precision)")
-    return bits
 
 
 def get_quantizer(identifier: str | Quantizer | None, bits: int = 1, kind: str = "activation") -> Quantizer | None:

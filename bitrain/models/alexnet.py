@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from bitrain.binary.geometry import conv_out_size
 from bitrain.binary.layers import QConv2d, QLinear, get_layer_config
 from bitrain.models._registry import register
 from bitrain.models.parts import ZooQuantizer, check_stem, keras_bn, max_pool, own
@@ -64,7 +65,7 @@ def _first(initial_layers: str, image_size: int, kernel: int, same: bool) -> tup
     if initial_layers == "thumbnail":
         return 3, 1, 1, image_size
     pad = kernel // 2 if same else 0
-    return kernel, 4, pad, (image_size + 2 * pad - kernel) // 4 + 1
+    return kernel, 4, pad, conv_out_size(image_size, kernel, 4, pad)
 
 
 def _ste(c_in: int, c_out: int, k: int, stride: int, pad: int, **kw) -> QConv2d:

@@ -89,9 +89,9 @@ class DenseNetBase(nn.Module):
         num_classes: int,
         in_channels: int,
         initial_layers: str,
-        init_features: int = 64,
-        growth_rate: int = 64,
-        dilated: bool = False,
+        init_features: int,
+        growth_rate: int,
+        dilated: bool,
     ):
         super().__init__()
         if len(reduction) != len(block_config) - 1:
@@ -127,98 +127,55 @@ class DenseNetBase(nn.Module):
         return self.output(self.features(x))
 
 
-def dense_options(option_defaults: tuple, reduction, downsample_structure, n_transitions: int) -> tuple:
-    """(reduction list, downsample string) from user options or the model's defaults."""
-    default_reduction, default_downsample = option_defaults
-    red = default_reduction if reduction is None else positive_floats("--reduction", reduction, n_transitions)
-    return red, default_downsample if downsample_structure is None else str(downsample_structure)
+def dense_arch(reduction, downsample_structure: str = DOWNSAMPLE, **more) -> dict:
+    """The options a DenseNet / MeliusNet takes, with their defaults: BMXNet's growth rate and stem width 64,
+    strided transitions, and the model's own channel divisor per transition and transition structure."""
+    return dict(
+        reduction=reduction,
+        growth_rate=64,
+        init_features=64,
+        downsample_structure=downsample_structure,
+        dilated=False,
+        **more,
+    )
 
 
-def _densenet(
-    cls, block_config, reduction_default, downsample_default, *, reduction=None, downsample_structure=None, **kw
-) -> nn.Module:
+def dense_net(cls, block_config: list[int], kw: dict) -> nn.Module:
+    """``cls`` (DenseNetBase or MeliusNet) with ``block_config`` and the options in ``kw`` (a reduction of
+    None: 2 per transition)."""
     kw.pop("image_size")
-    red, ds = dense_options(
-        (reduction_default, downsample_default), reduction, downsample_structure, len(block_config) - 1
-    )
-    return cls(block_config, red, ds, **kw)
+    n = len(block_config) - 1
+    reduction = kw.pop("reduction")
+    reduction = [2.0] * n if reduction is None else positive_floats("--reduction", reduction, n)
+    return cls(block_config, reduction, str(kw.pop("downsample_structure")), **kw)
 
 
-@register("densenet28", family="densenet")
-def densenet28(*, reduction=None, growth_rate=64, init_features=64, downsample_structure=None, dilated=False, **kw):
-    """BinaryDenseNet-28: blocks [6, 6, 6, 5], channels divided by 2.7, 2.7, 2.2 in the transitions."""
-    return _densenet(
-        DenseNetBase,
-        [6, 6, 6, 5],
-        [2.7, 2.7, 2.2],
-        DOWNSAMPLE,
-        reduction=reduction,
-        downsample_structure=downsample_structure,
-        growth_rate=growth_rate,
-        init_features=init_features,
-        dilated=dilated,
-        **kw,
-    )
-
-
-@register("densenet37", family="densenet")
-def densenet37(*, reduction=None, growth_rate=64, init_features=64, downsample_structure=None, dilated=False, **kw):
-    """BinaryDenseNet-37: blocks [6, 8, 12, 6], reductions 3.3, 3.3, 4."""
-    return _densenet(
-        DenseNetBase,
-        [6, 8, 12, 6],
-        [3.3, 3.3, 4.0],
-        DOWNSAMPLE,
-        reduction=reduction,
-        downsample_structure=downsample_structure,
-        growth_rate=growth_rate,
-        init_features=init_features,
-        dilated=dilated,
-        **kw,
-    )
-
-
-@register("densenet45", family="densenet")
-def densenet45(*, reduction=None, growth_rate=64, init_features=64, downsample_structure=None, dilated=False, **kw):
-    """BinaryDenseNet-45: blocks [6, 12, 14, 8], reductions 2.7, 3.3, 4."""
-    return _densenet(
-        DenseNetBase,
-        [6, 12, 14, 8],
-        [2.7, 3.3, 4.0],
-        DOWNSAMPLE,
-        reduction=reduction,
-        downsample_structure=downsample_structure,
-        growth_rate=growth_rate,
-        init_features=init_features,
-        dilated=dilated,
-        **kw,
-    )
-
-
-@register("densenet_flex", family="densenet")
-def densenet_flex(
-    *,
-    block_config=None,
-    reduction=None,
-    growth_rate=64,
-    init_features=64,
-    downsample_structure=None,
-    dilated=False,
-    **kw,
-):
-    """BinaryDenseNet with ``block_config`` (required) and reduction 2 per transition unless given."""
+def flex_blocks(model: str, block_config, example: str) -> list[int]:
+    """A ``*_flex`` model's required ``--block-config``."""
     if block_config is None:
-        raise UserError("model densenet_flex needs --block-config, e.g. 6,6,6,5")
-    blocks = positive_ints("--block-config", block_config)
-    return _densenet(
-        DenseNetBase,
-        blocks,
-        [2.0] * (len(blocks) - 1),
-        DOWNSAMPLE,
-        reduction=reduction,
-        downsample_structure=downsample_structure,
-        growth_rate=growth_rate,
-        init_features=init_features,
-        dilated=dilated,
-        **kw,
-    )
+        raise UserError(f"model {model} needs --block-config, e.g. {example}")
+    return positive_ints("--block-config", block_config)
+
+
+@register("densenet28", family="densenet", arch=dense_arch(reduction=(2.7, 2.7, 2.2)))
+def densenet28(**kw) -> nn.Module:
+    """BinaryDenseNet-28."""
+    return dense_net(DenseNetBase, [6, 6, 6, 5], kw)
+
+
+@register("densenet37", family="densenet", arch=dense_arch(reduction=(3.3, 3.3, 4.0)))
+def densenet37(**kw) -> nn.Module:
+    """BinaryDenseNet-37."""
+    return dense_net(DenseNetBase, [6, 8, 12, 6], kw)
+
+
+@register("densenet45", family="densenet", arch=dense_arch(reduction=(2.7, 3.3, 4.0)))
+def densenet45(**kw) -> nn.Module:
+    """BinaryDenseNet-45."""
+    return dense_net(DenseNetBase, [6, 12, 14, 8], kw)
+
+
+@register("densenet_flex", family="densenet", arch=dense_arch(reduction=None, block_config=None))
+def densenet_flex(*, block_config, **kw) -> nn.Module:
+    """BinaryDenseNet with ``block_config`` (required); reduction 2 per transition unless given."""
+    return dense_net(DenseNetBase, flex_blocks("densenet_flex", block_config, "6,6,6,5"), kw)

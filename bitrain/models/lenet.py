@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from bitrain.binary.geometry import conv_out_size
 from bitrain.binary.layers import QConv2d, QLinear
 from bitrain.errors import UserError
 from bitrain.models._registry import register
@@ -18,7 +19,9 @@ class LeNet(nn.Module):
     def __init__(self, *, num_classes: int, in_channels: int, image_size: int):
         super().__init__()
         pad = 2 if image_size < 28 else 0
-        side = ((image_size + 2 * pad - 4) // 2 + 2 * pad - 4) // 2  # after conv5, pool2, conv5, pool2
+        side = image_size
+        for kernel, stride, padding in ((5, 1, pad), (2, 2, 0), (5, 1, pad), (2, 2, 0)):  # conv5, pool2, conv5, pool2
+            side = conv_out_size(side, kernel, stride, padding)
         if side < 1:
             raise UserError(f"model lenet needs inputs of at least 4 px, got --image-size {image_size}")
         self.features = nn.Sequential(

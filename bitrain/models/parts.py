@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from bitrain.binary.geometry import conv_out_size
 from bitrain.binary.layers import get_layer_config
 from bitrain.binary.quantizers import Quantizer, valid_methods
 from bitrain.binary.react import LearnableBias
@@ -64,7 +65,7 @@ def max_pool(size: int, same: bool) -> tuple[nn.Module, int]:
     sizes). 'same' pads both sides where TF pads right/bottom on even maps: same sizes, windows one pixel over.
     """
     pad = 1 if same or size < 3 else 0
-    return MaxPool2d(3, 2, pad), (size + 2 * pad - 3) // 2 + 1
+    return MaxPool2d(3, 2, pad), conv_out_size(size, 3, 2, pad)
 
 
 class ZooQuantizer:

@@ -91,10 +91,10 @@ class ResNetE(nn.Module):
         num_classes: int,
         in_channels: int,
         initial_layers: str,
-        fp_downsample_sc: bool = False,
-        pool_downsample_sc: bool = False,
-        downsample_sc_groups: int = 1,
-        slices: int = 1,
+        fp_downsample_sc: bool,
+        pool_downsample_sc: bool,
+        downsample_sc_groups: int,
+        slices: int,
     ):
         super().__init__()
         if slices not in (1, 2, 4, 8):
@@ -129,98 +129,46 @@ class ResNetE(nn.Module):
 
 _BASIC = [64, 64, 128, 256, 512]  # stem width, then stage widths
 _WIDE = [64, 256, 512, 1024, 2048]  # BMXNet's ResNetE-50 widths
+# the options every ResNetE takes, with BMXNet's defaults: binary stride-2 1x1 downsample convs, whole convs
+ARCH = dict(fp_downsample_sc=False, pool_downsample_sc=False, downsample_sc_groups=1, slices=1)
 
 
-def _arch(kw: dict) -> dict:
+def _net(layers: list[int], channels: list[int], version: int, kw: dict) -> ResNetE:
     kw.pop("image_size")
-    return kw
+    return ResNetE(layers, channels, version, **kw)
 
 
-@register("resnet18_e1", family="resnet_e")
-def resnet18_e1(*, fp_downsample_sc=False, pool_downsample_sc=False, downsample_sc_groups=1, slices=1, **kw):
+@register("resnet18_e1", family="resnet_e", arch=ARCH)
+def resnet18_e1(**kw) -> nn.Module:
     """ResNetE-18 (E1, post-norm): [2, 2, 2, 2] blocks = 16 binary 3x3 convs, each with a shortcut."""
-    return ResNetE(
-        [2, 2, 2, 2],
-        _BASIC,
-        1,
-        fp_downsample_sc=fp_downsample_sc,
-        pool_downsample_sc=pool_downsample_sc,
-        downsample_sc_groups=downsample_sc_groups,
-        slices=slices,
-        **_arch(kw),
-    )
+    return _net([2, 2, 2, 2], _BASIC, 1, kw)
 
 
-@register("resnet34_e1", family="resnet_e")
-def resnet34_e1(*, fp_downsample_sc=False, pool_downsample_sc=False, downsample_sc_groups=1, slices=1, **kw):
+@register("resnet34_e1", family="resnet_e", arch=ARCH)
+def resnet34_e1(**kw) -> nn.Module:
     """ResNetE-34 (E1): [3, 4, 6, 3] blocks = 32 binary 3x3 convs."""
-    return ResNetE(
-        [3, 4, 6, 3],
-        _BASIC,
-        1,
-        fp_downsample_sc=fp_downsample_sc,
-        pool_downsample_sc=pool_downsample_sc,
-        downsample_sc_groups=downsample_sc_groups,
-        slices=slices,
-        **_arch(kw),
-    )
+    return _net([3, 4, 6, 3], _BASIC, 1, kw)
 
 
-@register("resnet50_e1", family="resnet_e")
-def resnet50_e1(*, fp_downsample_sc=False, pool_downsample_sc=False, downsample_sc_groups=1, slices=1, **kw):
+@register("resnet50_e1", family="resnet_e", arch=ARCH)
+def resnet50_e1(**kw) -> nn.Module:
     """ResNetE-50 (E1): [3, 4, 6, 3] blocks at widths 256-2048 (BMXNet's spec)."""
-    return ResNetE(
-        [3, 4, 6, 3],
-        _WIDE,
-        1,
-        fp_downsample_sc=fp_downsample_sc,
-        pool_downsample_sc=pool_downsample_sc,
-        downsample_sc_groups=downsample_sc_groups,
-        slices=slices,
-        **_arch(kw),
-    )
+    return _net([3, 4, 6, 3], _WIDE, 1, kw)
 
 
-@register("resnet18_e2", family="resnet_e")
-def resnet18_e2(*, fp_downsample_sc=False, pool_downsample_sc=False, downsample_sc_groups=1, slices=1, **kw):
+@register("resnet18_e2", family="resnet_e", arch=ARCH)
+def resnet18_e2(**kw) -> nn.Module:
     """ResNetE-18 (E2, pre-norm): [2, 2, 2, 2] blocks."""
-    return ResNetE(
-        [2, 2, 2, 2],
-        _BASIC,
-        2,
-        fp_downsample_sc=fp_downsample_sc,
-        pool_downsample_sc=pool_downsample_sc,
-        downsample_sc_groups=downsample_sc_groups,
-        slices=slices,
-        **_arch(kw),
-    )
+    return _net([2, 2, 2, 2], _BASIC, 2, kw)
 
 
-@register("resnet34_e2", family="resnet_e")
-def resnet34_e2(*, fp_downsample_sc=False, pool_downsample_sc=False, downsample_sc_groups=1, slices=1, **kw):
+@register("resnet34_e2", family="resnet_e", arch=ARCH)
+def resnet34_e2(**kw) -> nn.Module:
     """ResNetE-34 (E2, pre-norm): [3, 4, 6, 3] blocks."""
-    return ResNetE(
-        [3, 4, 6, 3],
-        _BASIC,
-        2,
-        fp_downsample_sc=fp_downsample_sc,
-        pool_downsample_sc=pool_downsample_sc,
-        downsample_sc_groups=downsample_sc_groups,
-        slices=slices,
-        **_arch(kw),
-    )
+    return _net([3, 4, 6, 3], _BASIC, 2, kw)
 
 
-@register("resnet50_e2", family="resnet_e")
-def resnet50_e2(*, fp_downsample_sc=False, pool_downsample_sc=False, downsample_sc_groups=1, slices=1, **kw):
+@register("resnet50_e2", family="resnet_e", arch=ARCH)
+def resnet50_e2(**kw) -> nn.Module:
     """ResNetE-50 (E2, pre-norm): [3, 4, 6, 3] blocks at widths 256-2048 (BMXNet's spec)."""
-    return ResNetE(
-        [3, 4, 6, 3],
-        _WIDE,
-        2,
-        fp_downsample_sc=fp_downsample_sc,
-        pool_downsample_sc=pool_downsample_sc,
-        downsample_sc_groups=downsample_sc_groups,
-        slices=slices,
-        **_arch(kw),
-    )
+    return _net([3, 4, 6, 3], _WIDE, 2, kw)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from bitrain.binary.geometry import conv_out_size
 from bitrain.binary.layers import QConv2d
 from bitrain.binary.react import LearnableBias, RPReLU
 from bitrain.models._registry import register
@@ -94,7 +95,7 @@ def _small(num_classes: int, in_channels: int, image_size: int, w: int, react: b
     for c_out in (w, 2 * w, 4 * w):
         stride = 2 if size >= 4 else 1  # no stride once a map would drop below 2 px
         blocks += [BasicBlockE(c, c_out, stride, react), BasicBlockE(c_out, c_out, react=react)]
-        c, size = c_out, (size + stride - 1) // stride
+        c, size = c_out, conv_out_size(size, 3, stride, 1)  # the block's first conv: 3x3, padding 1
     return nn.Sequential(
         nn.Conv2d(in_channels, w, 3, 1, 1, bias=False),
         nn.BatchNorm2d(w),

@@ -16,7 +16,7 @@ from bitrain.models.common import model_size_bytes, param_counts
 
 # BMXNet's ResNetE-50 puts basic blocks at the bottleneck widths (~340M weights): checked on the meta
 # device (shapes and gradients flow), its block class is trained for real through resnet18/34_e*.
-# The AlexNets (~60M weights) and ResNet-152 train a real test run in tests/test_literature.py.
+# The AlexNets (~60M weights) and ResNet-152 train a real test run in tests/models/test_literature.py.
 HEAVY = {"resnet50_e1", "resnet50_e2", "binary_alexnet", "xnornet", "dorefanet", "resnet152_v1", "resnet152_v2"}
 FLEX = {"densenet_flex": {"block_config": "2,2,2"}, "meliusnet_flex": {"block_config": "2,2,2"}}
 

@@ -19,7 +19,7 @@ from bitrain.binary import quantizers as quant
 from bitrain.binary.layers import QConv2d
 from bitrain.models import build_model, list_models
 
-FIXTURES = Path(__file__).parent / "fixtures" / "parity"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "parity"
 INF = math.inf
 
 
