@@ -15,14 +15,14 @@ from typing import Any
 
 import yaml
 
-from bitrain.cli.schema import FIELDS, TrainConfig, _base_type, flag
+from bitrain.binary.layer_config import check_approximation
+from bitrain.cli.schema import FIELDS, TrainConfig, _base_type
 from bitrain.errors import UserError, parse_list, suggest
-from bitrain.names import KBIT_QUANTIZERS
+from bitrain.names import KBIT_QUANTIZERS, flag
 
 __all__ = [
     "FIELDS",
     "TrainConfig",
-    "flag",
     "coerce",
     "check_keys",
     "validate",
@@ -67,8 +67,8 @@ def coerce(name: str, value: Any) -> Any:
         if isinstance(value, (list, tuple)):  # YAML lists for comma-separated options
             value = ",".join(str(v) for v in value)
         value = str(value)
-    if name == "approximation" and value == "abc":
-        raise UserError("--approximation abc is not supported (BMXNet crashes on it); use '', xnor or binet")
+    if name == "approximation":
+        check_approximation(value)
     choices = f.metadata.get("choices")
     if choices is not None and value not in choices:
         shown = ", ".join(repr(c) if c == "" else str(c) for c in choices)

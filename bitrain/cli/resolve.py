@@ -14,7 +14,7 @@ from bitrain.cli import config as C
 from bitrain.cli.args import PROG, ArgParser
 from bitrain.data.sets import DATA_SETS
 from bitrain.errors import UserError
-from bitrain.names import ARCH_OPTIONS
+from bitrain.names import ARCH_OPTIONS, flag
 
 #: who sets one of these gets BMXNet's defaults for the rest (not the data set's)
 SCHEDULE_OPTIONS = ("lr", "lr_mode", "warmup_epochs", "warmup_lr", "lr_steps", "lr_factor")
@@ -25,7 +25,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file of option: value (flags given here override it)")
     for name, f in C.FIELDS.items():
         meta = f.metadata
-        flags = (C.flag(name),) + tuple(meta["flags"])
+        flags = (flag(name),) + tuple(meta["flags"])
         typ, _ = C._base_type(f.type)
         kw: dict[str, Any] = {"dest": name, "help": meta["help"]}
         if typ is bool:

@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from bitrain.binary.layer_config import DEFAULTS as LAYER
 from bitrain.data.sets import DATA_SETS
 from bitrain.names import (
     APPROXIMATIONS,
@@ -51,18 +52,18 @@ class TrainConfig:
 
     # model
     model: str | None = _f(None, "model name (bitrain models lists them); default: a small net for the data set")
-    bits: int = _f(1, "weight bits of the quantized layers (32 = full precision)", choices=BITS)
-    bits_a: int = _f(1, "activation bits of the quantized layers (32 = full precision)", choices=BITS)
+    bits: int = _f(LAYER.bits, "weight bits of the quantized layers (32 = full precision)", choices=BITS)
+    bits_a: int = _f(LAYER.bits_a, "activation bits of the quantized layers (32 = full precision)", choices=BITS)
     activation_method: str = _f(
-        "det_sign", "activation quantizer (det_sign, approx_sign, ...)", flags=("--activation",)
+        LAYER.activation_method, "activation quantizer (det_sign, approx_sign, ...)", flags=("--activation",)
     )
-    weight_quantization: str = _f("det_sign", "weight quantizer")
-    clip_threshold: float = _f(1.0, "gradient cancel: zero the gradient where |x| > t")
-    approximation: str = _f("", "scaling: '' | xnor | binet", choices=APPROXIMATIONS)
+    weight_quantization: str = _f(LAYER.weight_quantization, "weight quantizer")
+    clip_threshold: float = _f(LAYER.clip_threshold, "gradient cancel: zero the gradient where |x| > t")
+    approximation: str = _f(LAYER.approximation, "scaling: '' | xnor | binet", choices=APPROXIMATIONS)
     initial_layers: str = _f(
-        "imagenet", "stem: imagenet | grouped_stem (thumbnail is automatic below 50 px)", choices=STEMS
+        STEMS[0], "stem: imagenet | grouped_stem (thumbnail is automatic below 50 px)", choices=STEMS
     )
-    initialization: str = _f("gaussian", "weight initialisation", choices=INITIALIZATIONS)
+    initialization: str = _f(INITIALIZATIONS[0], "weight initialisation", choices=INITIALIZATIONS)
     fp_downsample_sc: bool = _f(False, "ResNetE: full-precision downsample shortcut")
     pool_downsample_sc: bool = _f(False, "ResNetE: pooling in the downsample shortcut")
     downsample_sc_groups: int | None = _f(None, "ResNetE: groups of the downsample shortcut conv")
@@ -173,10 +174,6 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in fields(TrainConfig)}
-
-
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 def _base_type(annotation: str) -> tuple[type, bool]:
