@@ -31,7 +31,7 @@ _EXPORTS = {
     "binary_layer_config": "bitrain.binary.layers",
     "get_quantizer": "bitrain.binary.quantizers",
     "summarize": "bitrain.binary.summary",
-    "export_packed": "bitrain.binary.export",
+    "export_packed": "bitrain.deploy.export",
     "load_packed": "bitrain.cli.reader",
     "load_model": "bitrain.cli.reader",
     "load_checkpoint": "bitrain.train.checkpoint",

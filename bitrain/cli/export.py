@@ -11,7 +11,7 @@ from bitrain.cli.args import PROG, ArgParser
 
 def export_checkpoint(ckpt_path: str | Path, out_path: str | Path) -> dict[str, Any]:
     """Load a bitrain checkpoint (``weights_only``), rebuild its model and write the packed export."""
-    from bitrain.binary.export import export_packed
+    from bitrain.deploy.export import export_packed
     from bitrain.cli.reader import load_model
 
     loaded = load_model(ckpt_path)

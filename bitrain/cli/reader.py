@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 
 import torch.nn as nn
 
-from bitrain.binary import export as packed
+from bitrain.deploy import export as packed
 from bitrain.errors import UserError
 from bitrain.models import build_model
 from bitrain.train.checkpoint import load_checkpoint

@@ -180,7 +180,7 @@ class MaxPool2d(nn.MaxPool2d):
 
     ``channels_last_out``: hand the channels_last result on as it is (no NCHW copy). A packed model sets it
     when a fused unit that reads channels_last takes the pool's output through per-channel layers only
-    (``bitrain.binary.fused.fuse_residuals``); the values are the same."""
+    (``bitrain.deploy.fused.fuse_residuals``); the values are the same."""
 
     channels_last_out = False
 

@@ -11,10 +11,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from test_kernels import _calibrated, _sign  # the same helpers as the single-layer kernel tests
 
-from bitrain.binary import kernels
-from bitrain.binary.export import export_packed, load_packed, pack_signs
-from bitrain.binary.fused import PackedResidual
-from bitrain.binary.packed import PackedQLayer, batchnorm_affine, fuse_batchnorm, use_kernel
+from bitrain.deploy import conv as kernels
+from bitrain.deploy.export import export_packed, load_packed, pack_signs
+from bitrain.deploy.fused import PackedResidual
+from bitrain.deploy.packed import PackedQLayer, batchnorm_affine, fuse_batchnorm, use_kernel
 from bitrain.models import build_model
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"numba is not installed ({kernels.IMPORT_ERROR})")

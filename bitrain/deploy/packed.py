@@ -3,7 +3,7 @@
 ``PackedQLayer`` computes a 1-bit QConv2d / QLinear from the export's sign bits (``docs/export.md``).
 Two kernels give the same integer dot products, so the same outputs:
 
-- ``numba`` (``bitrain.binary.kernels``, the ``[fast]`` extra): sign and bit-packing fused, a direct
+- ``numba`` (``bitrain.deploy.conv``, the ``[fast]`` extra): sign and bit-packing fused, a direct
   convolution over 64-bit words with xnor + popcount, compiled; used by ``load_packed`` when numba imports.
 - ``torch``: the reference written in torch ops (``unfold``, SWAR popcount), slow but dependency-free;
   used when numba is missing (one line on stderr says so, once) or when asked for.
@@ -102,7 +102,7 @@ def resolve_kernel(kernel: str | None = None) -> str:
         raise UserError(f"{what} is not a packed-layer kernel; valid: {', '.join(PACKED_KERNELS)}")
     if name == "torch":
         return "torch"
-    from bitrain.binary import kernels
+    from bitrain.deploy import conv as kernels
 
     if kernels.available():
         return "numba"
@@ -220,7 +220,7 @@ class PackedQLayer(nn.Module):
         buffers = self._buffers  # the dict itself: a module attribute lookup costs a microsecond a tensor
         key = tuple((t.data_ptr(), t._version) for t in (buffers["weight_packed"], buffers["weight_scale"]))
         if self._words is None or self._words[0] != key:
-            from bitrain.binary import kernels
+            from bitrain.deploy import conv as kernels
 
             groups = self.settings.get("groups", 1)
             words = kernels.pack_weights(self.weight_packed, self.settings["shape"], groups)
@@ -261,7 +261,7 @@ class PackedQLayer(nn.Module):
         return h if self.norm is None else self.norm(h)
 
     def _dot_numba(self, x: torch.Tensor, words: Any, count: bool, affine: Any = None) -> torch.Tensor:
-        from bitrain.binary import kernels
+        from bitrain.deploy import conv as kernels
 
         s = self.settings
         if not self.fused_sign:  # another +-1 activation: run it, then pack its signs
@@ -337,7 +337,7 @@ def batchnorm_affine(norm: nn.BatchNorm2d, fan_in: int) -> tuple[np.ndarray, np.
     add) is the one whose outputs equal torch's bit for bit for every count 0..fan_in the layer can
     output, in every channel; None when neither does (the layer then runs torch's BatchNorm after the
     kernel). torch's CPU build decides which: the AVX-512 build here computes an FMA."""
-    from bitrain.binary import kernels
+    from bitrain.deploy import conv as kernels
 
     c = norm.num_features
     counts = torch.arange(fan_in + 1, dtype=torch.float32)

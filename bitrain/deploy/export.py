@@ -26,9 +26,9 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save
 
-from bitrain.binary.fused import fuse_residuals
+from bitrain.deploy.fused import fuse_residuals
 from bitrain.binary.layers import QConv2d, QLinear
-from bitrain.binary.packed import (  # noqa: F401 (the bit helpers and the layer are re-exported from here)
+from bitrain.deploy.packed import (  # noqa: F401 (the bit helpers and the layer are re-exported from here)
     PackedQLayer,
     _popcount,
     _words,

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from bitrain.binary.packed import PackedQLayer
+from bitrain.deploy.packed import PackedQLayer
 
 
 def _lead(module: nn.Module | None) -> PackedQLayer | None:
@@ -132,7 +132,7 @@ class PackedResidual(nn.Module):
 
     def pack_input(self, x: torch.Tensor) -> np.ndarray:
         """x's signs packed as this unit's conv reads them (what the unit before hands over)."""
-        from bitrain.binary import kernels
+        from bitrain.deploy import conv as kernels
 
         return kernels.pack_activations(x, tuple(self.conv.settings["padding"]))
 
@@ -153,7 +153,7 @@ class PackedResidual(nn.Module):
 
     def run(self, x: torch.Tensor, packed: np.ndarray | None = None) -> torch.Tensor:
         """The unit on x; ``packed``: x's signs as ``pack_input`` gives them, when the caller has them."""
-        from bitrain.binary import kernels
+        from bitrain.deploy import conv as kernels
 
         link = self.link
         link.handoff = None
@@ -197,7 +197,7 @@ class PackedResidual(nn.Module):
         return plan
 
     def _make_plan(self, x: torch.Tensor, conv: PackedQLayer, sc: PackedQLayer | None) -> _Plan | None:
-        from bitrain.binary import kernels
+        from bitrain.deploy import conv as kernels
 
         ready = conv.unit_plan(x)
         if ready is None:

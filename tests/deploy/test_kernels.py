@@ -1,4 +1,4 @@
-"""bitrain.binary.kernels (numba's xnor-popcount) against float convolutions of +-1 tensors, and both
+"""bitrain.deploy.conv (numba's xnor-popcount) against float convolutions of +-1 tensors, and both
 packed kernels (numba, torch reference) against the float-latent models they were exported from."""
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bitrain.binary import kernels, packed
+from bitrain.deploy import conv as kernels, packed
 from bitrain.binary import quantizers as quant
-from bitrain.binary.export import export_packed, load_packed, pack_signs
+from bitrain.deploy.export import export_packed, load_packed, pack_signs
 from bitrain.binary.layers import QConv2d, QLinear
-from bitrain.binary.packed import SIGN_FORWARD, PackedQLayer, batchnorm_affine, resolve_kernel, use_kernel
+from bitrain.deploy.packed import SIGN_FORWARD, PackedQLayer, batchnorm_affine, resolve_kernel, use_kernel
 from bitrain.errors import UserError
 from bitrain.models import build_model
 

@@ -1,4 +1,4 @@
-"""bitrain.binary.export: bit packing, xnor-popcount arithmetic, packed export == float-latent model."""
+"""bitrain.deploy.export: bit packing, xnor-popcount arithmetic, packed export == float-latent model."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from conftest import run_cli
 
-from bitrain.binary.export import (
+from bitrain.deploy.export import (
     PackedQLayer,
     _popcount,
     export_packed,
@@ -114,7 +114,7 @@ def test_popcount_and_xnor_dot():
     # xnor_dot on packed +-1 operands == the float matmul, fan_in not a multiple of 64 (or of 8)
     x = torch.randint(0, 2, (37, 131), generator=g).bool()
     w = torch.randint(0, 2, (11, 131), generator=g).bool()
-    from bitrain.binary.export import _words
+    from bitrain.deploy.export import _words
 
     dot = xnor_dot(_words(pack_signs(x)), _words(pack_signs(w)), 131, chunk=64)
     assert torch.equal(dot, ((x.float() * 2 - 1) @ (w.float() * 2 - 1).T).long())

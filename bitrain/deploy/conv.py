@@ -17,8 +17,8 @@ The sign is fused into the packing: bit = 1 where ``sign(x) = +1`` as ``quantize
 As one unsigned compare of the float's bits u: ``u <= 0x80000000`` (the bits of -0.0).
 Threads: torch's setting (``torch.get_num_threads()``), passed to numba on every call. The LLVM pieces
 the loops call (popcount, FMA, the 4 x 16 count block, the epilogue's 8 x 8 transpose, prefetch, sign
-words) are in ``bitrain.binary.intrinsics``. ``xnor_conv``'s unit arguments (a residual, a 1x1 shortcut,
-the output's signs packed for the next conv) serve ``bitrain.binary.fused``.
+words) are in ``bitrain.deploy.intrinsics``. ``xnor_conv``'s unit arguments (a residual, a 1x1 shortcut,
+the output's signs packed for the next conv) serve ``bitrain.deploy.fused``.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ try:
     import numba
     from numba import prange
 
-    from bitrain.binary.intrinsics import (
+    from bitrain.deploy.intrinsics import (
         dot4x16,
         fma,
         popcount,
