@@ -222,6 +222,7 @@ class QuantizerSpec:
     plus_minus_one: bool = False
     ste_sign: bool = False  # the plain straight-through sign: weights take one fused scaled_sign pass
     scaled: bool = False  # output carries a magnitude (an export stores it as weight_scale)
+    sign_forward: bool = False  # forward is exactly _sign (0, -0.0 -> +1): the packed kernel signs while packing
 
     def resolve(self, bits: int, kind: str = "activation") -> Quantizer | None:
         """The function for ``bits`` and ``kind`` (activation or weight), or None when it does not fit."""
@@ -237,7 +238,9 @@ class QuantizerSpec:
 
 
 SPECS: tuple[QuantizerSpec, ...] = (
-    QuantizerSpec("det_sign", det_sign, ONE_BIT, ("ste_sign", "sign"), plus_minus_one=True, ste_sign=True),
+    QuantizerSpec(
+        "det_sign", det_sign, ONE_BIT, ("ste_sign", "sign"), plus_minus_one=True, ste_sign=True, sign_forward=True
+    ),
     QuantizerSpec(
         "approx_sign",
         approx_sign,
@@ -245,8 +248,9 @@ SPECS: tuple[QuantizerSpec, ...] = (
         ("sign_approx_sign", "approxsign"),
         fp_fn=approx_sign_poly,
         plus_minus_one=True,
+        sign_forward=True,
     ),
-    QuantizerSpec("swish_sign", swish_sign, ONE_BIT, ("swishsign",), plus_minus_one=True),
+    QuantizerSpec("swish_sign", swish_sign, ONE_BIT, ("swishsign",), plus_minus_one=True, sign_forward=True),
     QuantizerSpec("ste_heaviside", ste_heaviside, ONE_BIT),
     QuantizerSpec("steheaviside", steheaviside, ONE_BIT),  # +-1, but 0 -> -1: not det_sign's
     QuantizerSpec(
