@@ -32,7 +32,7 @@ _EXPORTS = {
     "get_quantizer": "bitrain.binary.quantizers",
     "summarize": "bitrain.binary.summary",
     "export_packed": "bitrain.deploy.export",
-    "load_packed": "bitrain.cli.reader",
+    "load_packed": "bitrain.deploy.load",
     "load_model": "bitrain.cli.reader",
     "load_checkpoint": "bitrain.train.checkpoint",
     "UserError": "bitrain.errors",

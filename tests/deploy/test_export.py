@@ -10,18 +10,12 @@ import torch
 import torch.nn as nn
 from conftest import run_cli
 
-from bitrain.deploy.export import (
-    PackedQLayer,
-    _popcount,
-    export_packed,
-    pack_signs,
-    read_metadata,
-    unpack_signs,
-    xnor_dot,
-)
 from bitrain.binary.layers import QConv2d, QLinear
 from bitrain.cli.export import export_checkpoint
-from bitrain.cli.reader import load_packed
+from bitrain.deploy.export import export_packed, read_metadata
+from bitrain.deploy.load import load_packed
+from bitrain.deploy.packed import PackedQLayer
+from bitrain.deploy.reference import _popcount, pack_signs, unpack_signs, xnor_dot
 from bitrain.errors import UserError
 
 
@@ -114,7 +108,7 @@ def test_popcount_and_xnor_dot():
     # xnor_dot on packed +-1 operands == the float matmul, fan_in not a multiple of 64 (or of 8)
     x = torch.randint(0, 2, (37, 131), generator=g).bool()
     w = torch.randint(0, 2, (11, 131), generator=g).bool()
-    from bitrain.deploy.export import _words
+    from bitrain.deploy.reference import _words
 
     dot = xnor_dot(_words(pack_signs(x)), _words(pack_signs(w)), 131, chunk=64)
     assert torch.equal(dot, ((x.float() * 2 - 1) @ (w.float() * 2 - 1).T).long())
