@@ -25,8 +25,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bitrain.cli.args import ArgParser
+from bitrain.cli.timing import paired_ratio  # of float and packed seconds: the packed model's speed-up
 from bitrain.errors import UserError, parse_list
 from bitrain.names import PACKED_KERNELS
+
+
+def picked(argv: Sequence[str]) -> tuple[bool, list[str]]:
+    """(whether ``bitrain bench``'s arguments pick this benchmark with ``--inference``, the arguments
+    without that flag): its options are this module's own, not the training-loop benchmark's."""
+    picker = ArgParser(prog="bitrain bench", add_help=False)
+    picker.add_argument("--inference", action="store_true")
+    ns, rest = picker.parse_known_args(list(argv))
+    return ns.inference, rest
 
 
 def _parser() -> ArgParser:
@@ -62,11 +72,13 @@ def _float_model(ns) -> tuple[nn.Module, dict]:
         if any(type(m).__name__ == "PackedQLayer" for m in loaded.model.modules()):
             raise UserError(f"--checkpoint {ns.checkpoint} is a packed export; give the float checkpoint it came from")
         return loaded.model.eval(), dict(loaded.model_args)
+    from bitrain.deploy.swaps import channels_last_stem
     from bitrain.models import build_model
 
     args = dict(name=ns.model, num_classes=ns.num_classes, in_channels=ns.in_channels, image_size=ns.image_size, bits=1)
     torch.manual_seed(ns.seed)
     model = build_model(**args)
+    channels_last_stem(model)  # the float model as the engine runs one (cli.reader does the same for --checkpoint)
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     for m in norms:
         m.momentum = None  # a cumulative average over the calibration batches
@@ -80,11 +92,6 @@ def _float_model(ns) -> tuple[nn.Module, dict]:
                 m.bias.copy_(0.2 * torch.randn_like(m.bias))
             m.momentum = 0.1
     return model.eval(), args
-
-
-def paired_ratio(float_seconds: Sequence[float], packed_seconds: Sequence[float]) -> float:
-    """Median over rounds of float / packed seconds: the packed model's speed-up, paired by round."""
-    return statistics.median(f / p for f, p in zip(float_seconds, packed_seconds))
 
 
 def _timer(clock: Callable[[], float]) -> Callable[[Callable[[], object]], float]:
@@ -250,7 +257,8 @@ def main(argv: Sequence[str]) -> int:
     allocator = (
         keep_freed_memory() if ns.allocator == "keep" else "allocator: the system's, as it is (--allocator system)"
     )
-    from bitrain.deploy.export import export_packed, load_packed
+    from bitrain.deploy.export import export_packed
+    from bitrain.deploy.load import load_packed
     from bitrain.models import build_model
 
     float_model, args = _float_model(ns)
