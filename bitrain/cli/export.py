@@ -11,8 +11,8 @@ from bitrain.cli.args import PROG, ArgParser
 
 def export_checkpoint(ckpt_path: str | Path, out_path: str | Path) -> dict[str, Any]:
     """Load a bitrain checkpoint (``weights_only``), rebuild its model and write the packed export."""
-    from bitrain.deploy.export import export_packed
     from bitrain.cli.reader import load_model
+    from bitrain.deploy.export import export_packed
 
     loaded = load_model(ckpt_path)
     # the training config travels with the export: eval and predict know its data set wherever it is
