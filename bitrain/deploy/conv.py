@@ -11,8 +11,9 @@ epilogue (``_epilogue``: counts to float32 through the per-channel affine, then 
 channels_last residual) and the transposed store (``_store``: NCHW in 8 x 8 blocks, with an NCHW residual
 and the next conv's packed signs). Its arguments come in named bundles: ``_Taps`` (the geometry),
 ``_Epilogue`` (fan_in, count or dot, the affine), ``Shortcut`` and ``_Unit`` (a fused residual unit's
-extras). The LLVM
-pieces the loops call (popcount, FMA, the 4 x 16 count block, the epilogue's 8 x 8 transpose, prefetch) are
+extras); the kernel receives ``_Taps``, ``_Epilogue`` and ``_Unit`` as plain tuples in their field order
+and unpacks them by those names (numba types a plain tuple in C, a named one in Python). The LLVM pieces
+the loops call (popcount, FMA, the 4 x 16 count block, the epilogue's 8 x 8 transpose, prefetch) are
 in ``bitrain.deploy.intrinsics``. ``xnor_conv``'s unit arguments (a residual, a 1x1 shortcut, the output's
 signs packed for the next conv) serve ``bitrain.deploy.fused``.
 """
@@ -80,8 +81,7 @@ class _Epilogue(NamedTuple):
 class _Unit(NamedTuple):
     """A fused residual unit's arrays, each off when empty: ``res`` an NCHW float32 residual, ``res_nhwc`` a
     channels_last one; ``yp`` uint8 (N, Ho + 2 qh, Wo + 2 qw, 8 * words), the sums' signs packed for the next
-    conv, a byte per 8 channels. (Its 1x1 shortcut, a ``Shortcut``, is an argument of its own: numba's
-    parallel loop takes a named tuple only as a function argument, not nested in another.)"""
+    conv, a byte per 8 channels. (Its 1x1 shortcut, a ``Shortcut``, is an argument of its own.)"""
 
     res: np.ndarray
     res_nhwc: np.ndarray
@@ -113,9 +113,9 @@ if numba is not None:
     @numba.njit(inline="always", cache=True)
     def _epilogue(acc, epi, oc, tile):
         """Phase 2: tile[ow, o] = the float32 output of count acc[ow, o], mapped by channel oc + o's affine."""
-        fan_in, scale, form = epi.fan_in, epi.scale, epi.form
+        fan_in, scale, form, alpha, beta = epi
         m = tile.shape[1]
-        a, b = epi.alpha[oc : oc + m], epi.beta[oc : oc + m]
+        a, b = alpha[oc : oc + m], beta[oc : oc + m]
         for ow in range(tile.shape[0]):
             if form == 0:
                 for o in range(m):
@@ -199,6 +199,8 @@ if numba is not None:
         ho, wo = out.shape[2], out.shape[3]
         nob = (og + oblock - 1) // oblock
         offs = row_offsets(xp, rows, taps, wpg)
+        res, res_nhwc, yp = unit
+        sh, sw, scale = taps[2], taps[3], epi[1]
         sc_offs = np.arange(sc.words.shape[1]) * 8  # the shortcut's rows: the words of one pixel
         for t in prange(xp.shape[0] * ho * groups * nob):
             ob = t % nob
@@ -211,16 +213,16 @@ if numba is not None:
             m = min(o0 + oblock, og) - o0
             oc = g * og + o0
             acc = np.empty((wo + 3, m), np.int64)  # rows wo..wo + 2: scratch for the pixels past the last
-            _prefetch_residual(unit.res, unit.res_nhwc, n, oh, oc, m, wo)
+            _prefetch_residual(res, res_nhwc, n, oh, oc, m, wo)
             count_tile(xp, wt, taps, offs, n, oh, g, o0, acc)
             tile = np.empty((wo, m), np.float32)
             _epilogue(acc, epi, oc, tile)
             if sc.words.shape[0] > 0:  # the 1x1 shortcut reads the input pixel (oh sh, ow sw)
-                h = oh * taps.sh + sc.oh
-                _add_shortcut(xp, sc, sc_offs, epi.scale, n, h, taps.sw, o0, oc, og * 8, acc, tile)
-            if unit.res_nhwc.shape[0] > 0:
-                _add_channels_last(unit.res_nhwc, n, oh, oc, tile)
-            _store(tile, out, unit.res, unit.yp, n, oh, oc)
+                h = oh * sh + sc.oh
+                _add_shortcut(xp, sc, sc_offs, scale, n, h, sw, o0, oc, og * 8, acc, tile)
+            if res_nhwc.shape[0] > 0:
+                _add_channels_last(res_nhwc, n, oh, oc, tile)
+            _store(tile, out, res, yp, n, oh, oc)
 
 
 def xnor_conv(
@@ -289,5 +291,7 @@ def xnor_conv(
         set_threads()  # else pack_activations set them
     taps = _Taps(kh, kw, sh, sw, dh, dw)
     epi = _Epilogue(fan_in, 1 if count else 2, form, alpha, beta)  # agreeing bits fan_in - d, or the dot fan_in - 2 d
-    _conv(xp, weights, out.numpy(), taps, epi, shortcut or _NO_SHORTCUT, _Unit(res, res_nhwc, yp), oblock)
+    unit = _Unit(res, res_nhwc, yp)
+    # plain tuples into numba: it types a named tuple argument in Python, 2-3 us a call; a tuple in C
+    _conv(xp, weights, out.numpy(), tuple(taps), tuple(epi), shortcut or _NO_SHORTCUT, tuple(unit), oblock)
     return out if pack_out is None else (out, yp.view(np.uint64))

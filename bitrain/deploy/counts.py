@@ -60,7 +60,7 @@ if numba is not None:
     @numba.njit(inline="always", cache=True)
     def row_offsets(xp, rows, taps, wpg):
         """Bytes from a pixel's first word to weight row r's word (tap i = r // (kw wpg), j, word q)."""
-        kw, dh, dw = taps.kw, taps.dh, taps.dw
+        _, kw, _, _, dh, dw = taps
         offs = np.empty(rows, np.int64)
         for r in range(rows):
             offs[r] = (r // (kw * wpg) * dh * xp.strides[1] + r // wpg % kw * dw * xp.strides[2]) + r % wpg * 8
@@ -78,7 +78,7 @@ if numba is not None:
         groups, rows, og = wt.shape
         wo, m = acc.shape[0] - 3, acc.shape[1]
         wpg = xp.shape[3] // groups
-        sh, sw, kw, dh, dw = taps.sh, taps.sw, taps.kw, taps.dh, taps.dw
+        _, kw, sh, sw, dh, dw = taps
         if m % 16 == 0:  # the counts of 4 pixels x 16 channels stay in registers over all rows
             xrow = xp[n, oh * sh, 0, g * wpg : (g + 1) * wpg].ctypes.data
             count_block(xrow, xp.strides[2] * sw, offs, wt[g, 0, o0 : o0 + m].ctypes.data, og * 8, acc, m)
