@@ -68,7 +68,10 @@ def load_packed(
 def _with_packed_layers(model: nn.Module, layers: dict, path: str | Path) -> nn.Module:
     """``model`` with each layer named in the export's ``layers`` replaced by a ``PackedQLayer``."""
     for name, data in layers.items():
-        settings = LayerSettings.from_json(data)
+        try:
+            settings = LayerSettings.from_json(data)
+        except TypeError as e:  # a key missing or unknown to this bitrain
+            raise UserError(f"{path}: the settings of layer {name!r} do not read ({e})") from None
         layer = model.get_submodule(name) if name else model
         if not is_packed(layer) or tuple(layer.weight.shape) != settings.shape:
             raise UserError(
