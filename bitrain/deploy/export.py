@@ -33,6 +33,7 @@ from bitrain.files import atomic_write_bytes
 
 FORMAT = "bitrain-packed"
 VERSION = 1
+SUFFIXES = {".safetensors": FORMAT}  # the output suffix each export format owns
 
 
 # ---------------------------------------------------------------------------------- layer semantics

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from bitrain.deploy.packed import PackedQLayer
+from bitrain.deploy.packed import PackedQLayer, version
 
 
 def _lead(module: nn.Module | None) -> PackedQLayer | None:
@@ -88,13 +88,13 @@ def _tensors(layers: list[PackedQLayer]) -> list[tuple]:
         norm = layer._modules.get("norm")
         for m in (layer, norm) if norm is not None else (layer,):
             for d in (m._buffers, m._parameters):
-                entries += [(d, name, t, t._version) for name, t in d.items() if t is not None]
+                entries += [(d, name, t, version(t)) for name, t in d.items() if t is not None]
     return entries
 
 
 def _fresh(layers: list[PackedQLayer], modes: list[Any], tensors: list[tuple]) -> bool:
     """True while the layers are as a plan found them: the same modes, the same tensors, unchanged."""
-    return _modes(layers) == modes and all(d.get(name) is t and t._version == v for d, name, t, v in tensors)
+    return _modes(layers) == modes and all(d.get(name) is t and version(t) == v for d, name, t, v in tensors)
 
 
 class PackedResidual(nn.Module):
@@ -141,12 +141,12 @@ class PackedResidual(nn.Module):
         prev = self.link.previous
         if prev is None or prev.link.handoff is None:
             return None
-        ref, version, padding, words = prev.link.handoff
+        ref, seen, padding, words = prev.link.handoff
         prev.link.handoff = None
         if ref() is not x:  # something between the two makes this unit's input: stop packing for it
             prev.link.pack_next = None
             return None
-        return words if x._version == version and padding == self.conv.settings.padding else None
+        return words if version(x) == seen and padding == self.conv.settings.padding else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.run(x, self._take(x))
@@ -172,7 +172,9 @@ class PackedResidual(nn.Module):
             if tuple(residual.shape) != plan.out_shape or residual.dtype != torch.float32:
                 return body(x) + residual  # a sum that broadcasts, promotes or fails: as the float model's
             extra["residual"] = residual
-        if link.pack_next is not None and plan.pack_ok:
+        if link.pack_next is not None and plan.pack_ok and not torch.is_inference_mode_enabled():
+            # (under inference_mode the output keeps no version counter, so an in-place change before the
+            # next unit could not be seen: that unit packs its input itself)
             extra["pack_out"] = link.pack_next
         result = kernels.xnor_conv(
             x, plan.words, fan_in=plan.fan_in, count=True, affine=plan.affine, packed=packed, **plan.geometry, **extra

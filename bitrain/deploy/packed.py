@@ -39,6 +39,12 @@ KERNEL_ENV = "BITRAIN_KERNEL"
 _NOTED: list[str] = []  # the fallback line is printed once per process
 
 
+def version(t: torch.Tensor) -> int:
+    """t's version counter (it counts in-place changes), or -1 for an inference tensor, which keeps none
+    (made under ``torch.inference_mode``: in-place changes of it cannot be seen)."""
+    return -1 if t.is_inference() else t._version
+
+
 # ------------------------------------------------------------------------------------- the kernel
 
 
@@ -169,7 +175,7 @@ class PackedQLayer(nn.Module):
     def _prepared(self) -> tuple[Any, bool]:
         """The weights in the numba kernel's layout and whether the layer scales, for the current buffers."""
         buffers = self._buffers  # the dict itself: a module attribute lookup costs a microsecond a tensor
-        key = tuple((t.data_ptr(), t._version) for t in (buffers["weight_packed"], buffers["weight_scale"]))
+        key = tuple((t.data_ptr(), version(t)) for t in (buffers["weight_packed"], buffers["weight_scale"]))
         if self._words is None or self._words[0] != key:
             from bitrain.deploy import packing
 
@@ -203,7 +209,7 @@ class PackedQLayer(nn.Module):
             return None
         b, p = norm._buffers, norm._parameters  # the dicts: the key is computed on every call
         tensors = (b["running_mean"], b["running_var"], p.get("weight"), p.get("bias"))
-        key = tuple((t.data_ptr(), t._version) for t in tensors if t is not None) + (norm.eps,)
+        key = tuple((t.data_ptr(), version(t)) for t in tensors if t is not None) + (norm.eps,)
         if self._affine is None or self._affine[0] != key:
             from bitrain.deploy.epilogue import batchnorm_affine
 

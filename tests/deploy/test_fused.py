@@ -262,3 +262,27 @@ def test_the_kept_plan_follows_the_layers(tmp_path):
         assert torch.equal(fused(x), plain(x)) and fused[3].link.plan[3] is None  # torch: the block's modules
         use_kernel(fused, "numba")
         assert torch.equal(fused(x[:1]), plain(x[:1])) and fused[3].link.plan is not kernel_plan
+
+
+@pytest.mark.parametrize("kernel", ["numba", "torch"])
+def test_packed_models_run_under_no_grad_inference_mode_and_plain_calls(tmp_path, kernel):
+    """The same outputs under torch.no_grad(), torch.inference_mode() and a plain call, also for a model
+    loaded under inference_mode (its tensors then keep no version counter: the units still agree)."""
+    args = dict(name="tiny_resnet_e", num_classes=10, in_channels=1, image_size=8)
+    torch.manual_seed(51)
+    model = _calibrated(build_model(**args), (1, 8, 8), seed=52)
+    export_packed(model, tmp_path / "t.safetensors", model_args=args)
+    fused = load_packed(tmp_path / "t.safetensors", build_model, kernel=kernel)
+    assert any(isinstance(m, PackedResidual) for m in fused.modules())
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(53))
+    with torch.no_grad():
+        expected = model(x)
+        assert torch.equal(fused(x), expected)
+    with torch.inference_mode():
+        assert torch.equal(fused(x), expected) and torch.equal(fused(x), expected)  # a kept plan too
+    assert torch.equal(fused(x).detach(), expected)
+    with torch.inference_mode():
+        loaded_there = load_packed(tmp_path / "t.safetensors", build_model, kernel=kernel)
+        assert torch.equal(loaded_there(x), expected)
+    with torch.no_grad():
+        assert torch.equal(loaded_there(x), expected) and torch.equal(fused(x), expected)
