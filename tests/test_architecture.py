@@ -11,8 +11,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 grimp = pytest.importorskip("grimp", reason="import-linter (and grimp) come with the test extra")
 
-PACKAGES = ("binary", "cli", "data", "models", "train")
-GROUND = ("console", "errors", "files", "memory", "names")
+PACKAGES = ("binary", "cli", "data", "deploy", "models", "train")
+GROUND = ("console", "errors", "files", "names")
 
 
 def test_import_linter_contracts_are_kept():

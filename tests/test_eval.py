@@ -114,7 +114,7 @@ def test_errors_exit_2_with_one_line(run, tmp_path, capsys):
 
     save_file({"w": torch.zeros(2)}, str(no_meta))
     packed = tmp_path / "p.safetensors"  # written by the Python API without a config: no data set recorded
-    from bitrain.binary.export import export_packed
+    from bitrain.deploy.export import export_packed
 
     loaded = load_model(run / "checkpoints" / "last.pt")
     export_packed(loaded.model, packed, model_args=loaded.model_args)

@@ -220,6 +220,7 @@ class QuantizerSpec:
     plus_minus_one: bool = False
     ste_sign: bool = False  # the plain straight-through sign: weights take one fused scaled_sign pass
     scaled: bool = False  # output carries a magnitude (an export stores it as weight_scale)
+    sign_forward: bool = False  # forward is exactly _sign (0, -0.0 -> +1): the packed kernel signs while packing
 
     @property
     def bits(self) -> tuple[int, ...]:
@@ -241,9 +242,9 @@ class QuantizerSpec:
 
 
 SPECS: tuple[QuantizerSpec, ...] = (
-    QuantizerSpec("det_sign", det_sign, plus_minus_one=True, ste_sign=True),
-    QuantizerSpec("approx_sign", approx_sign, fp_fn=approx_sign_poly, plus_minus_one=True),
-    QuantizerSpec("swish_sign", swish_sign, plus_minus_one=True),
+    QuantizerSpec("det_sign", det_sign, plus_minus_one=True, ste_sign=True, sign_forward=True),
+    QuantizerSpec("approx_sign", approx_sign, fp_fn=approx_sign_poly, plus_minus_one=True, sign_forward=True),
+    QuantizerSpec("swish_sign", swish_sign, plus_minus_one=True, sign_forward=True),
     QuantizerSpec("ste_heaviside", ste_heaviside),
     QuantizerSpec("steheaviside", steheaviside),  # +-1, but 0 -> -1: not det_sign's
     QuantizerSpec("magnitude_aware_sign", magnitude_aware_sign, weight_fn=magnitude_aware_sign_weight, scaled=True),

@@ -8,6 +8,7 @@ would be a host sync per step: the baseline is the fast version of the seed's lo
 runs as ``bitrain train`` drives it, minus the callbacks (console, CSV, TensorBoard), so the ratio
 is the loop's own overhead: LR schedule, on-device metrics, non-finite tracking, per-epoch
 bookkeeping. Each runner trains its own copy of the same initial model with its own optimizer.
+``bitrain bench --inference`` is another benchmark with its own options (``bench_inference.py``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from bitrain.cli.timing import paired_ratio
 from bitrain.errors import UserError
 from bitrain.names import DTYPES
 from bitrain.train.evaluation import autocast_dtype
@@ -121,6 +123,7 @@ def trainer_runner(
     lr: float,
 ) -> Runner:
     """bitrain's Trainer: one ``fit()`` epoch of ``steps`` batches per call."""
+    from bitrain.train.options import LoopOptions, Placement
     from bitrain.train.trainer import Trainer
 
     holder: dict[str, Any] = {}
@@ -135,12 +138,8 @@ def trainer_runner(
                 None,
                 epochs=0,
                 schedule=lambda step: lr,
-                device=device,
-                dtype=amp_dtype,
-                compile=compile,
-                channels_last=channels_last,
-                log_interval=log_interval,
-                save_frequency=0,
+                placement=Placement(device=device, dtype=amp_dtype, compile=compile, channels_last=channels_last),
+                options=LoopOptions(log_interval=log_interval),
             )
         t = holder["t"]
         t.epochs = t.state.epoch + 1  # one more epoch
@@ -308,12 +307,13 @@ def _check(ns: argparse.Namespace) -> torch.device:
 
 
 def main(argv: Sequence[str]) -> int:
-    """``bitrain bench [options]``: prints samples/sec per runner and the ratios; returns 0."""
-    if "--inference" in argv:  # another benchmark, with its own options and defaults
-        from bitrain.cli.bench_inference import main as inference
+    """``bitrain bench [options]``: samples/sec per runner and the ratios; ``--inference``: bench_inference."""
+    from bitrain.cli import bench_inference
 
-        return inference([a for a in argv if a != "--inference"])
-    ns = _parser().parse_args(list(argv))
+    inference, argv = bench_inference.picked(argv)
+    if inference:
+        return bench_inference.main(argv)
+    ns = _parser().parse_args(argv)
     device = _check(ns)
     if ns.threads:
         torch.set_num_threads(ns.threads)
@@ -378,18 +378,14 @@ def main(argv: Sequence[str]) -> int:
         device=device,
         clock=clock,
     )
-    for name, v in speeds.items():
-        print(
-            f"{name:<13} {statistics.median(v):10.1f} samples/sec "
-            f"(median of {len(v)}; min {min(v):.1f}, max {max(v):.1f})"
-        )
-    for a, b in (("trainer", "hand-written"), ("trainer", "lightning"), ("lightning", "hand-written")):
-        if a in speeds and b in speeds:
-            print(f"ratio {a}/{b}: {paired_ratio(speeds[a], speeds[b]):.2f}")
+    _report(speeds)
     return 0
 
 
-def paired_ratio(a: Sequence[float], b: Sequence[float]) -> float:
-    """Median over rounds of a[i] / b[i]: each round's two runs are neighbours in time, so a
-    change of the machine's load between rounds cancels out."""
-    return statistics.median(x / y for x, y in zip(a, b))
+def _report(speeds: dict[str, list[float]]) -> None:
+    for name, v in speeds.items():
+        med = statistics.median(v)
+        print(f"{name:<13} {med:10.1f} samples/sec (median of {len(v)}; min {min(v):.1f}, max {max(v):.1f})")
+    for a, b in (("trainer", "hand-written"), ("trainer", "lightning"), ("lightning", "hand-written")):
+        if a in speeds and b in speeds:
+            print(f"ratio {a}/{b}: {paired_ratio(speeds[a], speeds[b]):.2f}")

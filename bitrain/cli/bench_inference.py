@@ -8,7 +8,7 @@ so a change of the machine's load between rounds cancels out. ``--layers`` times
 alone, the float conv (or linear) of its ±1 input and weight against the packed layer's forward
 (sign, packing and xnor-popcount) on the same real-valued input; where ``load_packed`` fused the
 BatchNorm after a conv into the packed layer, both sides include that BatchNorm. A fused residual unit
-(``binary.fused``) is timed whole: the float conv + BatchNorm + shortcut against the unit as the packed
+(``deploy.fused``) is timed whole: the float conv + BatchNorm + shortcut against the unit as the packed
 model runs it (its input in the packed model's layout, already packed where the unit before packs it).
 """
 
@@ -25,8 +25,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bitrain.cli.args import ArgParser
+from bitrain.cli.timing import paired_ratio  # of float and packed seconds: the packed model's speed-up
 from bitrain.errors import UserError, parse_list
 from bitrain.names import PACKED_KERNELS
+
+
+def picked(argv: Sequence[str]) -> tuple[bool, list[str]]:
+    """(whether ``bitrain bench``'s arguments pick this benchmark with ``--inference``, the arguments
+    without that flag): its options are this module's own, not the training-loop benchmark's."""
+    picker = ArgParser(prog="bitrain bench", add_help=False)
+    picker.add_argument("--inference", action="store_true")
+    ns, rest = picker.parse_known_args(list(argv))
+    return ns.inference, rest
 
 
 def _parser() -> ArgParser:
@@ -62,11 +72,13 @@ def _float_model(ns) -> tuple[nn.Module, dict]:
         if any(type(m).__name__ == "PackedQLayer" for m in loaded.model.modules()):
             raise UserError(f"--checkpoint {ns.checkpoint} is a packed export; give the float checkpoint it came from")
         return loaded.model.eval(), dict(loaded.model_args)
+    from bitrain.deploy.swaps import channels_last_stem
     from bitrain.models import build_model
 
     args = dict(name=ns.model, num_classes=ns.num_classes, in_channels=ns.in_channels, image_size=ns.image_size, bits=1)
     torch.manual_seed(ns.seed)
     model = build_model(**args)
+    channels_last_stem(model)  # the float model as the engine runs one (cli.reader does the same for --checkpoint)
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     for m in norms:
         m.momentum = None  # a cumulative average over the calibration batches
@@ -80,11 +92,6 @@ def _float_model(ns) -> tuple[nn.Module, dict]:
                 m.bias.copy_(0.2 * torch.randn_like(m.bias))
             m.momentum = 0.1
     return model.eval(), args
-
-
-def paired_ratio(float_seconds: Sequence[float], packed_seconds: Sequence[float]) -> float:
-    """Median over rounds of float / packed seconds: the packed model's speed-up, paired by round."""
-    return statistics.median(f / p for f, p in zip(float_seconds, packed_seconds))
 
 
 def _timer(clock: Callable[[], float]) -> Callable[[Callable[[], object]], float]:
@@ -151,7 +158,7 @@ def _describe(layer: nn.Module, fast: nn.Module) -> str:
 
 
 def _unit_ops(float_model, unit, name: str, x: torch.Tensor, xp: torch.Tensor) -> tuple[Callable, Callable, str]:
-    """(float op, packed op, description) of a fused residual unit (``binary.fused.PackedResidual``):
+    """(float op, packed op, description) of a fused residual unit (``deploy.fused.PackedResidual``):
     the float side is its body conv (as ``_float_op``) + its shortcut (x, the float conv of a binary 1x1
     shortcut with its BatchNorm, or the float model's shortcut modules); the packed side is the unit as the
     model runs it, with its input already packed where the unit before packs it."""
@@ -184,8 +191,8 @@ def _unit_ops(float_model, unit, name: str, x: torch.Tensor, xp: torch.Tensor) -
 def _layers(float_model, packed, shape, batch: int, rounds: int, seconds, seed: int) -> list[tuple]:
     """Per fused residual unit and per other binary layer, in the model's order: (kind, name, description,
     float seconds per round, packed seconds per round)."""
-    from bitrain.binary.fused import PackedResidual
-    from bitrain.binary.packed import PackedQLayer
+    from bitrain.deploy.fused import PackedResidual
+    from bitrain.deploy.packed import PackedQLayer
 
     units = {n: m for n, m in packed.named_modules() if isinstance(m, PackedResidual)}
     inside = {f"{n}.{k}" for n, u in units.items() for k, _ in u.named_modules() if k}
@@ -245,12 +252,13 @@ def main(argv: Sequence[str]) -> int:
         raise UserError("--batch-size needs at least one batch size, e.g. 1,16")
     if ns.threads:
         torch.set_num_threads(ns.threads)
-    from bitrain.memory import keep_freed_memory
+    from bitrain.deploy.memory import keep_freed_memory
 
     allocator = (
         keep_freed_memory() if ns.allocator == "keep" else "allocator: the system's, as it is (--allocator system)"
     )
-    from bitrain.binary.export import export_packed, load_packed
+    from bitrain.deploy.export import export_packed
+    from bitrain.deploy.load import load_packed
     from bitrain.models import build_model
 
     float_model, args = _float_model(ns)
@@ -260,7 +268,7 @@ def main(argv: Sequence[str]) -> int:
         export = export_packed(float_model, path, model_args=args)
         packed = load_packed(path, build_model, kernel=ns.kernel)
         sizes = _sizes(float_model, export, path)
-    from bitrain.binary.packed import resolve_kernel
+    from bitrain.deploy.packed import resolve_kernel
 
     kernel = resolve_kernel(ns.kernel)
     seconds = _timer(time.process_time if ns.clock == "cpu" else time.perf_counter)

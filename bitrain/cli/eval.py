@@ -21,8 +21,8 @@ from bitrain import console
 from bitrain.cli.reader import load_model
 from bitrain.cli.train import select_device
 from bitrain.data.sets import DATA_SETS
+from bitrain.deploy.memory import keep_freed_memory_on
 from bitrain.errors import UserError
-from bitrain.memory import keep_freed_memory_on
 from bitrain.names import DTYPES
 from bitrain.train.evaluation import autocast_dtype
 

@@ -7,12 +7,13 @@ from pathlib import Path
 from typing import Any
 
 from bitrain.cli.args import PROG, ArgParser
+from bitrain.errors import UserError
 
 
 def export_checkpoint(ckpt_path: str | Path, out_path: str | Path) -> dict[str, Any]:
     """Load a bitrain checkpoint (``weights_only``), rebuild its model and write the packed export."""
-    from bitrain.binary.export import export_packed
     from bitrain.cli.reader import load_model
+    from bitrain.deploy.export import export_packed
 
     loaded = load_model(ckpt_path)
     # the training config travels with the export: eval and predict know its data set wherever it is
@@ -26,6 +27,12 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("checkpoint")
     p.add_argument("out")
     ns = p.parse_args(list(argv))
+    from bitrain.deploy.export import SUFFIXES
+
+    suffix = Path(ns.out).suffix
+    if suffix not in SUFFIXES:  # refused before anything is read or written
+        what = f"{suffix!r} files" if suffix else "a file without a suffix"
+        raise UserError(f"export: no format writes {what} ({ns.out}); valid: {', '.join(SUFFIXES)}")
     info = export_checkpoint(ns.checkpoint, ns.out)
     ratio = info["float_state_bytes"] / info["bytes"]
     print(

@@ -38,8 +38,8 @@ from bitrain.cli.reader import load_model
 from bitrain.data.imagefolder import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, class_folders, transform
 from bitrain.data.loader import normalize_affine, normalize_batch
 from bitrain.data.sets import DATA_SETS
+from bitrain.deploy.memory import keep_freed_memory_on
 from bitrain.errors import UserError
-from bitrain.memory import keep_freed_memory_on
 
 
 def image_files(inputs: Sequence[str | Path]) -> tuple[list[str], list[tuple[str, str]]]:

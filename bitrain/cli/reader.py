@@ -3,19 +3,22 @@
 Accepts a training checkpoint (``*.pt``: weights-only load, checksum verified), a run's final float
 weights (``model.safetensors``), a packed 1-bit export (``bitrain export``), or a run directory
 (its ``checkpoints/best.pt``, else ``last.pt``, else ``model.safetensors``). ``bitrain eval``,
-``bitrain export`` and the Python API (``bitrain.load_model``, ``bitrain.load_packed``) all read here.
+``bitrain export`` and the Python API (``bitrain.load_model``) all read here; a packed export is rebuilt by
+``bitrain.deploy.load.load_packed``, and a float model gets the engine's inference swaps
+(``deploy.swaps.channels_last_stem``: the same values, a faster CPU stem).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch.nn as nn
 
-from bitrain.binary import export as packed
+from bitrain.deploy import export as packed
+from bitrain.deploy.load import load_packed
+from bitrain.deploy.swaps import channels_last_stem
 from bitrain.errors import UserError
 from bitrain.models import build_model
 from bitrain.train.checkpoint import load_checkpoint
@@ -62,7 +65,7 @@ def load_model(path: str | Path) -> LoadedModel:
         meta = packed.read_metadata(source)
         extra = meta.get("meta") or {}
         config = {**config, **(extra.get("config") or {})}  # an export that records its data wins
-        return LoadedModel(packed.load_packed(source, build_model), dict(meta["model_args"]), config, extra, source)
+        return LoadedModel(load_packed(source, build_model), dict(meta["model_args"]), config, extra, source)
     if "model_args" not in raw:
         raise UserError(
             f"{source} has no bitrain metadata (model_args); it is neither a run's "
@@ -95,15 +98,6 @@ def read_state_dict(path: str | Path) -> dict[str, Any]:
     return load_file(str(source))
 
 
-def load_packed(
-    path: str | Path, model_factory: Callable[..., nn.Module] | None = None, *, fuse_bn: bool = True
-) -> nn.Module:
-    """The model of a packed export with its 1-bit layers as ``PackedQLayer`` (eval mode), rebuilt with
-    the zoo's ``build_model(**model_args)`` or ``model_factory(**model_args)`` for a model outside it;
-    ``fuse_bn``: each BatchNorm2d after a packed conv moves into it (same outputs, see docs/export.md)."""
-    return packed.load_packed(path, model_factory or build_model, fuse_bn=fuse_bn)
-
-
 def _with_weights(model: nn.Module, state: dict, path: Path, args: dict) -> nn.Module:
     try:
         model.load_state_dict(state)
@@ -111,6 +105,7 @@ def _with_weights(model: nn.Module, state: dict, path: Path, args: dict) -> nn.M
         raise UserError(
             f"{path}: weights do not fit model {args.get('name')!r} ({str(e).splitlines()[0][:200]})"
         ) from None
+    channels_last_stem(model)  # inference: the stem through channels_last, as a packed model runs it
     return model.eval()
 
 

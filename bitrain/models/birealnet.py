@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from bitrain.binary.layers import QConv2d
 from bitrain.models._registry import register
-from bitrain.models.common import MaxPool2d, StemConv2d, shortcut_pool
+from bitrain.models.common import shortcut_pool
 from bitrain.models.parts import check_stem, keras_bn, own
 
 MOMENTUM = 0.8  # Keras momentum of every BatchNorm in larq zoo's BiRealNet
@@ -58,8 +58,8 @@ class BiRealNet(nn.Module):
         super().__init__()
         check_stem("birealnet18", initial_layers)
         if initial_layers == "imagenet":
-            stem = [StemConv2d(in_channels, filters, 7, 2, 3, bias=False), keras_bn(filters, MOMENTUM)]
-            stem.append(MaxPool2d(3, 2, 1))
+            stem = [nn.Conv2d(in_channels, filters, 7, 2, 3, bias=False), keras_bn(filters, MOMENTUM)]
+            stem.append(nn.MaxPool2d(3, 2, 1))
         else:
             stem = [nn.Conv2d(in_channels, filters, 3, 1, 1, bias=False), keras_bn(filters, MOMENTUM)]
         blocks: list[nn.Module] = [BiRealBlock(filters, filters) for _ in range(4)]

@@ -34,13 +34,13 @@ def make_stem(variant: str, in_channels: int, channels: int) -> list[nn.Module]:
     if variant == "thumbnail":
         return [nn.Conv2d(in_channels, channels, 3, 1, 1, bias=False)]
     if variant == "imagenet":
-        layers: list[nn.Module] = [StemConv2d(in_channels, channels, 7, 2, 3, bias=False)]
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, channels, 7, 2, 3, bias=False)]
     elif variant == "grouped_stem":
         if channels % 16:
             raise UserError(f"--initial-layers grouped_stem needs a multiple of 16 stem channels, got {channels}")
         half = channels // 2
         layers = [
-            StemConv2d(in_channels, half, 3, 2, 1, bias=False),
+            nn.Conv2d(in_channels, half, 3, 2, 1, bias=False),
             nn.BatchNorm2d(half),
             nn.ReLU(inplace=True),
             nn.Conv2d(half, half, 3, 1, 1, groups=4, bias=False),
@@ -50,7 +50,7 @@ def make_stem(variant: str, in_channels: int, channels: int) -> list[nn.Module]:
         ]
     else:
         raise UserError(f"--initial-layers: unknown value {variant!r}; valid: {', '.join(STEMS)}")
-    return layers + [nn.BatchNorm2d(channels), nn.ReLU(inplace=True), MaxPool2d(3, 2, 1)]
+    return layers + [nn.BatchNorm2d(channels), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1)]
 
 
 def resnet_features(
@@ -151,44 +151,6 @@ def init_weights(model: nn.Module, method: str) -> None:
         elif isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
             m.weight.fill_(1.0)
             m.bias.zero_()
-
-
-def _inference_on_cpu(x: torch.Tensor, *params: torch.Tensor) -> bool:
-    """A 4-d CPU tensor in a forward that takes no gradient of it or of ``params`` (eval, validation, export)."""
-    grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
-    return x.dim() == 4 and x.device.type == "cpu" and not grad
-
-
-class StemConv2d(nn.Conv2d):
-    """``nn.Conv2d`` for the first conv of a stem that ends in ``MaxPool2d``: at inference on the CPU it
-    takes its input as channels_last, so the conv, BatchNorm, ReLU and pool of the stem all run there
-    (oneDNN's conv and torch's pool are vectorised over channels: the ImageNet stem of ResNet-18 at batch
-    16 runs in 19 ms, not 28), and ``MaxPool2d`` hands the next layer NCHW again. The values are the
-    same in both layouts; training keeps NCHW throughout."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _inference_on_cpu(x, self.weight) and x.is_contiguous():
-            x = x.contiguous(memory_format=torch.channels_last)
-        return super().forward(x)
-
-
-class MaxPool2d(nn.MaxPool2d):
-    """``nn.MaxPool2d`` that pools a CPU tensor in channels_last and returns it NCHW when no gradient is
-    taken: torch's CPU max-pool is vectorised over channels only in channels_last, 4x faster for the
-    64x112x112 maps of an ImageNet stem (batch 16: 10 against 41 ms with the two copies), and a max is
-    exact. Training keeps the plain path (its backward is slower through the copies).
-
-    ``channels_last_out``: hand the channels_last result on as it is (no NCHW copy). A packed model sets it
-    when a fused unit that reads channels_last takes the pool's output through per-channel layers only
-    (``bitrain.binary.fused.fuse_residuals``); the values are the same."""
-
-    channels_last_out = False
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.return_indices or not _inference_on_cpu(x):
-            return super().forward(x)
-        y = super().forward(x.contiguous(memory_format=torch.channels_last))
-        return y if self.channels_last_out else y.contiguous()
 
 
 def padded_same_maxpool(x: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,6 @@ from bitrain.errors import UserError
 from bitrain.models._registry import register
 from bitrain.models.common import (
     ChannelShuffle,
-    MaxPool2d,
     check_groups,
     head,
     make_stem,
@@ -60,7 +59,7 @@ def transition(structure: str, c_in: int, c_out: int, dilation: int) -> nn.Seque
             layers.append(nn.ReLU(inplace=True))
         elif kind in ("max_pool", "pool"):
             if dilation == 1:  # dilated stages keep their resolution
-                pool = MaxPool2d if kind == "max_pool" else nn.AvgPool2d
+                pool = nn.MaxPool2d if kind == "max_pool" else nn.AvgPool2d
                 layers.append(pool(2, 2, ceil_mode=True))
         elif kind == "fp_conv":
             check_groups("--downsample-structure fp_conv", groups or 1, c_in, c_out)

@@ -18,7 +18,6 @@ from bitrain.binary.layers import get_layer_config
 from bitrain.binary.quantizers import Quantizer, valid_methods
 from bitrain.binary.react import LearnableBias
 from bitrain.errors import UserError
-from bitrain.models.common import MaxPool2d
 
 
 def own(method: str | Quantizer, kind: str = "activation") -> str | Quantizer | None:
@@ -65,7 +64,7 @@ def max_pool(size: int, same: bool) -> tuple[nn.Module, int]:
     sizes). 'same' pads both sides where TF pads right/bottom on even maps: same sizes, windows one pixel over.
     """
     pad = 1 if same or size < 3 else 0
-    return MaxPool2d(3, 2, pad), conv_out_size(size, 3, 2, pad)
+    return nn.MaxPool2d(3, 2, pad), conv_out_size(size, 3, 2, pad)
 
 
 class ZooQuantizer:

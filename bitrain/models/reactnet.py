@@ -21,7 +21,7 @@ import torch.nn as nn
 from bitrain.binary.layers import QConv2d
 from bitrain.binary.react import LearnableBias, RPReLU
 from bitrain.models._registry import register
-from bitrain.models.common import MaxPool2d, StemConv2d, shortcut_pool
+from bitrain.models.common import shortcut_pool
 from bitrain.models.parts import ZooQuantizer, check_stem, own
 
 STAGES_A = [32, 64, 128, 128, 256, 256, 512, 512, 512, 512, 512, 512, 1024, 1024]  # stem width, then blocks
@@ -127,8 +127,8 @@ class ReActNet18(nn.Module):
         super().__init__()
         check_stem("reactnet18", initial_layers)
         if initial_layers == "imagenet":
-            feats: list[nn.Module] = [StemConv2d(in_channels, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64)]
-            feats.append(MaxPool2d(3, 2, 1))
+            feats: list[nn.Module] = [nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64)]
+            feats.append(nn.MaxPool2d(3, 2, 1))
         else:
             feats = [nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64)]
         width = 64

@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from bitrain.binary.layers import QConv2d
 from bitrain.models._registry import register
-from bitrain.models.common import MaxPool2d, StemConv2d, shortcut_pool
+from bitrain.models.common import shortcut_pool
 from bitrain.models.parts import check_stem, keras_bn, own
 
 SCALING_R = 8  # the gate's reduction: C -> C / 8 -> C_out
@@ -72,11 +72,10 @@ class RealToBinaryNet(nn.Module):
         super().__init__()
         check_stem("realtobinarynet", initial_layers)
         k, s = (7, 2) if initial_layers == "imagenet" else (3, 1)
-        conv = StemConv2d if initial_layers == "imagenet" else nn.Conv2d  # StemConv2d: a MaxPool2d follows
-        feats: list[nn.Module] = [conv(in_channels, 64, k, s, k // 2, bias=False), keras_bn(64)]
+        feats: list[nn.Module] = [nn.Conv2d(in_channels, 64, k, s, k // 2, bias=False), keras_bn(64)]
         feats.append(nn.PReLU(64, init=0.0))
         if initial_layers == "imagenet":
-            feats.append(MaxPool2d(3, 2, 1))
+            feats.append(nn.MaxPool2d(3, 2, 1))
         width = 64
         for block in range(2, 10):  # larq's block numbering: blocks 4, 6 and 8 double the width
             c_out = 2 * width if block % 2 == 0 and block > 3 else width

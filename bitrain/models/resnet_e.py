@@ -67,7 +67,7 @@ class BlockE(nn.Module):
 
     def residual_parts(self) -> tuple[str, str | None] | None:
         """("body", shortcut child or None) when this block computes ``body(x) + shortcut(x)`` (E1, whole
-        convs), for the packed model's fused units (``bitrain.binary.fused``); None otherwise."""
+        convs), for the packed model's fused units (``bitrain.deploy.fused``); None otherwise."""
         if self.bn is not None or self.sliced:  # E2's pre-norm, or a slice added onto the shortcut
             return None
         return "body", None if self.downsample is None else "downsample"

@@ -42,7 +42,7 @@ class BasicBlockE(nn.Module):
 
     def residual_parts(self) -> tuple[str, str | None] | None:
         """("body", "shortcut" or None for the identity) without ``react``: then the block is ``body(x) +
-        shortcut(x)``, for the packed model's fused units (``bitrain.binary.fused``); None with RPReLU."""
+        shortcut(x)``, for the packed model's fused units (``bitrain.deploy.fused``); None with RPReLU."""
         if not isinstance(self.act, nn.Identity):
             return None
         return "body", None if isinstance(self.shortcut, nn.Identity) else "shortcut"

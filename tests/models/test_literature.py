@@ -231,7 +231,8 @@ def test_reactnet_a_downsampling_block_shares_one_threshold_and_concatenates():
 
 @pytest.mark.parametrize("name", ["reactnet18", "realtobinarynet"])
 def test_packed_export_layers_compute_like_the_model(name, tmp_path):
-    from bitrain.binary.export import export_packed, load_packed
+    from bitrain.deploy.export import export_packed
+    from bitrain.deploy.load import load_packed
 
     args = {"name": name, "num_classes": 10, "in_channels": 1, "image_size": 8}
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""LLVM intrinsics for the numba kernels (``bitrain.binary.kernels``), written with llvmlite: the pieces
+"""LLVM intrinsics for the numba kernels (``bitrain.deploy.conv``), written with llvmlite: the pieces
 numba's loops do not vectorise well by themselves. Each takes raw addresses (``array.ctypes.data``)
 where it reads or writes memory; the callers keep them inside their arrays."""
 

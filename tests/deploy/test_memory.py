@@ -1,4 +1,4 @@
-"""bitrain.memory: keeping freed memory in the process (glibc), so a large tensor made again does not page-fault."""
+"""bitrain.deploy.memory: keeping freed memory in the process (glibc), so a large tensor made again does not page-fault."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ PROBE = """
 import resource, sys
 import torch
 if sys.argv[1] == "keep":
-    from bitrain.memory import keep_freed_memory
+    from bitrain.deploy.memory import keep_freed_memory
     print(keep_freed_memory())
     print(keep_freed_memory())
 def faults(): return resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -1,4 +1,4 @@
-"""bitrain.binary.export: bit packing, xnor-popcount arithmetic, packed export == float-latent model."""
+"""bitrain.deploy.export: bit packing, xnor-popcount arithmetic, packed export == float-latent model."""
 
 from __future__ import annotations
 
@@ -10,18 +10,12 @@ import torch
 import torch.nn as nn
 from conftest import run_cli
 
-from bitrain.binary.export import (
-    PackedQLayer,
-    _popcount,
-    export_packed,
-    pack_signs,
-    read_metadata,
-    unpack_signs,
-    xnor_dot,
-)
 from bitrain.binary.layers import QConv2d, QLinear
 from bitrain.cli.export import export_checkpoint
-from bitrain.cli.reader import load_packed
+from bitrain.deploy.export import export_packed, read_metadata
+from bitrain.deploy.load import load_packed
+from bitrain.deploy.packed import PackedQLayer
+from bitrain.deploy.reference import _popcount, pack_signs, unpack_signs, xnor_dot
 from bitrain.errors import UserError
 
 
@@ -114,7 +108,7 @@ def test_popcount_and_xnor_dot():
     # xnor_dot on packed +-1 operands == the float matmul, fan_in not a multiple of 64 (or of 8)
     x = torch.randint(0, 2, (37, 131), generator=g).bool()
     w = torch.randint(0, 2, (11, 131), generator=g).bool()
-    from bitrain.binary.export import _words
+    from bitrain.deploy.reference import _words
 
     dot = xnor_dot(_words(pack_signs(x)), _words(pack_signs(w)), 131, chunk=64)
     assert torch.equal(dot, ((x.float() * 2 - 1) @ (w.float() * 2 - 1).T).long())
@@ -288,3 +282,30 @@ def test_export_checkpoint_of_zoo_model(tmp_path, capsys, name):
     torch.save(payload, tmp_path / "bad.pt")
     with pytest.raises(UserError, match="checksum"):
         export_checkpoint(tmp_path / "bad.pt", tmp_path / "bad.safetensors")
+
+
+def test_export_refuses_a_suffix_no_format_owns(tmp_path, capsys):
+    """``bitrain export CKPT m.xml``: one line, exit 2, nothing written (not a safetensors file named m.xml)."""
+    for out in ("m.xml", "model"):
+        assert run_cli("export", tmp_path / "nope.pt", tmp_path / out) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "no format writes" in err and ".safetensors" in err, err
+        assert not (tmp_path / out).exists()
+
+
+def test_layer_settings_are_frozen_and_keep_the_file_format():
+    """LayerSettings: the export's JSON (lists, the conv-only keys for convs only) and back, unchangeable."""
+    import dataclasses
+
+    from bitrain.deploy.settings import LayerSettings
+
+    conv = LayerSettings.from_layer(QConv2d(4, 8, 3, 2, 1, bias=False))
+    data = conv.to_json()
+    assert data["stride"] == [2, 2] and data["padding"] == [1, 1] and data["groups"] == 1
+    assert data["shape"] == [8, 4, 3, 3] and data["xnor_inputs"] is True and data["offset"] is True
+    assert LayerSettings.from_json(json.loads(json.dumps(data))) == conv and conv.kernel_size == (3, 3)
+    linear = LayerSettings.from_layer(QLinear(16, 4))
+    assert not {"stride", "padding", "dilation", "groups"} & set(linear.to_json()) and not linear.is_conv
+    assert LayerSettings.from_json(linear.to_json()) == linear
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        conv.groups = 2

@@ -1,20 +1,21 @@
-"""Packed 1-bit layers at inference: the bit helpers, ``PackedQLayer`` and the choice of its kernel.
+"""Packed 1-bit layers at inference: ``PackedQLayer`` and the choice of its kernel.
 
 ``PackedQLayer`` computes a 1-bit QConv2d / QLinear from the export's sign bits (``docs/export.md``).
 Two kernels give the same integer dot products, so the same outputs:
 
-- ``numba`` (``bitrain.binary.kernels``, the ``[fast]`` extra): sign and bit-packing fused, a direct
+- ``numba`` (``bitrain.deploy.conv``, the ``[fast]`` extra): sign and bit-packing fused, a direct
   convolution over 64-bit words with xnor + popcount, compiled; used by ``load_packed`` when numba imports.
-- ``torch``: the reference written in torch ops (``unfold``, SWAR popcount), slow but dependency-free;
+- ``torch``: the reference written in torch ops (``unfold``, ``reference.py``'s SWAR popcount), slow but
+  dependency-free;
   used when numba is missing (one line on stderr says so, once) or when asked for.
 
 The choice: ``load_packed(..., kernel=...)`` or ``use_kernel(model, ...)``, else the environment
 variable ``BITRAIN_KERNEL`` (auto, numba, torch), else auto.
 
-``fuse_batchnorm`` moves a BatchNorm2d that follows a packed conv into it (``PackedQLayer.norm``), as
+``swaps.fuse_batchnorm`` moves a BatchNorm2d that follows a packed conv into it (``PackedQLayer.norm``), as
 torch.ao's ``fuse_modules`` does for conv + bn; numba then applies it in the kernel's epilogue, in the
 float32 form that gives torch's BatchNorm bit for bit on every value the layer can output (checked
-once per layer), else torch's BatchNorm runs after the kernel as before.
+once per layer, ``epilogue.batchnorm_affine``), else torch's BatchNorm runs after the kernel as before.
 """
 
 from __future__ import annotations
@@ -29,63 +30,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bitrain.binary import quantizers as quant
+from bitrain.binary.geometry import conv_out_size
+from bitrain.deploy.reference import _words, pack_signs, unpack_signs, xnor_dot
+from bitrain.deploy.settings import LayerSettings
 from bitrain.errors import UserError
 from bitrain.names import PACKED_KERNELS
 
 KERNEL_ENV = "BITRAIN_KERNEL"
-# 1-bit activation quantizers whose forward is exactly quantizers._sign (0 and -0.0 -> +1): the numba
-# kernel takes their sign while packing, without running them. tests/test_kernels.py checks every +-1 record.
-SIGN_FORWARD = ("det_sign", "approx_sign", "swish_sign")
 _NOTED: list[str] = []  # the fallback line is printed once per process
 
 
-# ---------------------------------------------------------------------------------------------- bits
-
-
-def pack_signs(positive: torch.Tensor) -> torch.Tensor:
-    """(..., K) bool (True = +1) -> (..., ceil(K / 8)) uint8, little-endian bit order, zero pad bits."""
-    k = positive.shape[-1]
-    b = F.pad(positive.to(torch.uint8), (0, (-k) % 8))
-    b = b.reshape(*b.shape[:-1], -1, 8)
-    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=b.device)
-    return (b * weights).sum(-1, dtype=torch.uint8)
-
-
-def unpack_signs(packed: torch.Tensor, k: int) -> torch.Tensor:
-    """(..., nbytes) uint8 -> (..., k) float32 of +-1 (inverse of ``pack_signs``)."""
-    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
-    bits = (packed.unsqueeze(-1) >> shifts) & 1
-    bits = bits.reshape(*packed.shape[:-1], -1)[..., :k]
-    return bits.float() * 2 - 1
-
-
-def _words(packed: torch.Tensor) -> torch.Tensor:
-    """(..., nbytes) uint8 -> (..., ceil(nbytes / 8)) int64 words (zero bytes pad the last word)."""
-    packed = F.pad(packed, (0, (-packed.shape[-1]) % 8)).contiguous()
-    return packed.view(torch.int64)
-
-
-def _popcount(x: torch.Tensor) -> torch.Tensor:
-    """Set bits per int64 word (SWAR), computed in place in ``x``; the arithmetic shifts' sign
-    bits are masked away and the final multiply wraps, its top byte (<= 64) being the count."""
-    t = x >> 1
-    x -= t.bitwise_and_(0x5555555555555555)
-    t = x >> 2
-    x.bitwise_and_(0x3333333333333333).add_(t.bitwise_and_(0x3333333333333333))
-    x.add_(x >> 4).bitwise_and_(0x0F0F0F0F0F0F0F0F)  # each byte now holds its own count (0..8)
-    return x.mul_(0x0101010101010101).bitwise_right_shift_(56)
-
-
-def xnor_dot(x_words: torch.Tensor, w_words: torch.Tensor, fan_in: int, chunk: int = 1 << 18) -> torch.Tensor:
-    """+-1 dot products from packed operands: dot = fan_in - 2 popcount(x xor w).
-
-    x_words (M, nw) int64, w_words (O, nw) int64 -> (M, O) int64; M is chunked so the (m, O, nw)
-    xor never exceeds ``chunk`` words (2 MiB: stays in cache).
-    """
-    m, nw = x_words.shape
-    step = max(1, chunk // max(1, w_words.shape[0] * nw))
-    out = [fan_in - 2 * _popcount(x_words[i : i + step, None, :] ^ w_words[None]).sum(-1) for i in range(0, m, step)]
-    return torch.cat(out) if out else x_words.new_zeros((0, w_words.shape[0]))
+def version(t: torch.Tensor) -> int:
+    """t's version counter (it counts in-place changes), or -1 for an inference tensor, which keeps none
+    (made under ``torch.inference_mode``: in-place changes of it cannot be seen)."""
+    return -1 if t.is_inference() else t._version
 
 
 # ------------------------------------------------------------------------------------- the kernel
@@ -102,12 +60,12 @@ def resolve_kernel(kernel: str | None = None) -> str:
         raise UserError(f"{what} is not a packed-layer kernel; valid: {', '.join(PACKED_KERNELS)}")
     if name == "torch":
         return "torch"
-    from bitrain.binary import kernels
+    from bitrain.deploy import packing  # numba's modules are imported on use
 
-    if kernels.available():
+    if packing.available():
         return "numba"
     if name == "numba":
-        raise UserError(f"{what}: numba does not import ({kernels.IMPORT_ERROR}); pip install 'bitrain[fast]'")
+        raise UserError(f"{what}: numba does not import ({packing.IMPORT_ERROR}); pip install 'bitrain[fast]'")
     if not _NOTED:
         _NOTED.append(name)
         print(
@@ -143,23 +101,23 @@ class PackedQLayer(nn.Module):
     numba kernel directly (an integer either way, so the same float32 value).
     """
 
-    def __init__(self, settings: dict[str, Any], act: nn.Module):
+    def __init__(self, settings: LayerSettings, act: nn.Module):
         super().__init__()
-        self.settings = dict(settings)
-        shape = settings["shape"]
+        self.settings = settings
+        shape = settings.shape
         self.out_features, self.fan_in = shape[0], int(torch.tensor(shape[1:]).prod())
-        self.is_conv = settings["type"] == "QConv2d"
+        self.is_conv = settings.is_conv
         self.act = act  # the original QActivation: same method and bits
         self.register_buffer("weight_packed", torch.zeros(shape[0], (self.fan_in + 7) // 8, dtype=torch.uint8))
         self.register_buffer("weight_scale", torch.ones(shape[0]))
-        self.bias = nn.Parameter(torch.zeros(shape[0]), requires_grad=False) if settings["bias"] else None
+        self.bias = nn.Parameter(torch.zeros(shape[0]), requires_grad=False) if settings.bias else None
         self.kernel = "torch"  # set by load_packed / use_kernel
         record = quant.spec(getattr(act, "method", None))
         # numba takes sign(x) while packing when the activation is exactly that sign
-        self.fused_sign = getattr(act, "bits", 0) == 1 and record is not None and record.name in SIGN_FORWARD
+        self.fused_sign = getattr(act, "bits", 0) == 1 and record is not None and record.sign_forward
         # numba takes +-1 inputs with any pad value: -1 in the kernel, another v through a border term
-        self.numba_inputs = bool(settings["xnor_inputs"]) or (
-            settings["bits_a"] == 1 and bool(getattr(act, "plus_minus_one", False))
+        self.numba_inputs = settings.xnor_inputs or (
+            settings.bits_a == 1 and bool(getattr(act, "plus_minus_one", False))
         )
         self._words: tuple[tuple, Any, bool] | None = None  # (key, kernels.pack_weights(...), scaled)
         self._borders: dict[tuple[int, int], torch.Tensor] = {}
@@ -168,22 +126,22 @@ class PackedQLayer(nn.Module):
 
     def extra_repr(self) -> str:
         s = self.settings
-        return f"{s['type']} {tuple(s['shape'])} packed, bits_a={s['bits_a']}, approximation={s['approximation']!r}"
+        return f"{s.type} {s.shape} packed, bits_a={s.bits_a}, approximation={s.approximation!r}"
 
     def _dot_conv(self, xq: torch.Tensor) -> torch.Tensor:
         s = self.settings
-        kh, kw = s["shape"][2:]
-        ph, pw = s["padding"]
-        groups, out = s["groups"], self.out_features
-        if not s["xnor_inputs"]:  # float/k-bit input: the +-1 weights unpacked, a float conv
-            w = unpack_signs(self.weight_packed, self.fan_in).reshape(s["shape"])
-            xq = F.pad(xq, (pw, pw, ph, ph), value=s["pad_value"])
-            return F.conv2d(xq, w.to(xq.dtype), None, s["stride"], 0, s["dilation"], groups)
+        kh, kw = s.kernel_size
+        ph, pw = s.padding
+        groups, out = s.groups, self.out_features
+        if not s.xnor_inputs:  # float/k-bit input: the +-1 weights unpacked, a float conv
+            w = unpack_signs(self.weight_packed, self.fan_in).reshape(s.shape)
+            xq = F.pad(xq, (pw, pw, ph, ph), value=s.pad_value)
+            return F.conv2d(xq, w.to(xq.dtype), None, s.stride, 0, s.dilation, groups)
         n, _, h, wd = xq.shape
         if not torch.all(xq.abs() == 1):
-            raise RuntimeError(f"activation {s['activation_method']!r} did not give +-1 values")
+            raise RuntimeError(f"activation {s.activation_method!r} did not give +-1 values")
         bits = F.pad((xq > 0).float(), (pw, pw, ph, ph))  # pad bit 0 = -1, as QConv2d pads with -1
-        cols = F.unfold(bits, (kh, kw), dilation=s["dilation"], stride=s["stride"])  # (n, C*kh*kw, L)
+        cols = F.unfold(bits, (kh, kw), dilation=s.dilation, stride=s.stride)  # (n, C*kh*kw, L)
         ho, wo = self._output_size(h, wd)
         ell = cols.shape[-1]
         # (n, groups, L, fan_in) patch bits; unfold orders rows (channel, kh, kw) like the weight
@@ -201,15 +159,15 @@ class PackedQLayer(nn.Module):
     def _output_size(self, h: int, w: int) -> tuple[int, int]:
         """The conv's output height and width for an (h, w) input."""
         s = self.settings
-        (kh, kw), (ph, pw), (sh, sw), (dh, dw) = s["shape"][2:], s["padding"], s["stride"], s["dilation"]
-        return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        (kh, kw), (ph, pw), (sh, sw), (dh, dw) = s.kernel_size, s.padding, s.stride, s.dilation
+        return conv_out_size(h, kh, sh, ph, dh), conv_out_size(w, kw, sw, pw, dw)
 
     def _dot_linear(self, xq: torch.Tensor) -> torch.Tensor:
-        if not self.settings["xnor_inputs"]:
+        if not self.settings.xnor_inputs:
             w = unpack_signs(self.weight_packed, self.fan_in)
             return F.linear(xq, w.to(xq.dtype))
         if not torch.all(xq.abs() == 1):
-            raise RuntimeError(f"activation {self.settings['activation_method']!r} did not give +-1 values")
+            raise RuntimeError(f"activation {self.settings.activation_method!r} did not give +-1 values")
         lead = xq.shape[:-1]
         x_words = _words(pack_signs(xq.reshape(-1, self.fan_in) > 0))
         dot = xnor_dot(x_words, _words(self.weight_packed), self.fan_in)
@@ -218,13 +176,13 @@ class PackedQLayer(nn.Module):
     def _prepared(self) -> tuple[Any, bool]:
         """The weights in the numba kernel's layout and whether the layer scales, for the current buffers."""
         buffers = self._buffers  # the dict itself: a module attribute lookup costs a microsecond a tensor
-        key = tuple((t.data_ptr(), t._version) for t in (buffers["weight_packed"], buffers["weight_scale"]))
+        key = tuple((t.data_ptr(), version(t)) for t in (buffers["weight_packed"], buffers["weight_scale"]))
         if self._words is None or self._words[0] != key:
-            from bitrain.binary import kernels
+            from bitrain.deploy import packing
 
-            groups = self.settings.get("groups", 1)
-            words = kernels.pack_weights(self.weight_packed, self.settings["shape"], groups)
-            scaled = bool(self.settings["approximation"]) or not bool(torch.all(self.weight_scale == 1))
+            s = self.settings
+            words = packing.pack_weights(self.weight_packed, s.shape, s.groups)
+            scaled = bool(s.approximation) or not bool(torch.all(self.weight_scale == 1))
             self._words, self._borders = (key, words, scaled), {}
         return self._words[1], self._words[2]
 
@@ -233,11 +191,11 @@ class PackedQLayer(nn.Module):
         The kernel pads with -1; a pad value v adds (v + 1) times this (integers: exact in float32)."""
         if hw not in self._borders:
             s = self.settings
-            (ph, pw), shape = s["padding"], s["shape"]
-            mask = torch.ones(1, shape[1] * s["groups"], hw[0] + 2 * ph, hw[1] + 2 * pw)
+            (ph, pw), shape = s.padding, s.shape
+            mask = torch.ones(1, shape[1] * s.groups, hw[0] + 2 * ph, hw[1] + 2 * pw)
             mask[:, :, ph : ph + hw[0], pw : pw + hw[1]] = 0.0
             w = unpack_signs(self.weight_packed, self.fan_in).reshape(shape)
-            self._borders[hw] = F.conv2d(mask, w, None, s["stride"], 0, s["dilation"], s["groups"])
+            self._borders[hw] = F.conv2d(mask, w, None, s.stride, 0, s.dilation, s.groups)
         return self._borders[hw]
 
     def _epilogue_norm(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, int] | None:
@@ -252,8 +210,10 @@ class PackedQLayer(nn.Module):
             return None
         b, p = norm._buffers, norm._parameters  # the dicts: the key is computed on every call
         tensors = (b["running_mean"], b["running_var"], p.get("weight"), p.get("bias"))
-        key = tuple((t.data_ptr(), t._version) for t in tensors if t is not None) + (norm.eps,)
+        key = tuple((t.data_ptr(), version(t)) for t in tensors if t is not None) + (norm.eps,)
         if self._affine is None or self._affine[0] != key:
+            from bitrain.deploy.epilogue import batchnorm_affine
+
             self._affine = (key, batchnorm_affine(norm, self.fan_in))
         return self._affine[1]
 
@@ -261,19 +221,19 @@ class PackedQLayer(nn.Module):
         return h if self.norm is None else self.norm(h)
 
     def _dot_numba(self, x: torch.Tensor, words: Any, count: bool, affine: Any = None) -> torch.Tensor:
-        from bitrain.binary import kernels
+        from bitrain.deploy import conv as kernels
 
         s = self.settings
         if not self.fused_sign:  # another +-1 activation: run it, then pack its signs
             x = self.act(x)
             if not torch.all(x.abs() == 1):
-                raise RuntimeError(f"activation {s['activation_method']!r} did not give +-1 values")
+                raise RuntimeError(f"activation {s.activation_method!r} did not give +-1 values")
         if not self.is_conv:
             lead = x.shape[:-1]
             h = kernels.xnor_conv(x.reshape(-1, self.fan_in, 1, 1), words, fan_in=self.fan_in, count=count)
             return h.reshape(*lead, self.out_features).to(x.dtype)
-        geometry = dict(stride=s["stride"], padding=s["padding"], dilation=s["dilation"])
-        kernel_size = tuple(s["shape"][2:])
+        geometry = dict(stride=s.stride, padding=s.padding, dilation=s.dilation)
+        kernel_size = s.kernel_size
         h = kernels.xnor_conv(
             x, words, kernel_size=kernel_size, fan_in=self.fan_in, count=count, affine=affine, **geometry
         )
@@ -283,8 +243,8 @@ class PackedQLayer(nn.Module):
         """(plain, border) for numba: plain = the output is the kernel's count of agreeing bits (offset, no
         bias, no scale, -1 padding); border = a pad value other than -1 that needs ``_border``'s term."""
         s = self.settings
-        border = self.is_conv and s.get("pad_value", -1.0) != -1.0 and any(s["padding"])
-        return bool(s["offset"] and self.bias is None and not words_scaled[1] and not border), border
+        border = self.is_conv and s.pad_value != -1.0 and any(s.padding)
+        return bool(s.offset and self.bias is None and not words_scaled[1] and not border), border
 
     def unit_plan(self, x: torch.Tensor) -> tuple[Any, tuple[np.ndarray, np.ndarray, int]] | None:
         """(kernel words, epilogue affine) when this conv can run inside a fused residual unit on x
@@ -292,7 +252,7 @@ class PackedQLayer(nn.Module):
         BatchNorm in the epilogue; else None."""
         if not (self.kernel == "numba" and self.is_conv and self.fused_sign and self.numba_inputs):
             return None
-        if x.device.type != "cpu" or self.settings.get("groups", 1) != 1:
+        if x.device.type != "cpu" or self.settings.groups != 1:
             return None
         prepared = self._prepared()
         affine = self._epilogue_norm(x) if self._plain(prepared)[0] else None
@@ -302,7 +262,7 @@ class PackedQLayer(nn.Module):
         s = self.settings
         if self.kernel == "numba" and self.numba_inputs and x.device.type == "cpu":
             words, scaled = self._prepared()
-            pad = s.get("pad_value", -1.0)
+            pad = s.pad_value
             plain, border = self._plain((words, scaled))
             affine = self._epilogue_norm(x) if plain and self.is_conv else None
             h = self._dot_numba(x, words, count=plain, affine=affine)
@@ -313,73 +273,23 @@ class PackedQLayer(nn.Module):
         else:
             xq = self.act(x)
             h = self._dot_conv(xq) if self.is_conv else self._dot_linear(xq)
-            scaled = bool(s["approximation"]) or not torch.all(self.weight_scale == 1)
+            scaled = bool(s.approximation) or not torch.all(self.weight_scale == 1)
         view = (1, -1, 1, 1) if self.is_conv else (-1,)
         if scaled:  # binet / xnor scale by mean|W|, or a magnitude-aware quantizer's
             h = h * self.weight_scale.reshape(view)
         if self.bias is not None:
             h = h + self.bias.reshape(view)
-        if s["offset"]:
+        if s.offset:
             h = (h + self.fan_in) / 2  # +-1 dot -> number of agreeing bits
-        if s["approximation"] == "xnor":
+        if s.approximation == "xnor":
             h = h * _xnor_k(x, s, self.is_conv)
         return self._normed(h)
 
 
-AFFINE_FORMS = (1, 2)  # kernels.affine_rows: an FMA, then multiply-then-add
-
-
-def batchnorm_affine(norm: nn.BatchNorm2d, fan_in: int) -> tuple[np.ndarray, np.ndarray, int] | None:
-    """An eval-mode BatchNorm2d after a plain packed conv as the kernel's epilogue: (alpha, beta, form).
-
-    alpha and beta are torch's own per-channel terms, read back from its BatchNorm (0 maps to beta; 1
-    maps to alpha with mean and bias 0). The form (``kernels.affine_rows``: 1 an FMA, 2 multiply then
-    add) is the one whose outputs equal torch's bit for bit for every count 0..fan_in the layer can
-    output, in every channel; None when neither does (the layer then runs torch's BatchNorm after the
-    kernel). torch's CPU build decides which: the AVX-512 build here computes an FMA."""
-    from bitrain.binary import kernels
-
-    c = norm.num_features
-    counts = torch.arange(fan_in + 1, dtype=torch.float32)
-    with torch.no_grad():
-        want = norm(counts.expand(c, -1).reshape(1, c, 1, -1).contiguous())[0, :, 0]  # NCHW, like the kernel's
-        beta = norm(torch.zeros(1, c, 1, 2))[0, :, 0, 0]
-        zero = torch.zeros_like(norm.running_var)
-        ones = torch.ones(1, c, 1, 2)
-        alpha = F.batch_norm(ones, zero, norm.running_var, norm.weight, None, False, 0.0, norm.eps)[0, :, 0, 0]
-    a, b, bits = alpha.numpy().copy(), beta.numpy().copy(), want.numpy().view(np.uint32)
-    for form in AFFINE_FORMS:
-        if np.array_equal(kernels.affine_rows(counts.numpy(), a, b, form).view(np.uint32), bits):
-            return a, b, form
-    return None
-
-
-def fuse_batchnorm(model: nn.Module) -> int:
-    """Move each BatchNorm2d that directly follows a packed conv in an ``nn.Sequential`` into that layer
-    (``PackedQLayer.norm``; an ``nn.Identity`` takes its place), as torch.ao's ``fuse_modules`` does for
-    conv + bn. The outputs are the same (``batchnorm_affine``); the layer alone now includes its BatchNorm,
-    and the BatchNorm's tensors are under ``<layer>.norm`` in the state_dict. Returns the number fused."""
-    fused = 0
-    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
-        names = list(seq._modules)
-        for first, second in zip(names, names[1:]):
-            layer, norm = seq._modules[first], seq._modules[second]
-            if (
-                isinstance(layer, PackedQLayer)
-                and layer.is_conv
-                and layer.norm is None
-                and type(norm) is nn.BatchNorm2d
-            ):
-                layer.norm = norm
-                seq._modules[second] = nn.Identity()
-                fused += 1
-    return fused
-
-
-def _xnor_k(x: torch.Tensor, s: dict[str, Any], is_conv: bool) -> torch.Tensor:
+def _xnor_k(x: torch.Tensor, s: LayerSettings, is_conv: bool) -> torch.Tensor:
     """XNOR-Net activation scale: mean |x| over channels, box-filtered over each window (zero pad)."""
     if not is_conv:
         return x.abs().mean(-1, keepdim=True)
-    kh, kw = s["shape"][2:]
+    kh, kw = s.kernel_size
     box = torch.full((1, 1, kh, kw), 1.0 / (kh * kw), dtype=x.dtype, device=x.device)
-    return F.conv2d(x.abs().mean(1, keepdim=True), box, None, s["stride"], s["padding"], s["dilation"])
+    return F.conv2d(x.abs().mean(1, keepdim=True), box, None, s.stride, s.padding, s.dilation)

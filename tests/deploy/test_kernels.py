@@ -1,4 +1,4 @@
-"""bitrain.binary.kernels (numba's xnor-popcount) against float convolutions of +-1 tensors, and both
+"""bitrain.deploy.conv (numba's xnor-popcount) against float convolutions of +-1 tensors, and both
 packed kernels (numba, torch reference) against the float-latent models they were exported from."""
 
 from __future__ import annotations
@@ -11,15 +11,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bitrain.binary import kernels, packed
 from bitrain.binary import quantizers as quant
-from bitrain.binary.export import export_packed, load_packed, pack_signs
 from bitrain.binary.layers import QConv2d, QLinear
-from bitrain.binary.packed import SIGN_FORWARD, PackedQLayer, batchnorm_affine, resolve_kernel, use_kernel
+from bitrain.deploy import conv, epilogue, packed, packing
+from bitrain.deploy.epilogue import batchnorm_affine
+from bitrain.deploy.export import export_packed
+from bitrain.deploy.load import load_packed
+from bitrain.deploy.packed import PackedQLayer, resolve_kernel, use_kernel
+from bitrain.deploy.reference import pack_signs
+from bitrain.deploy.swaps import channels_last_stem
 from bitrain.errors import UserError
 from bitrain.models import build_model
 
-needs_numba = pytest.mark.skipif(not kernels.available(), reason=f"numba is not installed ({kernels.IMPORT_ERROR})")
+# the quantizers whose forward is exactly _sign: the numba kernel takes their sign while packing
+SIGN_FORWARD = tuple(record.name for record in quant.SPECS if record.sign_forward)
+needs_numba = pytest.mark.skipif(not packing.available(), reason=f"numba is not installed ({packing.IMPORT_ERROR})")
 
 
 def _sign(x: torch.Tensor) -> torch.Tensor:
@@ -55,15 +61,15 @@ def test_xnor_conv_is_the_float_conv_of_the_signs(case):
     g = torch.Generator().manual_seed(len(case))
     x = _with_zeros(torch.randn(n, c, h, w, generator=g))
     weight = torch.randn(o, c // groups, *k, generator=g)
-    words = kernels.pack_weights(pack_signs((weight >= 0).reshape(o, -1)), list(weight.shape), groups)
+    words = packing.pack_weights(pack_signs((weight >= 0).reshape(o, -1)), list(weight.shape), groups)
     # QConv2d's semantics: the +-1 input padded with -1
     padded = F.pad(_sign(x), (pad[1], pad[1], pad[0], pad[0]), value=-1.0)
     expected = F.conv2d(padded, _sign(weight), None, stride, 0, dil, groups)
     geometry = dict(kernel_size=k, stride=stride, padding=pad, dilation=dil, fan_in=weight[0].numel())
-    dot = kernels.xnor_conv(x, words, count=False, **geometry)
+    dot = conv.xnor_conv(x, words, count=False, **geometry)
     assert dot.dtype == torch.float32 and dot.is_contiguous()
     assert torch.equal(dot, expected)
-    count = kernels.xnor_conv(x, words, count=True, **geometry)
+    count = conv.xnor_conv(x, words, count=True, **geometry)
     assert torch.equal(count, (expected + weight[0].numel()) / 2)
 
 
@@ -88,26 +94,26 @@ def test_xnor_conv_on_random_geometries():
         if rng.random() < 0.3:
             x = x.contiguous(memory_format=torch.channels_last)
         weight = torch.randn(og * groups, cg, *k, generator=gen)
-        words = kernels.pack_weights(pack_signs((weight >= 0).reshape(og * groups, -1)), list(weight.shape), groups)
+        words = packing.pack_weights(pack_signs((weight >= 0).reshape(og * groups, -1)), list(weight.shape), groups)
         padded = F.pad(_sign(x), (pad[1], pad[1], pad[0], pad[0]), value=-1.0)
         expected = F.conv2d(padded, _sign(weight), None, stride, 0, dil, groups)
         geometry = dict(kernel_size=k, stride=stride, padding=pad, dilation=dil, fan_in=weight[0].numel())
-        assert torch.equal(kernels.xnor_conv(x, words, count=False, **geometry), expected), (x.shape, geometry, groups)
+        assert torch.equal(conv.xnor_conv(x, words, count=False, **geometry), expected), (x.shape, geometry, groups)
 
 
 @needs_numba
 def test_xnor_linear_and_the_packing_bits():
     g = torch.Generator().manual_seed(5)
     x, w = _with_zeros(torch.randn(5, 131, generator=g)), torch.randn(11, 131, generator=g)
-    words = kernels.pack_weights(pack_signs(w >= 0), [11, 131])
-    dot = kernels.xnor_conv(x.reshape(5, 131, 1, 1), words, fan_in=131, count=False).reshape(5, 11)
+    words = packing.pack_weights(pack_signs(w >= 0), [11, 131])
+    dot = conv.xnor_conv(x.reshape(5, 131, 1, 1), words, fan_in=131, count=False).reshape(5, 11)
     assert torch.equal(dot, _sign(x) @ _sign(w).T)
     # the fused sign: 0, -0.0, tiny and infinite values, NaN keeps its sign bit (copysign(1, NaN) is +-1)
     probe = torch.tensor([-2.0, -1e-30, -0.0, 0.0, 1e-30, 3.0, float("inf"), -float("inf"), float("nan")])
-    bits = kernels.pack_activations(probe.reshape(1, -1, 1, 1))
+    bits = packing.pack_activations(probe.reshape(1, -1, 1, 1))
     expected = sum(1 << i for i, v in enumerate(_sign(probe).tolist()) if v > 0)
     assert bits.shape == (1, 1, 1, 1) and int(bits[0, 0, 0, 0]) == expected == 0b101111100
-    padded = kernels.pack_activations(torch.ones(1, 65, 2, 1), padding=(1, 2))
+    padded = packing.pack_activations(torch.ones(1, 65, 2, 1), padding=(1, 2))
     assert padded.shape == (1, 4, 5, 2) and padded[0, 1, 2].tolist() == [2**64 - 1, 1]  # 64 + 1 channels
     assert padded[0, 0].tolist() == [[0, 0]] * 5  # the border: all bits 0, i.e. -1
 
@@ -117,6 +123,7 @@ def test_fused_sign_quantizers_are_that_sign():
     each must give exactly _sign (0 and -0.0 -> +1). Other +-1 quantizers (a 0 -> -1 heaviside, a
     callable) run first and are packed from their output."""
     probe = torch.tensor([-2.0, -1e-30, -0.0, 0.0, 1e-30, 3.0])
+    assert SIGN_FORWARD == ("det_sign", "approx_sign", "swish_sign")  # QuantizerSpec.sign_forward
     for name in SIGN_FORWARD:
         record = quant.spec(name)
         assert record is not None and record.plus_minus_one and 1 in record.bits, name
@@ -143,7 +150,7 @@ def _calibrated(model: nn.Module, shape: tuple[int, ...], seed: int) -> nn.Modul
 MODELS = {  # name -> (in_channels, image_size, batch)
     "lenet": (1, 28, 6),
     "tiny_resnet_e": (1, 8, 16),
-    "resnet18_e1": (3, 64, 2),  # 64 px: the ImageNet stem (StemConv2d, MaxPool2d through channels_last)
+    "resnet18_e1": (3, 64, 2),  # 64 px: the ImageNet stem (StemConv2d, ChannelsLastMaxPool2d: channels_last)
 }
 
 
@@ -153,7 +160,9 @@ def test_zoo_models_packed_equal_float_with_both_kernels(tmp_path, name):
     c, size, batch = MODELS[name]
     args = dict(name=name, num_classes=10, in_channels=c, image_size=size)
     torch.manual_seed(3)
-    model = _calibrated(build_model(**args), (c, size, size), seed=4)
+    model = build_model(**args)
+    channels_last_stem(model)  # the float model as the engine runs it: its stem through channels_last
+    model = _calibrated(model, (c, size, size), seed=4)
     x = torch.randn(batch, c, size, size, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         expected = model(x)
@@ -199,7 +208,7 @@ def test_zero_and_plus_one_padding_run_in_the_kernel(tmp_path, pad_value):
     export_packed(model, tmp_path / "p.safetensors", model_args={"name": "padded"})
     for kernel in ("numba", "torch"):
         loaded = load_packed(tmp_path / "p.safetensors", factory, kernel=kernel)
-        assert loaded[2].numba_inputs and not loaded[2].settings["xnor_inputs"]
+        assert loaded[2].numba_inputs and not loaded[2].settings.xnor_inputs
         for size in (9, 9, 11):  # the border term is cached per input size
             inputs = x if size == 9 else torch.randn(2, 3, size, size)
             with torch.no_grad():
@@ -272,7 +281,7 @@ def test_kernel_choice_and_the_one_fallback_line(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("BITRAIN_KERNEL")
     capsys.readouterr()
     # without numba: auto falls back to the reference with one line on stderr, once per process
-    monkeypatch.setattr(kernels, "numba", None)
+    monkeypatch.setattr(packing, "numba", None)
     monkeypatch.setattr(packed, "_NOTED", [])
     for _ in range(2):
         loaded = load_packed(tmp_path / "t.safetensors", build_model)
@@ -318,7 +327,7 @@ def test_batchnorm_fused_into_the_epilogue(tmp_path, monkeypatch):
     assert batchnorm_affine(norm, fused_layers[0].fan_in) is None
 
     # no matching form: the layer runs torch's BatchNorm after the kernel, the same values
-    monkeypatch.setattr(packed, "AFFINE_FORMS", ())
+    monkeypatch.setattr(epilogue, "AFFINE_FORMS", ())
     again = load_packed(tmp_path / "t.safetensors", build_model)
     with torch.no_grad():
         assert torch.equal(again(x), expected)

@@ -1,4 +1,4 @@
-"""Fused residual units of packed models (bitrain/binary/fused.py, kernels.xnor_conv's unit arguments):
+"""Fused residual units of packed models (bitrain/deploy/fused.py, conv.xnor_conv's unit arguments):
 the same bits as the float model's conv + BatchNorm + shortcut, and the packed signs handed on."""
 
 from __future__ import annotations
@@ -11,13 +11,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 from test_kernels import _calibrated, _sign  # the same helpers as the single-layer kernel tests
 
-from bitrain.binary import kernels
-from bitrain.binary.export import export_packed, load_packed, pack_signs
-from bitrain.binary.fused import PackedResidual
-from bitrain.binary.packed import PackedQLayer, batchnorm_affine, fuse_batchnorm, use_kernel
+from bitrain.deploy import conv, packing
+from bitrain.deploy.epilogue import batchnorm_affine
+from bitrain.deploy.export import export_packed
+from bitrain.deploy.fused import PackedResidual
+from bitrain.deploy.load import load_packed
+from bitrain.deploy.packed import PackedQLayer, use_kernel
+from bitrain.deploy.reference import pack_signs
+from bitrain.deploy.swaps import channels_last_stem, fuse_batchnorm
 from bitrain.models import build_model
 
-pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"numba is not installed ({kernels.IMPORT_ERROR})")
+pytestmark = pytest.mark.skipif(not packing.available(), reason=f"numba is not installed ({packing.IMPORT_ERROR})")
 
 
 def _norm(c: int, fan_in: int, g: torch.Generator) -> nn.BatchNorm2d:
@@ -54,7 +58,7 @@ def test_unit_extras_equal_conv_batchnorm_shortcut_bit_for_bit(seed):
     x.view(-1)[4::13] = -0.0
     x.view(-1)[5] = float("nan")
     weight = torch.randn(o, c, 3, 3, generator=g)
-    words = kernels.pack_weights(pack_signs((weight >= 0).reshape(o, -1)), [o, c, 3, 3])
+    words = packing.pack_weights(pack_signs((weight >= 0).reshape(o, -1)), [o, c, 3, 3])
     bn = _norm(o, c * 9, g)
     affine = batchnorm_affine(bn, c * 9)
     assert affine is not None
@@ -71,23 +75,23 @@ def test_unit_extras_equal_conv_batchnorm_shortcut_bit_for_bit(seed):
         side = bn1(_counts(x, w1, stride, 0))
     if side.shape == main.shape:
         a1 = batchnorm_affine(bn1, c)
-        words1 = kernels.pack_weights(pack_signs((w1 >= 0).reshape(o, -1)), [o, c, 1, 1])
-        sc = kernels.Shortcut(words1, 1, 1, c, a1[2], a1[0], a1[1])
+        words1 = packing.pack_weights(pack_signs((w1 >= 0).reshape(o, -1)), [o, c, 1, 1])
+        sc = conv.Shortcut(words1, 1, 1, c, a1[2], a1[0], a1[1])
         cases["1x1 shortcut"] = ({"shortcut": sc}, main + side)
         cases["torch residual"] = ({"residual": side}, main + side)
     assert cases
-    packed = kernels.pack_activations(x, (1, 1))
+    packed = packing.pack_activations(x, (1, 1))
     for what, (extra, want) in cases.items():
         for pack_out in (None, (1, 1), (0, 2)):
-            got = kernels.xnor_conv(x, words, affine=affine, packed=packed, pack_out=pack_out, **geometry, **extra)
+            got = conv.xnor_conv(x, words, affine=affine, packed=packed, pack_out=pack_out, **geometry, **extra)
             if pack_out is not None:
                 got, signs = got
                 assert signs.dtype.name == "uint64"
-                assert (signs == kernels.pack_activations(want, pack_out)).all(), (what, pack_out)
+                assert (signs == packing.pack_activations(want, pack_out)).all(), (what, pack_out)
             assert got.shape == want.shape and torch.equal(_bits(got), _bits(want)), (what, pack_out)
     # without the packed input given, the kernel packs x itself: the same values
     extra, want = next(iter(cases.values()))
-    assert torch.equal(_bits(kernels.xnor_conv(x, words, affine=affine, **geometry, **extra)), _bits(want))
+    assert torch.equal(_bits(conv.xnor_conv(x, words, affine=affine, **geometry, **extra)), _bits(want))
 
 
 @pytest.mark.parametrize("c", [8, 40, 64, 72, 128, 200])
@@ -100,34 +104,34 @@ def test_channels_last_input_packs_as_nchw(c):
     x.view(-1)[4] = 0.0
     cl = x.contiguous(memory_format=torch.channels_last)
     assert not cl.is_contiguous()
-    assert (kernels.pack_activations(cl, (1, 2)) == kernels.pack_activations(x, (1, 2))).all()
+    assert (packing.pack_activations(cl, (1, 2)) == packing.pack_activations(x, (1, 2))).all()
 
 
 def test_unit_arguments_are_checked():
     x = torch.randn(1, 16, 5, 5)
     weight = torch.randn(16, 8, 3, 3)
-    grouped = kernels.pack_weights(pack_signs((weight >= 0).reshape(16, -1)), [16, 8, 3, 3], 2)
+    grouped = packing.pack_weights(pack_signs((weight >= 0).reshape(16, -1)), [16, 8, 3, 3], 2)
     geometry = dict(kernel_size=(3, 3), padding=(1, 1), fan_in=72, count=True)
     with pytest.raises(ValueError, match="groups 1"):
-        kernels.xnor_conv(x, grouped, residual=x, **geometry)
-    words = kernels.pack_weights(pack_signs(torch.randn(12, 144) >= 0), [12, 16, 3, 3])
+        conv.xnor_conv(x, grouped, residual=x, **geometry)
+    words = packing.pack_weights(pack_signs(torch.randn(12, 144) >= 0), [12, 16, 3, 3])
     with pytest.raises(ValueError, match="residual"):
-        kernels.xnor_conv(x, words, residual=x, kernel_size=(3, 3), padding=(1, 1), fan_in=144, count=True)
+        conv.xnor_conv(x, words, residual=x, kernel_size=(3, 3), padding=(1, 1), fan_in=144, count=True)
     with pytest.raises(ValueError, match="multiple of 8"):
-        kernels.xnor_conv(x, words, pack_out=(1, 1), kernel_size=(3, 3), padding=(1, 1), fan_in=144, count=True)
+        conv.xnor_conv(x, words, pack_out=(1, 1), kernel_size=(3, 3), padding=(1, 1), fan_in=144, count=True)
 
 
 def _spy(monkeypatch) -> list[dict]:
-    """Record the unit arguments of every kernels.xnor_conv call."""
+    """Record the unit arguments of every conv.xnor_conv call."""
     calls: list[dict] = []
-    real = kernels.xnor_conv
+    real = conv.xnor_conv
 
     def spy(x, *args, **kw):
         calls.append({k: kw.get(k) is not None for k in ("packed", "shortcut", "residual", "pack_out")})
         calls[-1]["channels_last"] = not x.is_contiguous()
         return real(x, *args, **kw)
 
-    monkeypatch.setattr(kernels, "xnor_conv", spy)
+    monkeypatch.setattr(conv, "xnor_conv", spy)
     return calls
 
 
@@ -144,7 +148,9 @@ def test_resnet_e_units_are_fused_and_bit_identical(tmp_path, monkeypatch, varia
     chained = "slices" not in opts
     args = dict(name="resnet18_e1", num_classes=10, in_channels=3, image_size=64, **opts)
     torch.manual_seed(21)
-    model = _calibrated(build_model(**args), (3, 64, 64), seed=22)
+    model = build_model(**args)
+    channels_last_stem(model)  # the float model as the engine runs it: its stem through channels_last
+    model = _calibrated(model, (3, 64, 64), seed=22)
     export_packed(model, tmp_path / "m.safetensors", model_args=args)
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(23))
     with torch.no_grad():
@@ -256,3 +262,27 @@ def test_the_kept_plan_follows_the_layers(tmp_path):
         assert torch.equal(fused(x), plain(x)) and fused[3].link.plan[3] is None  # torch: the block's modules
         use_kernel(fused, "numba")
         assert torch.equal(fused(x[:1]), plain(x[:1])) and fused[3].link.plan is not kernel_plan
+
+
+@pytest.mark.parametrize("kernel", ["numba", "torch"])
+def test_packed_models_run_under_no_grad_inference_mode_and_plain_calls(tmp_path, kernel):
+    """The same outputs under torch.no_grad(), torch.inference_mode() and a plain call, also for a model
+    loaded under inference_mode (its tensors then keep no version counter: the units still agree)."""
+    args = dict(name="tiny_resnet_e", num_classes=10, in_channels=1, image_size=8)
+    torch.manual_seed(51)
+    model = _calibrated(build_model(**args), (1, 8, 8), seed=52)
+    export_packed(model, tmp_path / "t.safetensors", model_args=args)
+    fused = load_packed(tmp_path / "t.safetensors", build_model, kernel=kernel)
+    assert any(isinstance(m, PackedResidual) for m in fused.modules())
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(53))
+    with torch.no_grad():
+        expected = model(x)
+        assert torch.equal(fused(x), expected)
+    with torch.inference_mode():
+        assert torch.equal(fused(x), expected) and torch.equal(fused(x), expected)  # a kept plan too
+    assert torch.equal(fused(x).detach(), expected)
+    with torch.inference_mode():
+        loaded_there = load_packed(tmp_path / "t.safetensors", build_model, kernel=kernel)
+        assert torch.equal(loaded_there(x), expected)
+    with torch.no_grad():
+        assert torch.equal(loaded_there(x), expected) and torch.equal(fused(x), expected)

@@ -1,4 +1,4 @@
-"""Packed 1-bit export (safetensors, no pickle) and ``load_packed`` (its layers: ``binary/packed.py``).
+"""Packed 1-bit export (safetensors, no pickle); ``load.py`` reads it back (its layers: ``packed.py``).
 
 File layout (``docs/export.md`` has the full description):
 - for every Q layer with ``bits == 1`` (name ``L``): ``L.weight_packed`` uint8 (out, ceil(fan_in / 8)),
@@ -15,9 +15,7 @@ File layout (``docs/export.md`` has the full description):
 
 from __future__ import annotations
 
-import copy
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,30 +24,23 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save
 
-from bitrain.binary.fused import fuse_residuals
 from bitrain.binary.layers import QConv2d, QLinear
-from bitrain.binary.packed import (  # noqa: F401 (the bit helpers and the layer are re-exported from here)
-    PackedQLayer,
-    _popcount,
-    _words,
-    fuse_batchnorm,
-    pack_signs,
-    unpack_signs,
-    use_kernel,
-    xnor_dot,
-)
 from bitrain.console import progress
+from bitrain.deploy.reference import pack_signs
+from bitrain.deploy.settings import LayerSettings
 from bitrain.errors import UserError
 from bitrain.files import atomic_write_bytes
 
 FORMAT = "bitrain-packed"
 VERSION = 1
+SUFFIXES = {".safetensors": FORMAT}  # the output suffix each export format owns
 
 
 # ---------------------------------------------------------------------------------- layer semantics
 
 
-def _is_packed(m: nn.Module) -> bool:
+def is_packed(m: nn.Module) -> bool:
+    """A QConv2d / QLinear with 1-bit weights: what the export packs."""
     return isinstance(m, (QConv2d, QLinear)) and m.bits == 1
 
 
@@ -63,33 +54,6 @@ def _signs_and_scale(name: str, layer: nn.Module) -> tuple[torch.Tensor, torch.T
             f"+-scale weights, so it cannot be packed to 1 bit"
         )
     return qw >= 0, mag
-
-
-def layer_settings(layer: nn.Module) -> dict[str, Any]:
-    """The quantization settings and geometry a binary layer needs to be recomputed exactly."""
-    pad_value = float(getattr(layer, "pad_value", -1.0))  # QConv2d's (default -1); QLinear has no padding
-    offset = layer.apply_offset
-    s = {
-        "type": type(layer).__name__,
-        "shape": list(layer.weight.shape),
-        "bits": layer.bits,
-        "bits_a": layer.bits_a,
-        "weight_quantization": str(layer.weight_quantization),
-        "activation_method": str(layer.act.method),
-        "clip_threshold": float(layer.act.clip_threshold),
-        "approximation": layer.approximation,
-        "no_offset": bool(layer.no_offset),
-        "offset": bool(offset),
-        "bias": layer.bias is not None,
-        "pad_value": pad_value,
-        # xnor-popcount needs det_sign's +-1 inputs padded with -1 (a +1 pad, QuickNet's, takes the float path)
-        "xnor_inputs": layer.act.plus_minus_one and pad_value == -1.0,
-    }
-    if isinstance(layer, QConv2d):
-        s.update(
-            stride=list(layer.stride), padding=list(layer.qpadding), dilation=list(layer.dilation), groups=layer.groups
-        )
-    return s
 
 
 # ------------------------------------------------------------------------------------- file format
@@ -115,7 +79,7 @@ def export_packed(
     float_state_bytes = sum(v.numel() * v.element_size() for v in state.values())
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, dict[str, Any]] = {}
-    binary = [(n, m) for n, m in model.named_modules() if _is_packed(m)]
+    binary = [(n, m) for n, m in model.named_modules() if is_packed(m)]
     for name, layer in progress(binary, "packing"):
         signs, mag = _signs_and_scale(name, layer)
         prefix = f"{name}." if name else ""
@@ -123,7 +87,7 @@ def export_packed(
         tensors[prefix + "weight_shape"] = torch.tensor(list(layer.weight.shape), dtype=torch.int64)
         if layer.approximation or not torch.all(mag == 1):
             tensors[prefix + "weight_scale"] = mag.float()
-        layers[name] = layer_settings(layer)
+        layers[name] = LayerSettings.from_layer(layer).to_json()
         del state[prefix + "weight"]
     for k, v in state.items():  # clone: safetensors refuses tensors that share storage
         tensors[k] = v.cpu().clone().contiguous()
@@ -168,51 +132,3 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         "layers": json.loads(raw["layers"]),
         "meta": json.loads(raw.get("meta", "{}")),
     }
-
-
-def load_packed(
-    path: str | Path, model_factory: Callable[..., nn.Module], *, kernel: str | None = None, fuse_bn: bool = True
-) -> nn.Module:
-    """Rebuild the model of a packed export, its 1-bit layers replaced by ``PackedQLayer`` (eval mode).
-
-    ``model_factory(**model_args)`` builds the float model (``bitrain.load_packed`` passes the zoo's
-    ``build_model``); the packed layers and tensors then replace its binary weights. ``kernel``: ``numba``,
-    ``torch`` or ``auto`` (numba when it imports), default $BITRAIN_KERNEL or auto (``packed.resolve_kernel``).
-    ``fuse_bn``: move each BatchNorm2d that follows a packed conv into it (``packed.fuse_batchnorm``: the
-    same outputs, one pass over memory fewer), then run each residual block that declares itself
-    (``residual_parts``) as one fused unit (``fused.fuse_residuals``: conv, BatchNorm, shortcut, sum and
-    the next conv's packing in one kernel call; the same outputs); False keeps the float model's modules
-    one for one.
-    """
-    from safetensors.torch import load_file
-
-    info = read_metadata(path)
-    args = dict(info["model_args"])
-    model = model_factory(**args)
-    for name, settings in info["layers"].items():
-        layer = model.get_submodule(name) if name else model
-        if not _is_packed(layer) or list(layer.weight.shape) != settings["shape"]:
-            raise UserError(
-                f"{path}: layer {name!r} of the rebuilt model does not match the export "
-                f"(expected a 1-bit {settings['type']} with weight {settings['shape']})"
-            )
-        packed = PackedQLayer(settings, copy.deepcopy(layer.act))
-        if not name:  # the whole model is one binary layer
-            model = packed
-            continue
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, packed)
-    tensors = load_file(str(path))
-    for name in info["layers"]:
-        prefix = f"{name}." if name else ""
-        tensors.pop(prefix + "weight_shape", None)
-        tensors.setdefault(prefix + "weight_scale", torch.ones(info["layers"][name]["shape"][0]))
-    try:
-        model.load_state_dict(tensors, strict=True)
-    except RuntimeError as e:
-        raise UserError(f"{path}: tensors do not fit the model {args.get('name', '?')!r}: {e}") from None
-    use_kernel(model, kernel)
-    if fuse_bn:
-        fuse_batchnorm(model)
-        fuse_residuals(model)
-    return model.eval()

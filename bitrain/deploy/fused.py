@@ -4,8 +4,8 @@ A block declares that it computes ``body(x) + shortcut(x)`` with a method ``resi
 returns the names of its two children (the shortcut's None for the identity) or None when it computes
 something else (ResNetE's post-norm blocks do, ``models/resnet_e.py``). ``fuse_residuals`` replaces each
 such block of a packed model by a ``PackedResidual`` holding the same children under the same names (the
-same state_dict). When the body is a packed conv with its BatchNorm fused in (``packed.fuse_batchnorm``),
-numba's kernel (``kernels.xnor_conv``) then does, in one pass over the output:
+same state_dict). When the body is a packed conv with its BatchNorm fused in (``swaps.fuse_batchnorm``),
+numba's kernel (``conv.xnor_conv``) then does, in one pass over the output:
 
 - the body conv and its BatchNorm, as before;
 - the shortcut: the identity's ``+ x`` read in the epilogue; a packed 1x1 conv with its BatchNorm (ResNetE's
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from bitrain.binary.packed import PackedQLayer
+from bitrain.deploy.packed import PackedQLayer, version
 
 
 def _lead(module: nn.Module | None) -> PackedQLayer | None:
@@ -88,13 +88,13 @@ def _tensors(layers: list[PackedQLayer]) -> list[tuple]:
         norm = layer._modules.get("norm")
         for m in (layer, norm) if norm is not None else (layer,):
             for d in (m._buffers, m._parameters):
-                entries += [(d, name, t, t._version) for name, t in d.items() if t is not None]
+                entries += [(d, name, t, version(t)) for name, t in d.items() if t is not None]
     return entries
 
 
 def _fresh(layers: list[PackedQLayer], modes: list[Any], tensors: list[tuple]) -> bool:
     """True while the layers are as a plan found them: the same modes, the same tensors, unchanged."""
-    return _modes(layers) == modes and all(d.get(name) is t and t._version == v for d, name, t, v in tensors)
+    return _modes(layers) == modes and all(d.get(name) is t and version(t) == v for d, name, t, v in tensors)
 
 
 class PackedResidual(nn.Module):
@@ -132,28 +132,28 @@ class PackedResidual(nn.Module):
 
     def pack_input(self, x: torch.Tensor) -> np.ndarray:
         """x's signs packed as this unit's conv reads them (what the unit before hands over)."""
-        from bitrain.binary import kernels
+        from bitrain.deploy import packing
 
-        return kernels.pack_activations(x, tuple(self.conv.settings["padding"]))
+        return packing.pack_activations(x, self.conv.settings.padding)
 
     def _take(self, x: torch.Tensor) -> np.ndarray | None:
         """The packed signs of x from the unit before, if it produced x itself and x is unchanged since."""
         prev = self.link.previous
         if prev is None or prev.link.handoff is None:
             return None
-        ref, version, padding, words = prev.link.handoff
+        ref, seen, padding, words = prev.link.handoff
         prev.link.handoff = None
         if ref() is not x:  # something between the two makes this unit's input: stop packing for it
             prev.link.pack_next = None
             return None
-        return words if x._version == version and padding == tuple(self.conv.settings["padding"]) else None
+        return words if version(x) == seen and padding == self.conv.settings.padding else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.run(x, self._take(x))
 
     def run(self, x: torch.Tensor, packed: np.ndarray | None = None) -> torch.Tensor:
         """The unit on x; ``packed``: x's signs as ``pack_input`` gives them, when the caller has them."""
-        from bitrain.binary import kernels
+        from bitrain.deploy import conv as kernels
 
         link = self.link
         link.handoff = None
@@ -172,7 +172,9 @@ class PackedResidual(nn.Module):
             if tuple(residual.shape) != plan.out_shape or residual.dtype != torch.float32:
                 return body(x) + residual  # a sum that broadcasts, promotes or fails: as the float model's
             extra["residual"] = residual
-        if link.pack_next is not None and plan.pack_ok:
+        if link.pack_next is not None and plan.pack_ok and not torch.is_inference_mode_enabled():
+            # (under inference_mode the output keeps no version counter, so an in-place change before the
+            # next unit could not be seen: that unit packs its input itself)
             extra["pack_out"] = link.pack_next
         result = kernels.xnor_conv(
             x, plan.words, fan_in=plan.fan_in, count=True, affine=plan.affine, packed=packed, **plan.geometry, **extra
@@ -197,7 +199,7 @@ class PackedResidual(nn.Module):
         return plan
 
     def _make_plan(self, x: torch.Tensor, conv: PackedQLayer, sc: PackedQLayer | None) -> _Plan | None:
-        from bitrain.binary import kernels
+        from bitrain.deploy import conv as kernels
 
         ready = conv.unit_plan(x)
         if ready is None:
@@ -207,9 +209,9 @@ class PackedResidual(nn.Module):
         kind, fused = ("x" if self._parts[1] is None else "torch"), None
         sc_ready = sc.unit_plan(x) if sc is not None else None
         if sc_ready is not None and self._same_pixels(conv, sc, x, out_hw):
-            (alpha, beta, form), (ph, pw) = sc_ready[1], s["padding"]
+            (alpha, beta, form), (ph, pw) = sc_ready[1], s.padding
             kind, fused = "kernel", kernels.Shortcut(sc_ready[0], ph, pw, sc.fan_in, form, alpha, beta)
-        geometry = dict(kernel_size=s["shape"][2:], stride=s["stride"], padding=s["padding"], dilation=s["dilation"])
+        geometry = dict(kernel_size=s.kernel_size, stride=s.stride, padding=s.padding, dilation=s.dilation)
         out_shape = (x.shape[0], conv.out_features, *out_hw)
         return _Plan(ready[0], ready[1], kind, fused, out_shape, geometry, conv.fan_in, conv.out_features % 8 == 0)
 
@@ -219,9 +221,9 @@ class PackedResidual(nn.Module):
         with the body conv's stride and output size: the center words of the body's packed input."""
         s, t = conv.settings, sc.settings
         return (
-            tuple(t["shape"][2:]) == (1, 1)
-            and tuple(t["padding"]) == (0, 0)
-            and tuple(t["stride"]) == tuple(s["stride"])
+            t.kernel_size == (1, 1)
+            and t.padding == (0, 0)
+            and t.stride == s.stride
             and sc.out_features == conv.out_features
             and sc._output_size(*x.shape[-2:]) == out_hw
         )
@@ -245,8 +247,8 @@ def fuse_residuals(model: nn.Module) -> int:
         _hand_over_channels_last(model, unit)
     for a, b in zip(units, units[1:]):
         nxt = b.conv
-        if nxt is not None and nxt.fused_sign and nxt.settings.get("groups", 1) == 1:
-            a.link.pack_next = tuple(nxt.settings["padding"])
+        if nxt is not None and nxt.fused_sign and nxt.settings.groups == 1:
+            a.link.pack_next = nxt.settings.padding
         b.link.previous = a
     return replaced
 
@@ -256,7 +258,7 @@ _PER_CHANNEL = (nn.BatchNorm2d, nn.ReLU, nn.Identity)  # the same values in eith
 
 def _hand_over_channels_last(model: nn.Module, unit: PackedResidual) -> bool:
     """Where the unit's input comes, through ``nn.Sequential`` order and per-channel layers only, from a
-    module that can hand on channels_last (``channels_last_out``: the zoo's stem max-pool), let it: the
+    module that can hand on channels_last (``channels_last_out``: ``swaps.ChannelsLastMaxPool2d``), let it: the
     unit packs that layout in place (64 channels per compare) and adds it as its residual, and the NCHW
     copy is not made. True when set."""
     parents = {id(c): (p, name) for p in model.modules() for name, c in p.named_children()}
