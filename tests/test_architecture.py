@@ -58,3 +58,23 @@ def test_bitrain_evaluate_is_the_function_whatever_is_imported():
 
     assert callable(evaluate) and evaluate.__module__ == "bitrain.train.evaluation"
     assert bitrain.evaluate is evaluate
+
+
+MAX_FUNCTION_LINES, MAX_MODULE_LINES = 80, 400  # docs/architecture.md: longer is several concepts
+
+
+def test_no_function_or_module_is_several_concepts_long():
+    import ast
+
+    too_long = []
+    for path in sorted((ROOT / "bitrain").rglob("*.py")):
+        source = path.read_text(encoding="utf-8")
+        name = path.relative_to(ROOT).as_posix()
+        if len(source.splitlines()) > MAX_MODULE_LINES:
+            too_long.append(f"{name}: {len(source.splitlines())} lines")
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    too_long.append(f"{name}:{node.lineno} {node.name}: {lines} lines")
+    assert not too_long, "\n".join(too_long)
