@@ -32,7 +32,7 @@ def test_summary_defaults_to_imagenet_input(capsys):
     """Without --dataset: 3x224x224 and 1000 classes, as BMXNet's print_summary."""
     assert run_cli("summary", "--model", "resnet18_e1") == 0
     out = capsys.readouterr().out
-    # ResNetE-18: 11,157,504 binary weights (hand-counted in tests/test_summary.py) + float layers
+    # ResNetE-18: 11,157,504 binary weights (hand-counted in tests/binary/test_summary.py) + float layers
     assert (
         "Total params                      11,689,640 (11,157,504 at 1 bit" in out
     )  # parameters only: BatchNorm statistics are buffers

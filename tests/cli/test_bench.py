@@ -115,7 +115,7 @@ def test_accuracy_benchmark_prints_one_row_per_recipe(tmp_path):
     import sys
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_accuracy.py"
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_accuracy.py"
     args = [sys.executable, str(script), "digits", "--out", str(tmp_path), "--extra", "--epochs 2 --cpu"]
     r = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
