@@ -50,7 +50,8 @@ def _residual(m: nn.Module):
 
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (*_LEAVES, nn.Sequential)) or _residual(m) is not None
+        plain = type(m).__module__.startswith("torch.nn.")  # torch's own: mapped or refused whole
+        return plain or isinstance(m, _LEAVES) or _residual(m) is not None
 
 
 def _pool_args(m) -> tuple[list[int], list[int], list[int]]:
@@ -135,6 +136,8 @@ def emit(m: nn.Module, x, name: str = "model"):
             else:
                 x, i = emit(child, x, f"{name}.{key}"), i + 1
         return x
+    if type(m).__module__.startswith("torch.nn."):
+        raise UserError(f"OpenVINO export: {name}: module {type(m).__name__} has no OpenVINO mapping")
     return _traced(m, x, name)
 
 
