@@ -29,7 +29,9 @@ _PASS = (nn.Identity, nn.Dropout, nn.Dropout2d)
 _LEAVES = (
     nn.Conv2d,
     nn.BatchNorm2d,
+    nn.BatchNorm1d,
     nn.ReLU,
+    nn.Tanh,
     nn.PReLU,
     nn.Hardtanh,
     nn.MaxPool2d,
@@ -69,9 +71,16 @@ def _leaf(m: nn.Module, x, name: str):
         a, b = L.bn_affine(m)
         return ops.add(ops.multiply(x, L.chan(a)), L.chan(b))
     if isinstance(m, LearnableBias):
-        return ops.add(x, L.chan(m.bias))
+        rank = len(L.shape_of(x))
+        return ops.add(x, m.bias.detach().float().cpu().numpy().reshape(1, -1, *[1] * (rank - 2)))
     if isinstance(m, nn.ReLU):
         return ops.relu(x)
+    if isinstance(m, nn.Tanh):
+        return ops.tanh(x)
+    if isinstance(m, nn.BatchNorm1d):
+        a, b = L.bn_affine(m)
+        shape = (1, -1) if len(L.shape_of(x)) == 2 else (1, -1, 1)
+        return ops.add(ops.multiply(x, a.float().numpy().reshape(shape)), b.float().numpy().reshape(shape))
     if isinstance(m, nn.PReLU):
         return ops.prelu(x, m.weight.detach().float().cpu().numpy())
     if isinstance(m, nn.Hardtanh):
@@ -162,35 +171,49 @@ def _traced(m: nn.Module, x, name: str):
         raise UserError(f"OpenVINO export: {name} ({type(m).__name__}) does not trace with torch.fx: {msg}") from None
     env: dict[str, Any] = {}
     inputs = iter([x])
-
-    def val(a):
-        if isinstance(a, fx.Node):
-            return env[a.name]
-        if isinstance(a, (int, float)):
-            return np.float32(a)
-        raise UserError(f"OpenVINO export: {name}: argument {a!r} is not supported")
-
     for node in graph.nodes:
         if node.op == "placeholder":
             env[node.name] = next(inputs, None)
             if env[node.name] is None:
                 raise UserError(f"OpenVINO export: {name}: only modules with one tensor input are supported")
         elif node.op == "call_module":
-            env[node.name] = emit(m.get_submodule(node.target), val(node.args[0]), f"{name}.{node.target}")
-        elif node.op in ("call_function", "call_method") and node.target in _FUNCS and not node.kwargs:
-            env[node.name] = _FUNCS[node.target](*[val(a) for a in node.args])
-        elif node.target in (torch.flatten, "flatten"):
-            start = (
-                node.args[1]
-                if len(node.args) > 1
-                else node.kwargs.get("start_dim", 0 if node.op == "call_method" else 0)
-            )
-            end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
-            env[node.name] = _flatten(val(node.args[0]), start, end, name)
+            arg = _value(env, node.args[0], name)
+            env[node.name] = emit(m.get_submodule(node.target), arg, f"{name}.{node.target}")
         elif node.op == "output":
-            return val(node.args[0])
+            return _value(env, node.args[0], name)
         else:
-            raise UserError(
-                f"OpenVINO export: {name} ({type(m).__name__}): {node.op} {node.target} has no OpenVINO mapping"
-            )
+            env[node.name] = _call(node, env, f"{name} ({type(m).__name__})")
     raise UserError(f"OpenVINO export: {name}: traced graph has no output")
+
+
+def _value(env: dict, a, name: str):
+    if isinstance(a, fx.Node):
+        return env[a.name]
+    if isinstance(a, (int, float)) and not isinstance(a, bool):
+        return np.float32(a)
+    raise UserError(f"OpenVINO export: {name}: argument {a!r} is not supported")
+
+
+def _arg(node: fx.Node, i: int, key: str, default=None):
+    return node.args[i] if len(node.args) > i else node.kwargs.get(key, default)
+
+
+def _call(node: fx.Node, env: dict, where: str):
+    """A call_function / call_method node: the few a zoo forward uses."""
+    target = node.target
+    kwargs = {k: v for k, v in node.kwargs.items() if k != "inplace"}
+    if node.op in ("call_function", "call_method") and target in _FUNCS and not kwargs:
+        return _FUNCS[target](*[_value(env, a, where) for a in node.args[:2]])
+    if target in (torch.flatten, "flatten"):
+        x = _value(env, node.args[0], where)
+        return _flatten(x, _arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1), where)
+    if target in (torch.cat, torch.concat):
+        parts = [_value(env, a, where) for a in node.args[0]]
+        return ops.concat(parts, int(_arg(node, 1, "dim", 0)))
+    if target in (torch.mean, "mean") and _arg(node, 1, "dim") is not None:
+        dims = _arg(node, 1, "dim")
+        dims = [dims] if isinstance(dims, int) else list(dims)
+        x = _value(env, node.args[0], where)
+        return ops.reduce_mean(x, np.array(dims, np.int64), bool(_arg(node, 2, "keepdim", False)))
+    what = getattr(target, "__name__", target)
+    raise UserError(f"OpenVINO export: {where}: {node.op} {what} has no OpenVINO mapping")

@@ -43,10 +43,12 @@ def chan(v) -> np.ndarray:
 
 
 def shape_of(node) -> list[int]:
-    return list(node.get_output_partial_shape(0).to_shape())
+    """The static shape of a node's (first) output or of an output."""
+    shape = node.get_partial_shape() if hasattr(node, "get_partial_shape") else node.get_output_partial_shape(0)
+    return list(shape.to_shape())
 
 
-def bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+def bn_affine(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
     """Eval BatchNorm as y = a x + b per channel (float64)."""
     if bn.running_mean is None:
         raise UserError("OpenVINO export: a BatchNorm2d without running statistics cannot be exported")

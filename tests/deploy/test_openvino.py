@@ -161,3 +161,28 @@ def test_without_openvino_one_clear_line(monkeypatch, tmp_path):
     with pytest.raises(UserError) as e:
         export_openvino(Digits().eval(), tmp_path / "m.xml", input_shape=(1, 1, 8, 8), model_args={"name": "t"})
     assert str(e.value) == MISSING and "pip install 'bitrain[openvino]'" in MISSING
+
+
+@pytest.mark.parametrize("name", ["resnet18_e1", "birealnet18", "reactnet18", "small_reactnet"])
+def test_zoo_models_agree(name):
+    """Zoo nets at 32 px (BatchNorm statistics set): every argmax equal, one BinaryConvolution per 1-bit
+    conv with sign inputs and no groups."""
+    from bitrain.deploy.ov_layers import binary_conv_ok
+    from bitrain.deploy.swaps import channels_last_stem
+    from bitrain.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(name=name, num_classes=10, in_channels=3, image_size=32)
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.3)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    channels_last_stem(model)
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    expected, got, graph = _compare(model, x)
+    assert count_ops(graph).get("BinaryConvolution") == sum(binary_conv_ok(m) for m in model.modules()) > 0
+    assert torch.equal(got.argmax(1), expected.argmax(1))
+    # float rounding may flip the sign of a value within ~1e-6 of 0 (then that sample's logits move a little)
+    close = ((got - expected).abs() <= 1e-4 * expected.abs().max()).all(1)
+    assert close.sum() >= len(x) - 1, (got - expected).abs().max(1).values
