@@ -10,6 +10,22 @@ from bitrain.cli.args import PROG, ArgParser
 from bitrain.errors import UserError
 
 
+def data_record(model_args: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """What a runtime outside bitrain needs to feed the model: its data set, class names by index and the
+    validation transform (resize to ``image_size``, scale to [0, 1], then (x - mean) / std per channel)."""
+    from bitrain.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD
+    from bitrain.data.sets import DATA_SETS
+
+    spec = DATA_SETS.get(str(config.get("dataset")))
+    if spec is None:
+        return {}
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if spec.folder else (spec.mean, spec.std)
+    record = {"dataset": spec.name, "image_size": model_args.get("image_size"), "classes": list(spec.classes)}
+    if mean is not None:
+        record.update(mean=list(mean), std=list(std))
+    return record
+
+
 def export_checkpoint(
     ckpt_path: str | Path, out_path: str | Path, fmt: str = "packed", batch: int = 1
 ) -> dict[str, Any]:
@@ -19,6 +35,8 @@ def export_checkpoint(
     loaded = load_model(ckpt_path)
     # the training config travels with the export: eval and predict know its data set wherever it is
     meta = {"checkpoint": Path(ckpt_path).name, "trainer": loaded.meta, "config": loaded.config}
+    if fmt in ("openvino", "onnx"):  # read by other runtimes: the data record spelled out
+        meta["data"] = data_record(loaded.model_args, loaded.config)
     if fmt == "openvino":
         from bitrain.deploy.openvino import export_openvino
 

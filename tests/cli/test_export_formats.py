@@ -36,6 +36,10 @@ def test_openvino_export_evals_as_the_checkpoint(ckpt, tmp_path, capsys):
     assert "4 BinaryConvolution" in capsys.readouterr().out
     ops = [n.get_type_name() for n in ov.Core().read_model(str(tmp_path / "m.xml")).get_ordered_ops()]
     assert ops.count("BinaryConvolution") == 4  # tiny_resnet_e's four 1-bit convs
+    graph = ov.Core().read_model(str(tmp_path / "m.xml"))
+    data = json.loads(graph.get_rt_info(["bitrain", "meta"]).astype(str))["data"]
+    assert data["classes"] == [str(i) for i in range(10)] and data["image_size"] == 8 and len(data["mean"]) == 1
+    assert json.loads(graph.get_rt_info(["bitrain", "model_args"]).astype(str))["name"] == "tiny_resnet_e"
     want = _eval(capsys, ckpt)
     _same(_eval(capsys, tmp_path / "m.xml"), want)
     for engine in ("openvino", "numba", "torch"):
