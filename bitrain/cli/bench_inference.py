@@ -54,6 +54,14 @@ def _parser() -> ArgParser:
     p.add_argument("--clock", default="wall", choices=("wall", "cpu"), help="wall time or this process's CPU time")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--engine",
+        action="append",
+        choices=("openvino",),
+        default=[],
+        help="also race this engine in the same rounds: openvino (the model's IR, every 1-bit conv a "
+        "BinaryConvolution, f32, bitrain[openvino])",
+    )
+    p.add_argument(
         "--allocator",
         default="keep",
         choices=("keep", "system"),
@@ -103,24 +111,31 @@ def _timer(clock: Callable[[], float]) -> Callable[[Callable[[], object]], float
     return seconds
 
 
-def _end_to_end(float_model, packed, shape, batch: int, rounds: int, seconds, seed: int) -> dict:
+def _end_to_end(models: dict[str, nn.Module], shape, batch: int, rounds: int, seconds, seed: int) -> dict:
+    """Per model (``float`` first) its seconds per round, and per other model its agreement with ``float``:
+    each round one new batch, every model on it, the order rotating from round to round."""
     gen = torch.Generator().manual_seed(seed + batch)
-    same, total, worst = 0, 0, 0.0
-    t_float: list[float] = []
-    t_packed: list[float] = []
+    names = list(models)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    same = dict.fromkeys(names[1:], 0)
+    worst = dict.fromkeys(names[1:], 0.0)
+    total = 0
     with torch.no_grad():
         warm = torch.randn(batch, *shape, generator=gen)
-        float_model(warm), packed(warm)
+        for model in models.values():
+            model(warm)
         for r in range(rounds):
             x = torch.randn(batch, *shape, generator=gen)
             out: dict[str, torch.Tensor] = {}
-            order = [("float", float_model, t_float), ("packed", packed, t_packed)]
-            for name, model, times in order if r % 2 == 0 else order[::-1]:
-                times.append(seconds(lambda m=model, k=name, x=x, out=out: out.__setitem__(k, m(x))))
-            same += int((out["float"].argmax(1) == out["packed"].argmax(1)).sum())
+            order = names[r % len(names) :] + names[: r % len(names)]
+            for name in order if r % 2 == 0 else order[::-1]:
+                model = models[name]
+                times[name].append(seconds(lambda m=model, k=name, x=x, out=out: out.__setitem__(k, m(x))))
             total += batch
-            worst = max(worst, float((out["float"] - out["packed"]).abs().max()))
-    return dict(float=t_float, packed=t_packed, same=same, total=total, worst=worst)
+            for k in names[1:]:
+                same[k] += int((out["float"].argmax(1) == out[k].argmax(1)).sum())
+                worst[k] = max(worst[k], float((out["float"] - out[k]).abs().max()))
+    return dict(times=times, same=same, total=total, worst=worst)
 
 
 def _layer_inputs(model: nn.Module, names: list[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -237,6 +252,16 @@ def _sizes(float_model: nn.Module, export: dict, path: Path) -> str:
     )
 
 
+def _engines(names: list[str], float_model: nn.Module, shape, batch: int) -> dict[str, nn.Module]:
+    """The other engines to race, built for this batch size (an IR has static shapes)."""
+    out: dict[str, nn.Module] = {}
+    if "openvino" in names:
+        from bitrain.deploy.openvino import OpenVINOModel, build_graph
+
+        out["openvino"] = OpenVINOModel(build_graph(float_model, (batch, *shape)))
+    return out
+
+
 def main(argv: Sequence[str]) -> int:
     """``bitrain bench --inference [options]``: prints the ratios and agreement per batch size; returns 0."""
     ns = _parser().parse_args(list(argv))
@@ -280,16 +305,24 @@ def main(argv: Sequence[str]) -> int:
     print(sizes)
     print(allocator)
     for batch in batches:
-        r = _end_to_end(float_model, packed, shape, batch, ns.rounds, seconds, ns.seed)
-        tf, tp = statistics.median(r["float"]), statistics.median(r["packed"])
+        models = {"float": float_model, "packed": packed, **_engines(ns.engine, float_model, shape, batch)}
+        r = _end_to_end(models, shape, batch, ns.rounds, seconds, ns.seed)
+        t = {k: statistics.median(v) for k, v in r["times"].items()}
+        tp = t["packed"]
         print(
-            f"batch {batch}: float {tf * 1e3:.2f} ms ({batch / tf:.1f} img/s), packed {tp * 1e3:.2f} ms "
-            f"({batch / tp:.1f} img/s), medians of {ns.rounds}"
+            f"batch {batch}: "
+            + ", ".join(f"{k} {v * 1e3:.2f} ms ({batch / v:.1f} img/s)" for k, v in t.items())
+            + f", medians of {ns.rounds}"
         )
-        print(f"batch {batch}: ratio packed/float: {paired_ratio(r['float'], r['packed']):.2f}")
-        print(
-            f"batch {batch}: predictions identical: {r['same']}/{r['total']} (max |logit difference| {r['worst']:.3g})"
-        )
+        print(f"batch {batch}: ratio packed/float: {paired_ratio(r['times']['float'], r['times']['packed']):.2f}")
+        for k in list(models)[2:]:
+            print(f"batch {batch}: ratio packed/{k}: {paired_ratio(r['times'][k], r['times']['packed']):.2f}")
+        for k in list(models)[1:]:
+            which = "" if k == "packed" else f" ({k} vs float)"
+            print(
+                f"batch {batch}: predictions identical{which}: {r['same'][k]}/{r['total']} "
+                f"(max |logit difference| {r['worst'][k]:.3g})"
+            )
         if ns.layers:
             rows = _layers(float_model, packed, shape, batch, ns.rounds, seconds, ns.seed)
             ratios = [paired_ratio(f, p) for *_, f, p in rows]

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from bitrain import console
-from bitrain.cli.reader import load_model
+from bitrain.cli.reader import ENGINE_HELP, ENGINES, load_model
 from bitrain.cli.train import select_device
 from bitrain.data.sets import DATA_SETS
 from bitrain.deploy.memory import keep_freed_memory_on
@@ -117,6 +117,7 @@ def evaluate_file(
     amp_dtype: torch.dtype | None = None,
     num_workers: int | None = None,
     progress: bool = False,
+    engine: str | None = None,
 ) -> dict[str, Any]:
     """Top-1/top-5/loss of the model in ``path`` on ``split`` of its data set (or ``dataset``).
 
@@ -127,7 +128,7 @@ def evaluate_file(
         raise UserError(f"--split {split!r} is not valid; choose from: {', '.join(SPLITS)}")
     if batch_size is not None and batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
-    model, margs, config, _, source = load_model(path)
+    model, margs, config, _, source = load_model(path, engine)
     opts = _data_options(margs, config, {"dataset": dataset, "data_dir": data_dir, "num_workers": num_workers})
     bs = int(batch_size or opts.get("batch_size") or 128)
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -169,7 +170,9 @@ def main(argv: Sequence[str]) -> int:
         description="Top-1, top-5 and loss of a checkpoint, a run's "
         "model.safetensors, a packed export or a run directory, on the validation (or train) split.",
     )
-    p.add_argument("checkpoint", help="checkpoint .pt, model.safetensors, packed export, or run directory")
+    p.add_argument(
+        "checkpoint", help="checkpoint .pt, model.safetensors, packed export, .xml/.onnx export, or run directory"
+    )
     p.add_argument("--dataset", help="data set (default: the one the model was trained on)")
     p.add_argument("--data-dir", "--data-path", dest="data_dir", help="data set folder")
     p.add_argument("--split", default="val", choices=SPLITS, help="split to evaluate (train: no augmentation)")
@@ -186,6 +189,7 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--cpu", action="store_true", help="evaluate on the CPU")
     p.add_argument("--gpus", help="GPU id to use, e.g. 0 (default: GPU 0 if present)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.add_argument("--engine", choices=ENGINES, help=ENGINE_HELP)
     ns = p.parse_args(list(argv))
     device = select_device(SimpleNamespace(cpu=ns.cpu, gpus=ns.gpus))
     keep_freed_memory_on(device)  # inference only: the activations' memory is reused between batches
@@ -200,6 +204,7 @@ def main(argv: Sequence[str]) -> int:
         amp_dtype=amp,
         num_workers=ns.num_workers,
         progress=True,
+        engine=ns.engine,
     )
     if ns.json:
         print(json.dumps(r))

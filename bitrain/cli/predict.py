@@ -34,7 +34,7 @@ import torch
 
 from bitrain import console
 from bitrain.cli.args import PROG
-from bitrain.cli.reader import load_model
+from bitrain.cli.reader import ENGINE_HELP, ENGINES, load_model
 from bitrain.data.imagefolder import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, class_folders, transform
 from bitrain.data.loader import normalize_affine, normalize_batch
 from bitrain.data.sets import DATA_SETS
@@ -73,8 +73,9 @@ class Predictor:
         dataset: str | None = None,
         data_dir: str | None = None,
         device: str | torch.device = "cpu",
+        engine: str | None = None,
     ) -> None:
-        model, margs, config, _, source = load_model(path)
+        model, margs, config, _, source = load_model(path, engine)
         self.source, self.model_name = source, str(margs.get("name"))
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
@@ -195,7 +196,9 @@ def main(argv: Sequence[str]) -> int:
         description="Top-k classes of images (files or folders) by a checkpoint, a run's model.safetensors, "
         "a packed export or a run directory, through the validation transform of its data set.",
     )
-    p.add_argument("model", help="checkpoint .pt, model.safetensors, packed export, or run directory")
+    p.add_argument(
+        "model", help="checkpoint .pt, model.safetensors, packed export, .xml/.onnx export, or run directory"
+    )
     p.add_argument("images", nargs="+", help="image files and/or folders (walked recursively)")
     p.add_argument("--top-k", type=int, default=5, help="classes per image (default 5)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
@@ -204,13 +207,14 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--data-dir", "--data-path", dest="data_dir", help="image folder data set: its class names")
     p.add_argument("--cpu", action="store_true", help="predict on the CPU")
     p.add_argument("--gpus", help="GPU id to use, e.g. 0 (default: GPU 0 if present)")
+    p.add_argument("--engine", choices=ENGINES, help=ENGINE_HELP)
     ns = p.parse_args(list(argv))
     for flag, value in (("--top-k", ns.top_k), ("--batch-size", ns.batch_size)):
         if value < 1:
             raise UserError(f"{flag} must be at least 1, got {value}")
     device = select_device(SimpleNamespace(cpu=ns.cpu, gpus=ns.gpus))
     keep_freed_memory_on(device)  # inference only: the activations' memory is reused between batches
-    predictor = Predictor(ns.model, dataset=ns.dataset, data_dir=ns.data_dir, device=device)
+    predictor = Predictor(ns.model, dataset=ns.dataset, data_dir=ns.data_dir, device=device, engine=ns.engine)
     if predictor.note:
         print(f"{PROG} predict: {predictor.note}", file=sys.stderr)
     errors: list[dict[str, str]] = []

@@ -1,8 +1,10 @@
 """One reader for everything bitrain writes: a model, its ``build_model`` kwargs and its training config.
 
 Accepts a training checkpoint (``*.pt``: weights-only load, checksum verified), a run's final float
-weights (``model.safetensors``), a packed 1-bit export (``bitrain export``), or a run directory
-(its ``checkpoints/best.pt``, else ``last.pt``, else ``model.safetensors``). ``bitrain eval``,
+weights (``model.safetensors``), a packed 1-bit export (``bitrain export``), an OpenVINO IR (``*.xml``)
+or ONNX file (``*.onnx``) written by ``bitrain export``, or a run directory (its ``checkpoints/best.pt``,
+else ``last.pt``, else ``model.safetensors``). ``engine`` (``--engine``) runs a float model another way:
+``numba`` packed in memory (the packed engine), ``openvino`` as an in-memory IR, ``torch`` as it is. ``bitrain eval``,
 ``bitrain export`` and the Python API (``bitrain.load_model``) all read here; a packed export is rebuilt by
 ``bitrain.deploy.load.load_packed``, and a float model gets the engine's inference swaps
 (``deploy.swaps.channels_last_stem``: the same values, a faster CPU stem).
@@ -48,10 +50,82 @@ def resolve_source(path: str | Path) -> Path:
     return path
 
 
-def load_model(path: str | Path) -> LoadedModel:
+ENGINES = ("numba", "openvino", "torch")
+ENGINE_HELP = (
+    "run a checkpoint on: numba (packed 1-bit in memory), openvino (an in-memory IR, BinaryConvolution), "
+    "torch (the float-latent model; the default for a checkpoint); an export runs on its own engine"
+)
+_FILE_ENGINE = {".xml": "openvino", ".onnx": "onnxruntime"}
+
+
+def input_shape(model_args: dict[str, Any], batch: int = 1) -> tuple[int, int, int, int]:
+    """(N, C, H, W) of the model's input, from its build_model kwargs (in_channels, image_size)."""
+    size = model_args.get("image_size")
+    if size is None:
+        raise UserError(f"model {model_args.get('name')!r} records no image_size: cannot fix the input shape")
+    return batch, int(model_args.get("in_channels", 3)), int(size), int(size)
+
+
+def load_model(path: str | Path, engine: str | None = None) -> LoadedModel:
     """The model stored in ``path`` (any file bitrain writes, or a run directory), rebuilt from its
-    ``model_args`` with its weights, in eval mode. Anything that does not fit is a UserError naming the file."""
+    ``model_args`` with its weights, in eval mode, run by ``engine`` (None: the file's own: torch for a
+    float model, numba for a packed export, OpenVINO / onnxruntime for an IR / ONNX file). Anything that
+    does not fit is a UserError naming the file."""
+    if engine is not None and engine not in ENGINES:
+        raise UserError(f"--engine {engine!r}; valid: {', '.join(ENGINES)}")
     source = resolve_source(path)
+    if source.suffix in _FILE_ENGINE or (engine is not None and _is_packed(source)):
+        return _load_export(source, engine)
+    loaded = _load_float(source)
+    if engine in (None, "torch"):
+        return loaded
+    return loaded._replace(model=_engine_model(loaded, engine))
+
+
+def _is_packed(source: Path) -> bool:
+    return source.suffix == ".safetensors" and _safetensors_metadata(source).get("format") == packed.FORMAT
+
+
+def _load_export(source: Path, engine: str | None) -> LoadedModel:
+    """An IR, ONNX file or packed export; ``engine`` must be the one it runs on."""
+    own = _FILE_ENGINE.get(source.suffix, "numba")
+    if engine is not None and engine != own and not (own == "onnxruntime" and engine == "torch"):
+        raise UserError(f"{source} runs on {own}; --engine {engine} needs the checkpoint (or leave --engine out)")
+    if source.suffix == ".xml":
+        from bitrain.deploy.openvino import load_openvino
+
+        model, meta = load_openvino(source)
+    elif source.suffix == ".onnx":
+        from bitrain.deploy.onnx_export import OnnxModel
+
+        model = OnnxModel(source)
+        meta = model.metadata()
+        if "model_args" not in meta:
+            raise UserError(f"{source} has no bitrain metadata (model_args): it was not written by bitrain export")
+    else:
+        return _load_float(source)
+    extra = meta.get("meta") or {}
+    config = {**_run_config(source), **(extra.get("config") or {})}
+    return LoadedModel(model, dict(meta["model_args"]), config, extra, source)
+
+
+def _engine_model(loaded: LoadedModel, engine: str) -> nn.Module:
+    """The float model of ``loaded`` packed for numba, or as an in-memory OpenVINO graph."""
+    if engine == "openvino":
+        from bitrain.deploy.openvino import OpenVINOModel, build_graph
+
+        return OpenVINOModel(build_graph(loaded.model, input_shape(loaded.model_args)))
+    import tempfile
+
+    from bitrain.deploy.export import export_packed
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "packed.safetensors"
+        export_packed(loaded.model, path, model_args=loaded.model_args)
+        return load_packed(path, build_model)
+
+
+def _load_float(source: Path) -> LoadedModel:
     if source.suffix != ".safetensors":
         payload = load_checkpoint(source)
         if "model_args" not in payload or "model" not in payload:

@@ -33,7 +33,8 @@ from bitrain.files import atomic_write_bytes
 
 FORMAT = "bitrain-packed"
 VERSION = 1
-SUFFIXES = {".safetensors": FORMAT}  # the output suffix each export format owns
+# the output suffix each export format owns, and the format's name (``bitrain export --format``)
+SUFFIXES = {".safetensors": "packed", ".xml": "openvino", ".onnx": "onnx"}
 
 
 # ---------------------------------------------------------------------------------- layer semantics

@@ -285,8 +285,8 @@ def test_export_checkpoint_of_zoo_model(tmp_path, capsys, name):
 
 
 def test_export_refuses_a_suffix_no_format_owns(tmp_path, capsys):
-    """``bitrain export CKPT m.xml``: one line, exit 2, nothing written (not a safetensors file named m.xml)."""
-    for out in ("m.xml", "model"):
+    """``bitrain export CKPT m.txt``: one line, exit 2, nothing written (not a safetensors file named m.txt)."""
+    for out in ("m.txt", "model"):
         assert run_cli("export", tmp_path / "nope.pt", tmp_path / out) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "no format writes" in err and ".safetensors" in err, err
