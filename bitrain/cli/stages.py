@@ -60,7 +60,8 @@ class Plan:
         """What ``RUN/config.yaml`` holds: the flags folded in, the run-control options left out, so
         ``--config RUN/config.yaml`` (or ``--resume auto``) repeats the run."""
         control = {n for n, f in C.FIELDS.items() if f.metadata.get("run_control")}
-        shared = {k: v for k, v in {**self.shared, **self.flags}.items() if k not in control}
+        flags = {k: C.coerce(k, v) for k, v in self.flags.items()}  # typed, as a YAML file would hold them
+        shared = {k: v for k, v in {**self.shared, **flags}.items() if k not in control}
         stages = [
             {"name": s.name, **{k: v for k, v in s.options.items() if k not in control and k not in self.flags}}
             for s in self.stages
@@ -218,13 +219,14 @@ def format_plan(plan: Plan) -> str:
     """The stages as a table: ``bitrain train --dry-run`` and ``bitrain summary --config`` print it."""
     n = len(plan.stages)
     lines = [f"{n} stages ({plan.source}); run dir {plan.run_dir}"]
-    lines.append(f"  {'#':>3}  {'stage':<20} {'model':<16} {'bits':>4} {'bits_a':>6} {'epochs':>6} {'lr':>9}  teacher")
+    head = f"  {'#':>3}  {'stage':<16} {'model':<16} {'bits':>4} {'bits_a':>6} {'epochs':>6} {'lr':>9}  {'from':<16} teacher"
+    lines.append(head)
     for k, s in enumerate(plan.stages):
         c = s.cfg
         teacher = f"stage {s.teacher_stage}" if s.teacher_stage else (c.teacher or "-")
-        start = "" if k == 0 else f" (from {plan.stages[k - 1].name})"
+        start = plan.stages[k - 1].name if k > 0 else (c.init_from or "scratch")
         lines.append(
-            f"  {k + 1:>3}  {s.name:<20} {c.model or '-':<16} {c.bits:>4} {c.bits_a:>6} {c.epochs or '-':>6} "
-            f"{c.lr:>9.3g}  {teacher}{start}"
+            f"  {k + 1:>3}  {s.name:<16} {c.model or '-':<16} {c.bits:>4} {c.bits_a:>6} {c.epochs or '-':>6} "
+            f"{c.lr:>9.3g}  {start:<16} {teacher}"
         )
     return "\n".join(lines)
