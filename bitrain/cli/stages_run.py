@@ -103,18 +103,34 @@ def main(plan: Plan, steps: Steps) -> int:
         steps.print_summary(run.model, run.info, last.plot_network)
         if last.dry_run:
             return 0
+    from bitrain.cli.build import select_device
     from bitrain.cli.rundir import lock_run_dir
+    from bitrain.train import dist
 
-    lock = lock_run_dir(plan.run_dir)
+    device = select_device(plan.stages[0].cfg)
+    main_rank = dist.init_from_env(device.type, device=device).is_main  # under torchrun: every rank runs this
+    lock = lock_run_dir(plan.run_dir) if main_rank else None
+    rc = 1
     try:
-        finished, first = _open_run_dir(plan)
+        if main_rank:
+            finished, first = _open_run_dir(plan)
+        dist.barrier()
+        if not main_rank:  # what rank 0 decided, from the files it wrote
+            finished = read_finished(plan.run_dir)
+            first = plan.names.index(plan.start) if plan.start is not None else len(finished)
+        if main_rank and first == len(plan.stages):
+            print(f"all {first} stages of {plan.run_dir} have finished; --stage NAME reruns one")
         for k in range(first, len(plan.stages)):
-            rc = _run_stage(plan, k, finished, steps)
+            rc = _run_stage(plan, k, finished, steps, main_rank)
+            if rc in (0, 3):  # the next stage reads this stage's model; interrupted ranks leave together
+                dist.barrier()
             if rc != 0:
                 return rc
         return 0
     finally:
-        lock.close()
+        if lock is not None:
+            lock.close()
+        dist.cleanup()
 
 
 def _open_run_dir(plan: Plan) -> tuple[list[dict[str, Any]], int]:
@@ -124,6 +140,12 @@ def _open_run_dir(plan: Plan) -> tuple[list[dict[str, Any]], int]:
 
     run_dir, cfg = plan.run_dir, plan.stages[0].cfg
     resuming = cfg.resume == "auto" or plan.start is not None
+    saved = run_dir / "config.yaml"
+    if resuming and saved.is_file() and "stages" not in (yaml.safe_load(saved.read_text(encoding="utf-8")) or {}):
+        raise UserError(
+            f"--prefix {run_dir} holds a run without stages; continue it without a stages --config, "
+            "or pass --overwrite (without --resume) to start over there"
+        )
     finished = read_finished(run_dir) if resuming else []
     done = [r["name"] for r in finished]
     if done != plan.names[: len(done)]:
@@ -169,7 +191,7 @@ def _stage_config(plan: Plan, k: int) -> C.TrainConfig:
     return stage.cfg.with_(**changes)
 
 
-def _run_stage(plan: Plan, k: int, finished: list[dict[str, Any]], steps: Steps) -> int:
+def _run_stage(plan: Plan, k: int, finished: list[dict[str, Any]], steps: Steps, main_rank: bool) -> int:
     """Build, restore or start, train and record stage k; returns its exit code."""
     from bitrain.train import checkpoint as ckpt
 
@@ -184,8 +206,9 @@ def _run_stage(plan: Plan, k: int, finished: list[dict[str, Any]], steps: Steps)
     before = finished[-1] if finished else {"epochs": 0, "steps": 0, "samples": 0, "callbacks": {}}
     if payload is None:
         trainer.state.samples = before["samples"]  # TensorBoard's axis goes on from the stage before
-    ckpt.clean_stale_temp_files(folder / "checkpoints")
-    callbacks = _attach_loggers(plan, k, trainer, before, resumed=payload is not None)
+    if main_rank:
+        ckpt.clean_stale_temp_files(folder / "checkpoints")
+    callbacks = _attach_loggers(plan, k, trainer, before, resumed=payload is not None) if main_rank else []
     c = run.cfg
     teacher = f", teacher {plan.stages[k].teacher_stage or c.teacher}" if c.teacher else ""
     start = f"from {plan.names[k - 1]}" if k > 0 else ("from " + c.init_from if c.init_from else "from scratch")
@@ -197,10 +220,11 @@ def _run_stage(plan: Plan, k: int, finished: list[dict[str, Any]], steps: Steps)
         s = trainer.state
         trainer.message(f"[Stage {k + 1}/{n} {name}] resumed from {path}: epoch {s.epoch}, batch {s.batch}")
     try:
-        rc = _fit(plan, k, run, trainer)
+        rc = _fit(plan, k, run, trainer, main_rank)
         if rc == 0:  # after the stage's model: a kill in between redoes only the (finished) fit
             finished.append(_record(name, trainer, before, callbacks))
-            write_finished(plan.run_dir, finished)
+            if main_rank:
+                write_finished(plan.run_dir, finished)
         return rc
     finally:
         for cb in callbacks:
@@ -242,7 +266,7 @@ def _record(name: str, trainer: Any, before: dict[str, Any], callbacks: list) ->
     }
 
 
-def _fit(plan: Plan, k: int, run: Any, trainer: Any) -> int:
+def _fit(plan: Plan, k: int, run: Any, trainer: Any, main_rank: bool) -> int:
     """``trainer.fit()``, the stage's final model (and the run's, after the last stage); the exit code."""
     from bitrain.cli.rundir import save_final_weights
     from bitrain.train import checkpoint as ckpt
@@ -251,6 +275,8 @@ def _fit(plan: Plan, k: int, run: Any, trainer: Any) -> int:
     say, name, last = trainer.message, plan.names[k], k == len(plan.stages) - 1
     try:
         result = trainer.fit()
+        if not main_rank:
+            return 0
         save_final_weights(run.model, stage_dir(plan.run_dir, name) / "model.safetensors", run.model_args)
         say(f"[Stage {k + 1}/{len(plan.stages)} {name}] done: best validation top-1 {result['best_acc']:.4f}")
         if last:
@@ -262,7 +288,7 @@ def _fit(plan: Plan, k: int, run: Any, trainer: Any) -> int:
         say(str(stop))
         if stop.exit_code == 3:
             say(f"checkpoint saved; resume with: bitrain train --prefix {plan.run_dir} --resume auto")
-        else:
+        elif main_rank:
             print(f"{PROG}: {stop}", file=sys.stderr)
         return stop.exit_code
     except ckpt.CheckpointWriteError as e:

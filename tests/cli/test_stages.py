@@ -168,3 +168,30 @@ def test_dry_run_and_summary_list_every_stage(tmp_path, capsys):
         assert lines["float"][3:6] == ["32", "32", "1"]
         assert lines["binary_act"][3:5] == ["32", "1"] and "stage float" in " ".join(lines["binary_act"])
         assert lines["binary"][3:6] == ["1", "1", "2"]
+
+
+@pytest.mark.slow
+def test_two_ranks_interrupted_in_the_last_stage_resume_bit_identical(tmp_path):
+    """--cpu --gpus 0,1: two ranks run every stage (rank 0 writes); an interrupt in the last stage
+    and --resume auto end where the uninterrupted two-rank run does."""
+    ranks = ("--gpus", "0,1")
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert run_cli("train", "--config", _yaml(tmp_path / "a.yaml"), *ranks, "--prefix", whole) == 0
+    config = _yaml(tmp_path / "b.yaml", _with("binary", interrupt_at=1))
+    assert run_cli("train", "--config", config, *ranks, "--prefix", cut) == 3
+    assert run_cli("train", "--prefix", cut, "--resume", "auto", *ranks) == 0
+    assert_same_weights(final_weights(cut), final_weights(whole))
+    assert [r["loss"] for r in read_rows(cut, "val")] == [r["loss"] for r in read_rows(whole, "val")]
+
+
+def test_resume_of_a_finished_run_and_of_a_run_without_stages(reference, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    assert run_cli("train", "--prefix", run, "--resume", "auto") == 0
+    assert "all 3 stages" in capsys.readouterr().out
+    assert_same_weights(final_weights(run), final_weights(reference))
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "config.yaml").write_text("model: tiny_resnet_e\n")
+    assert run_cli("train", "--config", _yaml(tmp_path / "s.yaml"), "--prefix", plain, "--resume", "auto") == 2
+    assert "holds a run without stages" in capsys.readouterr().err
