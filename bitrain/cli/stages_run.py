@@ -110,7 +110,7 @@ def main(plan: Plan, steps: Steps) -> int:
     device = select_device(plan.stages[0].cfg)
     main_rank = dist.init_from_env(device.type, device=device).is_main  # under torchrun: every rank runs this
     lock = lock_run_dir(plan.run_dir) if main_rank else None
-    rc = 1
+    rc, callbacks = 1, []
     try:
         if main_rank:
             finished, first = _open_run_dir(plan)
@@ -120,14 +120,17 @@ def main(plan: Plan, steps: Steps) -> int:
             first = plan.names.index(plan.start) if plan.start is not None else len(finished)
         if main_rank and first == len(plan.stages):
             print(f"all {first} stages of {plan.run_dir} have finished; --stage NAME reruns one")
+        callbacks = _make_loggers(plan) if main_rank else []  # one set for the stages this process runs
         for k in range(first, len(plan.stages)):
-            rc = _run_stage(plan, k, finished, steps, main_rank)
+            rc = _run_stage(plan, k, finished, steps, main_rank, callbacks, continues=k == first)
             if rc in (0, 3):  # the next stage reads this stage's model; interrupted ranks leave together
                 dist.barrier()
             if rc != 0:
                 return rc
         return 0
     finally:
+        for cb in callbacks:
+            cb.close()
         if lock is not None:
             lock.close()
         dist.cleanup()
@@ -191,8 +194,12 @@ def _stage_config(plan: Plan, k: int) -> C.TrainConfig:
     return stage.cfg.with_(**changes)
 
 
-def _run_stage(plan: Plan, k: int, finished: list[dict[str, Any]], steps: Steps, main_rank: bool) -> int:
-    """Build, restore or start, train and record stage k; returns its exit code."""
+def _run_stage(
+    plan: Plan, k: int, finished: list[dict[str, Any]], steps: Steps, main_rank: bool, callbacks: list, continues: bool
+) -> int:
+    """Build, restore or start, train and record stage k; returns its exit code. ``continues``: the first
+    stage this process runs (its loggers continue the files where the stage's checkpoint, or the stage
+    before's record, left them)."""
     from bitrain.train import checkpoint as ckpt
 
     name, n = plan.names[k], len(plan.stages)
@@ -208,7 +215,13 @@ def _run_stage(plan: Plan, k: int, finished: list[dict[str, Any]], steps: Steps,
         trainer.state.samples = before["samples"]  # TensorBoard's axis goes on from the stage before
     if main_rank:
         ckpt.clean_stale_temp_files(folder / "checkpoints")
-    callbacks = _attach_loggers(plan, k, trainer, before, resumed=payload is not None) if main_rank else []
+    for cb in callbacks:
+        if isinstance(cb, StageCSVLogger):
+            cb.stage, cb.epoch_offset, cb.step_offset = name, before["epochs"], before["steps"]
+        state = before["callbacks"].get(type(cb).__name__)
+        if continues and payload is None and state:  # cut what a killed run logged after the stage before
+            cb.load_state_dict(state)
+    trainer.attach(callbacks)  # a resumed stage's loggers continue from its checkpoint
     c = run.cfg
     teacher = f", teacher {plan.stages[k].teacher_stage or c.teacher}" if c.teacher else ""
     start = f"from {plan.names[k - 1]}" if k > 0 else ("from " + c.init_from if c.init_from else "from scratch")
@@ -219,38 +232,28 @@ def _run_stage(plan: Plan, k: int, finished: list[dict[str, Any]], steps: Steps,
     if payload is not None:
         s = trainer.state
         trainer.message(f"[Stage {k + 1}/{n} {name}] resumed from {path}: epoch {s.epoch}, batch {s.batch}")
-    try:
-        rc = _fit(plan, k, run, trainer, main_rank)
-        if rc == 0:  # after the stage's model: a kill in between redoes only the (finished) fit
-            finished.append(_record(name, trainer, before, callbacks))
-            if main_rank:
-                write_finished(plan.run_dir, finished)
-        return rc
-    finally:
-        for cb in callbacks:
-            cb.close()
+    rc = _fit(plan, k, run, trainer, main_rank)
+    if rc == 0:  # after the stage's model: a kill in between redoes only the (finished) fit
+        finished.append(_record(name, trainer, before, callbacks))
+        if main_rank:
+            write_finished(plan.run_dir, finished)
+    return rc
 
 
-def _attach_loggers(plan: Plan, k: int, trainer: Any, before: dict[str, Any], resumed: bool) -> list:
-    """Progress, console + log, metrics.csv (with the stage column) and TensorBoard, continuing the stage before."""
+def _make_loggers(plan: Plan) -> list:
+    """Progress, console + log, metrics.csv (with the stage column) and TensorBoard, for all the stages
+    this process runs (one TensorBoard writer: its files stay in order)."""
     from bitrain.train.callbacks import ConsoleLogger, ProgressETA, TensorBoardLogger
 
-    cfg, run_dir = plan.stages[k].cfg, plan.run_dir
+    cfg, run_dir = plan.stages[0].cfg, plan.run_dir
     progress = ProgressETA(cfg.progress, live=console.live())
     tb_dir = Path(cfg.write_summary) if cfg.write_summary else run_dir / "tb"
-    callbacks = [
+    return [
         progress,
         ConsoleLogger(run_dir / cfg.log, console=progress.console),
-        StageCSVLogger(run_dir / "metrics.csv", plan.names[k], before["epochs"], before["steps"]),
+        StageCSVLogger(run_dir / "metrics.csv", plan.names[0]),
         TensorBoardLogger(tb_dir, histograms=cfg.write_summary is not None),
     ]
-    if not resumed:  # cut what a killed run logged after the stage before ended
-        for cb in callbacks:
-            state = before["callbacks"].get(type(cb).__name__)
-            if state:
-                cb.load_state_dict(state)
-    trainer.attach(callbacks)
-    return callbacks
 
 
 def _record(name: str, trainer: Any, before: dict[str, Any], callbacks: list) -> dict[str, Any]:

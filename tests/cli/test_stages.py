@@ -71,12 +71,23 @@ def test_three_stages_in_one_command(reference, tmp_path, capsys):
     assert [int(r["epoch"]) for r in rows] == [0, 1, 2, 3]  # epochs and samples go on across stages
     samples = [int(r["samples"]) for r in rows]
     assert samples == sorted(samples) and samples[0] > 0 and len(set(samples)) == 4
+    tags = _tb_scalars(run)  # TensorBoard's step: samples since the first stage began
+    assert [step for step, _ in tags["accuracy/validation"]] == samples
+    assert [v for _, v in tags["accuracy/validation"]] == pytest.approx([float(r["acc1"]) for r in rows])
     log = (run / "train.log").read_text()
     assert "[Stage 1/3 float]" in log and "[Stage 3/3 binary]" in log and "0 stage(s) after it" in log
     from bitrain.cli.export import export_checkpoint
 
     info = export_checkpoint(run / "stages" / "binary" / "checkpoints" / "last.pt", tmp_path / "m.safetensors")
     assert info["packed_layers"] > 0  # the final model is 1-bit
+
+
+def _tb_scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0})
+    ea.Reload()
+    return {tag: [(e.step, e.value) for e in ea.Scalars(tag)] for tag in ea.Tags()["scalars"]}
 
 
 @pytest.mark.parametrize("where", ["binary", "binary_act"])
@@ -97,6 +108,9 @@ def test_interrupted_then_resumed_is_bit_identical(reference, tmp_path, where):
     strip = ("samples_per_sec", "epoch_time")
     rows = [{k: v for k, v in r.items() if k not in strip} for r in read_rows(run)]
     assert rows == [{k: v for k, v in r.items() if k not in strip} for r in read_rows(reference)]
+    skip = ("training/epoch-time",)  # wall time
+    ours, theirs = _tb_scalars(run), _tb_scalars(reference)
+    assert {t: v for t, v in ours.items() if t not in skip} == {t: v for t, v in theirs.items() if t not in skip}
 
 
 def test_sigkill_in_the_last_stage_resumes_bit_identical(reference, tmp_path):
