@@ -128,6 +128,8 @@ def _stage(source: str, i: int, entry: Any, shared: dict, flags: dict, earlier: 
     for key in options:
         if key in WHOLE_RUN:
             raise UserError(f"{where}: {flag(key)} is for the whole run (top level)")
+    if i > 0 and "init_from" in options:
+        raise UserError(f"{where}: init_from is for the first stage; stage {i + 1} starts from stage {i}'s weights")
     merged = {**shared, **options, **flags}
     teacher, teacher_stage = merged.get("teacher"), None
     later = [e.get("name") for e in entries[i + 1 :] if isinstance(e, dict)]
@@ -135,7 +137,10 @@ def _stage(source: str, i: int, entry: Any, shared: dict, flags: dict, earlier: 
         if teacher in earlier:
             teacher_stage = teacher
         elif teacher == name:
-            raise UserError(f"{where}: teacher {teacher!r} is this stage itself; a teacher is an earlier stage")
+            raise UserError(
+                f"{where}: teacher {teacher!r} is this stage itself; a teacher is an earlier stage "
+                "(a stage without one says teacher: null)"
+            )
         elif teacher in later:
             raise UserError(f"{where}: teacher {teacher!r} is a later stage; a teacher is an earlier stage")
         elif not Path(teacher).exists():

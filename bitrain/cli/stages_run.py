@@ -172,9 +172,9 @@ def _open_run_dir(plan: Plan) -> tuple[list[dict[str, Any]], int]:
             for name in (*RUN_OUTPUTS, cfg.log):
                 target = run_dir / name
                 shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-        if plan.start is not None:  # --stage reruns NAME and the stages after it
-            for name in plan.names[first:]:
-                shutil.rmtree(stage_dir(run_dir, name), ignore_errors=True)
+        redo = first if plan.start is not None else first + 1  # --stage reruns NAME; later ones are stale
+        for name in plan.names[redo:]:
+            shutil.rmtree(stage_dir(run_dir, name), ignore_errors=True)
         write_finished(run_dir, finished)
         text = yaml.safe_dump(plan.config_yaml(), sort_keys=False)
         atomic_write_bytes(run_dir / "config.yaml", text.encode())

@@ -113,22 +113,30 @@ def test_interrupted_then_resumed_is_bit_identical(reference, tmp_path, where):
     assert {t: v for t, v in ours.items() if t not in skip} == {t: v for t, v in theirs.items() if t not in skip}
 
 
-def test_sigkill_in_the_last_stage_resumes_bit_identical(reference, tmp_path):
+@pytest.mark.parametrize(
+    ("sig", "stage", "code"),
+    [(signal.SIGKILL, "binary", -signal.SIGKILL), (signal.SIGTERM, "binary_act", 3)],
+    ids=["sigkill-last-stage", "sigterm-second-stage"],
+)
+def test_killed_inside_a_stage_resumes_bit_identical(reference, tmp_path, sig, stage, code):
+    """A signal as soon as the stage's first mid-epoch checkpoint is published (SIGTERM: the trainer
+    saves and exits 3; SIGKILL: nothing more is written); --resume auto ends as the uninterrupted run."""
     run = tmp_path / "run"
     config = _yaml(tmp_path / "s.yaml", checkpoint_interval=3)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", CI="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), str(Path(bitrain.__file__).parents[1])]))
     cmd = [sys.executable, "-m", "bitrain", "train", "--config", str(config), "--prefix", str(run)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    target = run / "stages" / "binary" / "checkpoints" / "last.pt"
+    target = run / "stages" / stage / "checkpoints" / "last.pt"
     deadline = time.monotonic() + 300
     while not target.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
+    proc.send_signal(sig)
     proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run ended before the kill"
+    assert proc.returncode == code, "the run ended before the signal"
     assert run_cli("train", "--prefix", run, "--resume", "auto") == 0
     assert_same_weights(final_weights(run), final_weights(reference))
+    assert [r["loss"] for r in read_rows(run, "val")] == [r["loss"] for r in read_rows(reference, "val")]
 
 
 def test_stage_reruns_one_stage_from_the_one_before(reference, tmp_path):
@@ -153,6 +161,7 @@ BAD = {
     "data set changed": (_with("binary", dataset="mnist"), "changes dataset"),
     "whole-run option": (_with("binary", prefix="x"), "is for the whole run"),
     "not a list": ({"name": "x"}, "must be a non-empty list"),
+    "init_from in a later stage": (_with("binary", init_from="x.pt"), "init_from is for the first stage"),
 }
 
 
