@@ -77,6 +77,10 @@ def test_three_stages_in_one_command(reference, tmp_path, capsys):
     log = (run / "train.log").read_text()
     assert "[Stage 1/3 float]" in log and "[Stage 3/3 binary]" in log and "0 stage(s) after it" in log
     from bitrain.cli.export import export_checkpoint
+    from bitrain.cli.plot import plot_runs, read_metrics
+
+    assert read_metrics(run).stages == [(0.0, "float"), (1.0, "binary_act"), (2.0, "binary")]  # plot marks them
+    assert plot_runs([run], tmp_path / "curves.png").stat().st_size > 0
 
     info = export_checkpoint(run / "stages" / "binary" / "checkpoints" / "last.pt", tmp_path / "m.safetensors")
     assert info["packed_layers"] > 0  # the final model is 1-bit
