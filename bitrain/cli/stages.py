@@ -102,9 +102,8 @@ def make_plan(source: str, raw: dict[str, Any], flags: dict[str, Any], start: st
     if start is not None and start not in [s.name for s in stages]:
         names = [s.name for s in stages]
         raise UserError(f"--stage {start}: no such stage{suggest(start, names)}; stages: {', '.join(names)}")
-    first = C.from_layers(dataset_layer({**shared, **flags}, {}), {**shared, **flags})
-    last = stages[-1].cfg
-    run_dir = Path(first.prefix) if first.prefix else _default_run_dir(last)
+    prefix = stages[0].cfg.prefix  # a whole-run option: the same in every stage
+    run_dir = Path(prefix) if prefix else _default_run_dir(stages[-1].cfg)
     return Plan(source, shared, tuple(stages), dict(flags), run_dir, start)
 
 
