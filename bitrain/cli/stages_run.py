@@ -33,6 +33,7 @@ from bitrain.cli.stages import Plan, Stage, format_plan
 from bitrain.errors import UserError
 from bitrain.files import atomic_write_bytes
 from bitrain.train.callbacks import CSV_COLUMNS, CSVLogger
+from bitrain.train.preempt import StopFlag
 
 
 @dataclass(frozen=True)
@@ -121,12 +122,13 @@ def main(plan: Plan, steps: Steps) -> int:
         if main_rank and first == len(plan.stages):
             print(f"all {first} stages of {plan.run_dir} have finished; --stage NAME reruns one")
         callbacks = _make_loggers(plan) if main_rank else []  # one set for the stages this process runs
-        for k in range(first, len(plan.stages)):
-            rc = _run_stage(plan, k, finished, steps, main_rank, callbacks, continues=k == first)
-            if rc in (0, 3):  # the next stage reads this stage's model; interrupted ranks leave together
-                dist.barrier()
-            if rc != 0:
-                return rc
+        with StopFlag() as between:  # SIGTERM & co. outside a stage's loop (its own flag takes them inside)
+            for k in range(first, len(plan.stages)):
+                rc = _run_stage(plan, k, finished, steps, main_rank, callbacks, continues=k == first, stop=between)
+                if rc in (0, 3):  # the next stage reads this stage's model; interrupted ranks leave together
+                    dist.barrier()
+                if rc != 0:
+                    return rc
         return 0
     finally:
         for cb in callbacks:
@@ -195,7 +197,14 @@ def _stage_config(plan: Plan, k: int) -> C.TrainConfig:
 
 
 def _run_stage(
-    plan: Plan, k: int, finished: list[dict[str, Any]], steps: Steps, main_rank: bool, callbacks: list, continues: bool
+    plan: Plan,
+    k: int,
+    finished: list[dict[str, Any]],
+    steps: Steps,
+    main_rank: bool,
+    callbacks: list,
+    continues: bool,
+    stop: StopFlag,
 ) -> int:
     """Build, restore or start, train and record stage k; returns its exit code. ``continues``: the first
     stage this process runs (its loggers continue the files where the stage's checkpoint, or the stage
@@ -232,6 +241,10 @@ def _run_stage(
     if payload is not None:
         s = trainer.state
         trainer.message(f"[Stage {k + 1}/{n} {name}] resumed from {path}: epoch {s.epoch}, batch {s.batch}")
+    if stop.received is not None:  # a signal between two stages: stop before this one trains
+        trainer.message(f"received {stop.received} between stages: stopped before stage {k + 1}/{n} {name}")
+        trainer.message(f"nothing lost; resume with: bitrain train --prefix {plan.run_dir} --resume auto")
+        return 3
     rc = _fit(plan, k, run, trainer, main_rank)
     if rc == 0:  # after the stage's model: a kill in between redoes only the (finished) fit
         finished.append(_record(name, trainer, before, callbacks))

@@ -118,20 +118,26 @@ def test_interrupted_then_resumed_is_bit_identical(reference, tmp_path, where):
 
 
 @pytest.mark.parametrize(
-    ("sig", "stage", "code"),
-    [(signal.SIGKILL, "binary", -signal.SIGKILL), (signal.SIGTERM, "binary_act", 3)],
-    ids=["sigkill-last-stage", "sigterm-second-stage"],
+    ("sig", "watch", "code"),
+    [
+        (signal.SIGKILL, "binary/checkpoints/last.pt", -signal.SIGKILL),
+        (signal.SIGTERM, "binary_act/checkpoints/last.pt", 3),
+        (signal.SIGTERM, "float/model.safetensors", 3),
+    ],
+    ids=["sigkill-last-stage", "sigterm-second-stage", "sigterm-between-stages"],
 )
-def test_killed_inside_a_stage_resumes_bit_identical(reference, tmp_path, sig, stage, code):
-    """A signal as soon as the stage's first mid-epoch checkpoint is published (SIGTERM: the trainer
-    saves and exits 3; SIGKILL: nothing more is written); --resume auto ends as the uninterrupted run."""
+def test_killed_inside_or_between_stages_resumes_bit_identical(reference, tmp_path, sig, watch, code):
+    """A signal as soon as RUN/stages/``watch`` appears: a stage's first mid-epoch checkpoint (SIGTERM:
+    the trainer saves and exits 3; SIGKILL: nothing more is written), or the first stage's final
+    model (SIGTERM between two stages, or early in the second: exit 3); --resume auto ends as the
+    uninterrupted run."""
     run = tmp_path / "run"
     config = _yaml(tmp_path / "s.yaml", checkpoint_interval=3)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", CI="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), str(Path(bitrain.__file__).parents[1])]))
     cmd = [sys.executable, "-m", "bitrain", "train", "--config", str(config), "--prefix", str(run)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    target = run / "stages" / stage / "checkpoints" / "last.pt"
+    target = run / "stages" / watch
     deadline = time.monotonic() + 300
     while not target.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
