@@ -32,6 +32,8 @@ __all__ = [
     "RECIPES_DIR",
     "list_recipes",
     "load_yaml",
+    "read_yaml",
+    "resolve_yaml_path",
     "dump_yaml",
 ]
 
@@ -166,16 +168,27 @@ def list_recipes() -> list[str]:
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Option layer from a YAML file, or from a packaged recipe when ``path`` is a recipe name."""
+    return check_keys(read_yaml(path), str(resolve_yaml_path(path)))
+
+
+def resolve_yaml_path(path: str | Path) -> Path:
+    """``--config``'s file: ``path`` itself, or the packaged recipe it names; UserError when neither."""
     path = Path(path)
     if not path.is_file() and path.parent == Path(".") and path.suffix in ("", ".yaml"):
         if path.stem in list_recipes():
-            return load_yaml(RECIPES_DIR / f"{path.stem}.yaml")
+            return RECIPES_DIR / f"{path.stem}.yaml"
         raise UserError(
             f"--config {path} does not exist and is not a recipe{suggest(path.stem, list_recipes())}; "
             f"recipes: {', '.join(list_recipes())}"
         )
     if not path.is_file():
         raise UserError(f"--config {path} does not exist")
+    return path
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping in a ``--config`` file or recipe, keys unchecked (a recipe with ``stages:`` is read so)."""
+    path = resolve_yaml_path(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
@@ -184,7 +197,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise UserError(f"--config {path} must hold a mapping of option: value")
-    return check_keys(data, str(path))
+    return data
 
 
 def dump_yaml(cfg: TrainConfig, path: str | Path) -> None:

@@ -3,7 +3,8 @@
 Reads each run's ``metrics.csv`` (columns ``split,epoch,step,samples,loss,acc1,acc5,lr,
 samples_per_sec,epoch_time``; ``split`` is ``batch``, ``train`` or ``val``). Three panels against
 epoch: loss (train dashed, val solid), top-1 in % (same), and the learning rate, drawn from the
-log-interval rows too so warmup and steps show inside an epoch. Runs are overlaid, one colour each.
+log-interval rows too so warmup and steps show inside an epoch. Runs are overlaid, one colour each;
+a run in stages (a ``stage`` column) gets a dotted line, named, where each later stage begins.
 matplotlib is optional (``pip install bitrain[plot]``); it is imported only here.
 """
 
@@ -30,6 +31,7 @@ class RunCurves:
     train: dict[str, list[float]] = field(default_factory=lambda: {"x": [], "loss": [], "acc1": []})
     val: dict[str, list[float]] = field(default_factory=lambda: {"x": [], "loss": [], "acc1": []})
     lr: dict[str, list[float]] = field(default_factory=lambda: {"x": [], "lr": []})
+    stages: list[tuple[float, str]] = field(default_factory=list)  # a run in stages: (x where each starts, name)
 
 
 def _float(value: str | None) -> float:
@@ -64,6 +66,10 @@ def read_metrics(run_dir: str | Path) -> RunCurves:
         side["x"].append(int(r["epoch"]) + 1)
         side["loss"].append(_float(r["loss"]))
         side["acc1"].append(100.0 * _float(r["acc1"]))
+    for r in epoch_rows:  # a run in stages (its stage column): where each stage begins
+        name = r.get("stage") or ""
+        if name and (not curves.stages or curves.stages[-1][1] != name):
+            curves.stages.append((float(int(r["epoch"])), name))
     lr_rows = sorted((r for r in rows if r["split"] in ("batch", "train")), key=lambda r: int(r["step"]))
     for r in lr_rows:
         curves.lr["x"].append(int(r["step"]) / spe)
@@ -111,6 +117,10 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path | None = None) -> 
                     ax_loss.plot(side["x"], side["loss"], style, color=color, marker=".", label=f"{run.name} {label}")
                     ax_acc.plot(side["x"], side["acc1"], style, color=color, marker=".", label=f"{run.name} {label}")
             ax_lr.plot(run.lr["x"], run.lr["lr"], "-", color=color, label=run.name)
+            for x, name in run.stages[1:]:  # a dotted line where each later stage begins
+                for ax in (ax_loss, ax_acc, ax_lr):
+                    ax.axvline(x, color=color, linestyle=":", linewidth=1)
+                ax_acc.annotate(name, (x, 1.0), xycoords=("data", "axes fraction"), fontsize="x-small", va="top")
         for ax, title, ylabel in (
             (ax_loss, "loss", "cross-entropy"),
             (ax_acc, "top-1 accuracy", "%"),

@@ -23,6 +23,7 @@ SCHEDULE_OPTIONS = ("lr", "lr_mode", "warmup_epochs", "warmup_lr", "lr_steps", "
 def add_train_args(p: argparse.ArgumentParser) -> None:
     """Every TrainConfig field as a flag; only flags actually given land in the namespace."""
     p.add_argument("--config", help="YAML file of option: value (flags given here override it)")
+    p.add_argument("--stage", help="a --config with stages: start at (or rerun) stage NAME, from the one before it")
     for name, f in C.FIELDS.items():
         meta = f.metadata
         flags = (flag(name),) + tuple(meta["flags"])
@@ -41,9 +42,8 @@ def _explicit(ns: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in vars(ns).items() if k in C.FIELDS}
 
 
-def resolve_config(argv: Sequence[str]) -> tuple[C.TrainConfig, dict | None, Path | None]:
-    """argv -> (config, resumed checkpoint payload or None, its path). Precedence: defaults <
-    data-set defaults < resumed checkpoint's config < --config YAML < explicit flags."""
+def parse_train_argv(argv: Sequence[str]) -> tuple[argparse.Namespace, dict[str, Any]]:
+    """argv -> (the namespace of the flags given, those of them that are TrainConfig fields)."""
     p = ArgParser(
         prog=f"{PROG} train",
         argument_default=argparse.SUPPRESS,
@@ -51,7 +51,15 @@ def resolve_config(argv: Sequence[str]) -> tuple[C.TrainConfig, dict | None, Pat
     )
     add_train_args(p)
     ns = p.parse_args(list(argv))
-    flags = _explicit(ns)
+    return ns, _explicit(ns)
+
+
+def resolve_config(argv: Sequence[str]) -> tuple[C.TrainConfig, dict | None, Path | None]:
+    """argv -> (config, resumed checkpoint payload or None, its path). Precedence: defaults <
+    data-set defaults < resumed checkpoint's config < --config YAML < explicit flags."""
+    ns, flags = parse_train_argv(argv)
+    if getattr(ns, "stage", None):
+        raise UserError("--stage NAME needs a --config whose YAML holds stages:")
     yaml_layer = C.load_yaml(ns.config) if getattr(ns, "config", None) else {}
     run_layer = {**yaml_layer, **flags}
     payload, ckpt_path = None, None
@@ -61,6 +69,14 @@ def resolve_config(argv: Sequence[str]) -> tuple[C.TrainConfig, dict | None, Pat
         if prefix is not None:
             run_layer.setdefault("prefix", str(prefix))
     ckpt_layer = C.check_keys(payload.get("config", {}), "the checkpoint's config") if payload else {}
+    cfg = C.from_layers(dataset_layer(run_layer, ckpt_layer), ckpt_layer, run_layer)
+    if cfg.resume_states:
+        warnings.warn("--resume-states is ignored: a bitrain checkpoint restores the optimizer itself", stacklevel=2)
+    return cfg, payload, ckpt_path
+
+
+def dataset_layer(run_layer: dict[str, Any], ckpt_layer: dict[str, Any]) -> dict[str, Any]:
+    """The data set's defaults under ``run_layer`` (YAML + flags) and a resumed checkpoint's config."""
     dataset = run_layer.get("dataset", ckpt_layer.get("dataset", "digits"))
     ds_layer = dict(DATA_SETS[dataset].defaults) if dataset in DATA_SETS else {}
     if any(k in run_layer for k in SCHEDULE_OPTIONS):  # who sets the schedule gets BMXNet's defaults for the rest
@@ -69,10 +85,7 @@ def resolve_config(argv: Sequence[str]) -> tuple[C.TrainConfig, dict | None, Pat
     if "model" in run_layer or "model" in ckpt_layer:  # the default model's architecture options are its own
         for k in ARCH_OPTIONS:
             ds_layer.pop(k, None)
-    cfg = C.from_layers(ds_layer, ckpt_layer, run_layer)
-    if cfg.resume_states:
-        warnings.warn("--resume-states is ignored: a bitrain checkpoint restores the optimizer itself", stacklevel=2)
-    return cfg, payload, ckpt_path
+    return ds_layer
 
 
 def _find_resume(resume: str, prefix: str | None) -> tuple[dict | None, Path | None, Path | None]:

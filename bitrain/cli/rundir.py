@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     import torch.nn as nn
 
 #: what a fresh run writes; --overwrite removes exactly these (and nothing else) from a used folder
-RUN_OUTPUTS = ("checkpoints", "tb", "metrics.csv", "model.safetensors", "profile")
+RUN_OUTPUTS = ("checkpoints", "tb", "metrics.csv", "model.safetensors", "profile", "stages")
 #: the lock file in a run dir (kept when released; not part of a run: --overwrite leaves it, and a
 #: folder holding only it is still fresh)
 LOCK_NAME = ".lock"

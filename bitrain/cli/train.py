@@ -67,6 +67,19 @@ def main(argv: Sequence[str]) -> int:
 
     Returns the exit code.
     """
+    from bitrain.cli.stages import plan_from_argv
+
+    plan = plan_from_argv(argv)  # a --config with stages: runs them all, in one run directory
+    if plan is not None:
+        gpus = C.parse_ints("gpus", plan.stages[0].cfg.gpus) if plan.stages[0].cfg.gpus else []
+        if len(gpus) > 1 and "WORLD_SIZE" not in os.environ and not plan.stages[0].cfg.dry_run:
+            from bitrain.cli.launch import launch_ranks
+
+            return launch_ranks(list(argv), nproc=len(gpus))
+        from bitrain.cli.stages_run import Steps
+        from bitrain.cli.stages_run import main as run_stages
+
+        return run_stages(plan, Steps(build_run, build_trainer, restore, print_summary))
     cfg, payload, ckpt_path = resolve_config(argv)  # flags, YAML, the resumed checkpoint's config
     gpus = C.parse_ints("gpus", cfg.gpus) if cfg.gpus else []
     if len(gpus) > 1 and "WORLD_SIZE" not in os.environ:
