@@ -180,7 +180,8 @@ def build_stop(cfg: TrainConfig) -> StopPolicy:
 
 
 def build_loop_options(cfg: TrainConfig, run_dir: Path) -> LoopOptions:
-    """``--log-interval``, ``--bn-recalibrate``, the clips, ``--start-epoch``, ``--profile`` (into ``run_dir/profile``)."""
+    """``--log-interval``, ``--bn-recalibrate``, the clips, ``--start-epoch``, ``--profile`` (into
+    ``run_dir/profile``), ``--accumulate``, ``--model-ema`` and its options."""
     from bitrain.train.options import LoopOptions
 
     return LoopOptions(
@@ -190,6 +191,10 @@ def build_loop_options(cfg: TrainConfig, run_dir: Path) -> LoopOptions:
         clip_latent_weights=cfg.clip_latent_weights,
         start_epoch=cfg.start_epoch,
         profile_dir=run_dir / "profile" if cfg.profile else None,
+        accumulate=cfg.accumulate,
+        model_ema=cfg.model_ema,
+        model_ema_warmup=cfg.model_ema_warmup,
+        model_ema_eval=cfg.model_ema_eval,
     )
 
 

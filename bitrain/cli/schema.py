@@ -106,6 +106,17 @@ class TrainConfig:
     mixup: bool = _f(False, "mixup training")
     mixup_alpha: float = _f(0.2, "mixup Beta(alpha, alpha)")
     mixup_off_epoch: int = _f(0, "epoch from which mixup is off (0: never)")
+    accumulate: int = _f(
+        1,
+        "micro-batches of --batch-size per optimizer step (timm --grad-accum-steps, Lightning accumulate_grad_batches): "
+        "global batch = batch size x world size x N; the schedule, --log-interval and checkpoints count optimizer "
+        "steps; an epoch's last, shorter window steps too",
+    )
+    model_ema: float | None = _f(
+        None, "keep an exponential moving average of the weights with this decay (timm --model-ema-decay), e.g. 0.9998"
+    )
+    model_ema_warmup: bool = _f(False, "EMA decay warmup: min(decay, (1 + step) / (10 + step)) (timm)")
+    model_ema_eval: bool = _f(False, "the EMA picks best.pt and is the exported model.safetensors (default: the model)")
     clip_grad_norm: float | None = _f(None, "clip the gradient norm to this value")
     clip_latent_weights: float | None = _f(None, "clamp binary layers' latent weights to [-v, v] after each step")
     bn_recalibrate: int = _f(
