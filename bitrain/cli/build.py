@@ -116,13 +116,15 @@ def build_schedule(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], fl
 
 
 def build_loss(cfg: TrainConfig, teacher: Any = None) -> Loss:
-    """Label smoothing, ``--mixup`` and distillation from ``teacher`` (loaded from ``--teacher``)."""
+    """Label smoothing, ``--mixup``, ``--cutmix`` and distillation from ``teacher`` (loaded from ``--teacher``)."""
     from bitrain.train.loss import Loss
 
     return Loss(
         label_smoothing=cfg.label_smoothing,
         mixup_alpha=cfg.mixup_alpha if cfg.mixup else None,
         mixup_off_epoch=cfg.mixup_off_epoch,
+        cutmix_alpha=cfg.cutmix,
+        mixup_switch_prob=cfg.mixup_switch_prob,
         seed=cfg.seed,
         teacher=teacher,
         distill_alpha=cfg.distill_alpha,

@@ -105,7 +105,11 @@ class TrainConfig:
     label_smoothing: float = _f(0.0, "label smoothing (flag alone: 0.1)", nargs="?", const=0.1)
     mixup: bool = _f(False, "mixup training")
     mixup_alpha: float = _f(0.2, "mixup Beta(alpha, alpha)")
-    mixup_off_epoch: int = _f(0, "epoch from which mixup is off (0: never)")
+    mixup_off_epoch: int = _f(0, "epoch from which mixup and CutMix are off (0: never)")
+    cutmix: float | None = _f(
+        None, "CutMix with lambda ~ Beta(ALPHA, ALPHA) (timm --cutmix, e.g. 1.0), the box's lambda corrected as timm's"
+    )
+    mixup_switch_prob: float = _f(0.5, "with --mixup and --cutmix both on: the probability of CutMix at a step (timm)")
     accumulate: int = _f(
         1,
         "micro-batches of --batch-size per optimizer step (timm --grad-accum-steps, Lightning accumulate_grad_batches): "
