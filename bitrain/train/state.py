@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from bitrain.errors import UserError
+
 
 class TrainerStop(Exception):
     """Base of the ways fit() ends early; ``exit_code`` is what the CLI returns."""
@@ -36,6 +38,7 @@ class TrainState:
     epoch_elapsed: float = 0.0  # seconds already spent in ``epoch`` before a mid-epoch resume
     epoch_times: list[float] = field(default_factory=list)
     nonfinite_skipped: int = 0
+    accumulate: int = 1  # batches per optimizer step: ``batch`` counts these windows
 
     # the resume arithmetic, named (global_batch: samples per step over all ranks)
     @classmethod
@@ -47,6 +50,19 @@ class TrainState:
         step = epoch * steps_per_epoch
         samples = epoch * samples_per_epoch if samples_per_epoch is not None else step * global_batch
         return cls(epoch=epoch, step=step, samples=samples)
+
+    @classmethod
+    def resumed(cls, saved: dict[str, Any], accumulate: int) -> TrainState:
+        """A checkpoint's position for a run with ``accumulate``; a mid-epoch one written with another
+        window size is refused (its ``batch`` counts windows of that size)."""
+        state = cls(**saved)
+        if state.batch and state.accumulate != accumulate:
+            raise UserError(
+                f"the checkpoint stopped inside epoch {state.epoch} with --accumulate {state.accumulate}; "
+                f"resume it with --accumulate {state.accumulate} (or change it from an epoch's end)"
+            )
+        state.accumulate = accumulate
+        return state
 
     @property
     def epoch_first_step(self) -> int:

@@ -94,6 +94,7 @@ class Trainer:
         self.global_batch = self.micro_batch * options.accumulate  # samples per optimizer step, all ranks
         epoch_samples = self.micro_batch * (self.accum.window_size(0) if stop.test_run else self.accum.batches)
         self.state = TrainState.at_epoch(options.start_epoch, self.steps_per_epoch, self.global_batch, epoch_samples)
+        self.state.accumulate = options.accumulate
         self.ema = ModelEMA.from_options(self.model, options)  # None without options.model_ema
         self.train_metrics = EpochMetrics(self.device)
         self.val_metrics = EpochMetrics(self.device)
@@ -290,7 +291,7 @@ class Trainer:
         self.optimizer.load_state_dict(payload["optimizer"])
         if payload.get("scaler"):
             self.scaler.load_state_dict(payload["scaler"])
-        self.state = TrainState(**payload["trainer"])
+        self.state = TrainState.resumed(payload["trainer"], self.options.accumulate)
         if "train_metrics" in payload:
             self.train_metrics.load_state_dict(payload["train_metrics"])
         self._callback_states = dict(payload.get("callbacks", {}))

@@ -152,3 +152,16 @@ def test_ddp_all_reduces_once_per_window(tmp_path):
         assert t.state.step == 4 and len(reduces) == 4  # 10 batches in windows of 3, 3, 3, 1
     finally:
         dist.destroy_process_group()
+
+
+def test_a_mid_epoch_checkpoint_resumes_only_with_its_window_size():
+    x, y = _data(40)
+    t = Trainer(_net(), torch.optim.SGD(_net().parameters(), lr=0.1), ListLoader(x, y, 4), epochs=1)
+    saved = {**_train(batch=4, accumulate=3, n=40, epochs=1).state_dict()["trainer"], "epoch": 0, "batch": 2}
+    assert saved["accumulate"] == 3
+    with pytest.raises(UserError, match="resume it with --accumulate 3"):
+        t.load_state_dict({"model": t.model.state_dict(), "optimizer": t.optimizer.state_dict(), "trainer": saved})
+    t.load_state_dict(
+        {"model": t.model.state_dict(), "optimizer": t.optimizer.state_dict(), "trainer": {**saved, "batch": 0}}
+    )
+    assert t.state.accumulate == 1
