@@ -200,7 +200,8 @@ class Trainer:
                 self._window_backward = True
         if skip:
             s.nonfinite_skipped += 1
-            self._emit("on_message", f"step {s.step}: non-finite loss, batch skipped ({s.nonfinite_skipped} so far)")
+            what = "step" if size == 1 else "batch"
+            self.message(f"step {s.step}: non-finite loss, {what} skipped ({s.nonfinite_skipped} so far)")
         if last and self._window_backward:
             self._optimizer_step()
         if skip:

@@ -94,13 +94,19 @@ def test_range_checks():
         LoopOptions(model_ema_eval=True)
 
 
-def test_cli_logs_val_ema_and_exports_the_chosen_ema(tmp_path):
+def test_cli_logs_val_ema_and_exports_the_chosen_ema(tmp_path, capsys):
     run = tmp_path / "run"
     args = ["--cpu", "--epochs", "2", "--batch-size", "256", "--log-interval", "0", "--bn-recalibrate", "2"]
     assert run_cli("train", *args, "--model-ema", "0.5", "--model-ema-eval", "--prefix", run) == 0
     val, val_ema = read_rows(run, "val"), read_rows(run, "val_ema")
     assert [r["epoch"] for r in val_ema] == ["0", "1"] and [r["step"] for r in val_ema] == [r["step"] for r in val]
     assert "validation (EMA): accuracy=" in (run / "train.log").read_text()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0})
+    ea.Reload()
+    tb = [(e.step, e.value) for e in ea.Scalars("accuracy/validation-ema")]
+    assert tb == [(int(r["samples"]), pytest.approx(float(r["acc1"]))) for r in val_ema]
     last = ckpt.load_checkpoint(run / "checkpoints" / "last.pt")
     assert last["ema"]["model_is_ema"] and last["config"]["model_ema"] == 0.5
     weights = final_weights(run)
@@ -109,3 +115,10 @@ def test_cli_logs_val_ema_and_exports_the_chosen_ema(tmp_path):
     assert any(not torch.equal(v, last["ema"]["trained"][k]) for k, v in weights.items())
     best = max(float(r["acc1"]) for r in val_ema)
     assert ckpt.load_checkpoint(run / "checkpoints" / "best.pt")["trainer"]["best_acc"] == best
+    # best.pt is the EMA's: eval reads it, and its packed export, at the EMA's validated top-1
+    packed = tmp_path / "packed.safetensors"
+    assert run_cli("export", run / "checkpoints" / "best.pt", packed) == 0
+    capsys.readouterr()
+    for path in (run / "checkpoints" / "best.pt", packed):
+        assert run_cli("eval", path, "--cpu") == 0
+        assert f"top-1 {best:.4f}" in capsys.readouterr().out
