@@ -18,8 +18,6 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from bitrain.train import dist
-
 STOP_SIGNALS = tuple(
     s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None), signal.SIGINT) if s
 )
@@ -58,6 +56,8 @@ class StopFlag:
             return self.received is not None
         if not due:
             return False
+        from bitrain.train import dist  # here: the CLI imports this module before torch (--help stays torch-free)
+
         flag = dist.broadcast_flag(self.received is not None, device)
         if flag and self.received is None:
             self.received = "a stop request on another rank"
