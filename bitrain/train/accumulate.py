@@ -38,8 +38,9 @@ class Accumulation:
         return max(1, min(self.every, self.batches - step_in_epoch * self.every))
 
     def first_batch(self, step_in_epoch: int) -> int:
-        """The loader position (micro-batches) where window ``step_in_epoch`` starts."""
-        return step_in_epoch * self.every
+        """The loader position (micro-batches) where window ``step_in_epoch`` starts (the epoch's end
+        after its last, shorter window)."""
+        return min(step_in_epoch * self.every, self.batches)
 
 
 def no_sync(net: nn.Module, skip: bool):

@@ -30,6 +30,8 @@ class ListLoader:
         return len(self.x)
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
+        if not 0 <= start <= len(self):  # as DeviceLoader
+            raise ValueError(f"start batch {start} outside 0..{len(self)}")
         self._start = start
 
     def __iter__(self):
@@ -97,7 +99,8 @@ def test_window_arithmetic_and_range_checks():
         LoopOptions(accumulate=0)
 
 
-def test_accumulated_run_resumes_bit_identical_between_windows():
+@pytest.mark.parametrize("stop_after,position", [(5, (2, 2)), (10, (4, 4))])  # mid-epoch; after the short window
+def test_accumulated_run_resumes_bit_identical_between_windows(stop_after, position):
     """A checkpoint is only written between windows, so a resumed trainer continues exactly."""
     ref = _train(batch=4, accumulate=3, n=40, epochs=2)
     x, y = _data(40)
@@ -107,10 +110,10 @@ def test_accumulated_run_resumes_bit_identical_between_windows():
     real = first.train_step
     calls = []
 
-    def stop_after_five(xb, yb):  # mid-epoch: the 5th batch is inside the second window
+    def stop_after_five(xb, yb):  # the 5th batch is inside the second window, the 10th ends the epoch
         out = real(xb, yb)
         calls.append(1)
-        if len(calls) == 5:
+        if len(calls) == stop_after:
             first._signals.received = "test"
         return out
 
@@ -118,7 +121,7 @@ def test_accumulated_run_resumes_bit_identical_between_windows():
     with pytest.raises(Exception, match="received test"):
         first.fit()
     payload = copy.deepcopy(first.state_dict())
-    assert (payload["trainer"]["batch"], payload["trainer"]["step"]) == (2, 2)  # stopped at the window's end
+    assert (payload["trainer"]["batch"], payload["trainer"]["step"]) == position  # stopped at the window's end
     model2 = _net()
     opt2 = torch.optim.SGD(model2.parameters(), lr=0.5, momentum=0.9)
     second = Trainer(model2, opt2, ListLoader(x, y, 4), epochs=2, options=LoopOptions(log_interval=0, accumulate=3))
