@@ -69,9 +69,10 @@ class TrainState:
         """The step of ``epoch``'s first batch (its lr is the epoch's lr)."""
         return self.step - self.batch
 
-    def samples_before_epoch(self, global_batch: int) -> int:
-        """Samples seen when ``epoch`` began (TensorBoard's x value of its start)."""
-        return self.samples - self.batch * global_batch
+    def samples_before_epoch(self, global_batch: int, batches: int | None = None) -> int:
+        """Samples seen when ``epoch`` began (TensorBoard's x value of its start): ``global_batch`` per
+        step, or per loader batch when ``batches`` (the loader batches trained in the epoch) is given."""
+        return self.samples - (self.batch if batches is None else batches) * global_batch
 
     def advance(self, global_batch: int) -> None:
         """One optimizer step of ``global_batch`` samples done (an epoch's last step may have fewer)."""

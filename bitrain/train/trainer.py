@@ -120,7 +120,8 @@ class Trainer:
         with self._signals:
             while s.epoch < self.epochs:
                 lr = self._lr_at(s.epoch_first_step)  # a resumed epoch reports the lr it started with
-                self._emit("on_epoch_start", s.epoch, lr, s.samples_before_epoch(self.global_batch))
+                start = s.samples_before_epoch(self.micro_batch, self.accum.first_batch(s.batch))
+                self._emit("on_epoch_start", s.epoch, lr, start)
                 set_quantizer_epoch(self.model, s.epoch)  # scheduled quantizers: a function of the epoch
                 train, epoch_time = self._train_epoch()
                 val, val_ema = self.evaluate(), self.evaluate_ema()
@@ -231,8 +232,7 @@ class Trainer:
         return self._validate(self.model)
 
     def evaluate_ema(self) -> dict[str, float]:
-        """Validation metrics of the weights' EMA (empty without one or without a val loader); its
-        BatchNorm statistics re-estimated for its own weights as the model's are."""
+        """Validation metrics of the weights' EMA (empty without one); BatchNorm re-estimated as the model's."""
         return {} if self.ema is None else self._validate(self.ema.module)
 
     def _validate(self, model: nn.Module) -> dict[str, float]:
