@@ -306,3 +306,16 @@ def test_accumulate_ema_cutmix_resume_bit_identical(tmp_path, monkeypatch):
     rows = [(r["split"], r["step"], r["acc1"]) for r in read_rows(run) if r["split"] != "batch"]
     assert rows == [(r["split"], r["step"], r["acc1"]) for r in read_rows(ref) if r["split"] != "batch"]
     assert [r["step"] for r in read_rows(ref, "val_ema")] == ["3", "6"]
+
+
+def test_mid_epoch_checkpoint_refuses_another_accumulate(tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    with monkeypatch.context() as m:
+        _signal_after(m, 2)
+        assert run_cli("train", *ARGS, "--accumulate", "2", "--prefix", run) == 3
+    before = (run / "checkpoints" / "last.pt").read_bytes()
+    capsys.readouterr()
+    assert run_cli("train", *ARGS, "--accumulate", "3", "--prefix", run, "--resume", "auto") == 2
+    err = capsys.readouterr().err
+    assert "stopped inside epoch 0 with --accumulate 2; resume it with --accumulate 2" in err
+    assert (run / "checkpoints" / "last.pt").read_bytes() == before
