@@ -107,13 +107,14 @@ class TrainConfig:
     mixup_alpha: float = _f(0.2, "mixup Beta(alpha, alpha)")
     mixup_off_epoch: int = _f(0, "epoch from which mixup and CutMix are off (0: never)")
     cutmix: float | None = _f(
-        None, "CutMix with lambda ~ Beta(ALPHA, ALPHA) (timm --cutmix, e.g. 1.0), the box's lambda corrected as timm's"
+        None,
+        "CutMix: lambda ~ Beta(a, a) for this a (timm --cutmix, e.g. 1.0), lambda corrected to the box's area as timm",
     )
     mixup_switch_prob: float = _f(0.5, "with --mixup and --cutmix both on: the probability of CutMix at a step (timm)")
     accumulate: int = _f(
         1,
         "micro-batches of --batch-size per optimizer step (timm --grad-accum-steps, Lightning accumulate_grad_batches): "
-        "global batch = batch size x world size x N; the schedule, --log-interval and checkpoints count optimizer "
+        "global batch = batch size x world size x this; the schedule, --log-interval and checkpoints count optimizer "
         "steps; an epoch's last, shorter window steps too",
     )
     model_ema: float | None = _f(
