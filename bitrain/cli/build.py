@@ -116,13 +116,15 @@ def build_schedule(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], fl
 
 
 def build_loss(cfg: TrainConfig, teacher: Any = None) -> Loss:
-    """Label smoothing, ``--mixup`` and distillation from ``teacher`` (loaded from ``--teacher``)."""
+    """Label smoothing, ``--mixup``, ``--cutmix`` and distillation from ``teacher`` (loaded from ``--teacher``)."""
     from bitrain.train.loss import Loss
 
     return Loss(
         label_smoothing=cfg.label_smoothing,
         mixup_alpha=cfg.mixup_alpha if cfg.mixup else None,
         mixup_off_epoch=cfg.mixup_off_epoch,
+        cutmix_alpha=cfg.cutmix,
+        mixup_switch_prob=cfg.mixup_switch_prob,
         seed=cfg.seed,
         teacher=teacher,
         distill_alpha=cfg.distill_alpha,
@@ -180,7 +182,8 @@ def build_stop(cfg: TrainConfig) -> StopPolicy:
 
 
 def build_loop_options(cfg: TrainConfig, run_dir: Path) -> LoopOptions:
-    """``--log-interval``, ``--bn-recalibrate``, the clips, ``--start-epoch``, ``--profile`` (into ``run_dir/profile``)."""
+    """``--log-interval``, ``--bn-recalibrate``, the clips, ``--start-epoch``, ``--profile`` (into
+    ``run_dir/profile``), ``--accumulate``, ``--model-ema`` and its options."""
     from bitrain.train.options import LoopOptions
 
     return LoopOptions(
@@ -190,6 +193,10 @@ def build_loop_options(cfg: TrainConfig, run_dir: Path) -> LoopOptions:
         clip_latent_weights=cfg.clip_latent_weights,
         start_epoch=cfg.start_epoch,
         profile_dir=run_dir / "profile" if cfg.profile else None,
+        accumulate=cfg.accumulate,
+        model_ema=cfg.model_ema,
+        model_ema_warmup=cfg.model_ema_warmup,
+        model_ema_eval=cfg.model_ema_eval,
     )
 
 

@@ -105,7 +105,23 @@ class TrainConfig:
     label_smoothing: float = _f(0.0, "label smoothing (flag alone: 0.1)", nargs="?", const=0.1)
     mixup: bool = _f(False, "mixup training")
     mixup_alpha: float = _f(0.2, "mixup Beta(alpha, alpha)")
-    mixup_off_epoch: int = _f(0, "epoch from which mixup is off (0: never)")
+    mixup_off_epoch: int = _f(0, "epoch from which mixup and CutMix are off (0: never)")
+    cutmix: float | None = _f(
+        None,
+        "CutMix: lambda ~ Beta(a, a) for this a (timm --cutmix, e.g. 1.0), lambda corrected to the box's area as timm",
+    )
+    mixup_switch_prob: float = _f(0.5, "with --mixup and --cutmix both on: the probability of CutMix at a step (timm)")
+    accumulate: int = _f(
+        1,
+        "micro-batches of --batch-size per optimizer step (timm --grad-accum-steps, Lightning accumulate_grad_batches): "
+        "global batch = batch size x world size x this; the schedule, --log-interval and checkpoints count optimizer "
+        "steps; an epoch's last, shorter window steps too",
+    )
+    model_ema: float | None = _f(
+        None, "keep an exponential moving average of the weights with this decay (timm --model-ema-decay), e.g. 0.9998"
+    )
+    model_ema_warmup: bool = _f(False, "EMA decay warmup: min(decay, (1 + step) / (10 + step)) (timm)")
+    model_ema_eval: bool = _f(False, "the EMA picks best.pt and is the exported model.safetensors (default: the model)")
     clip_grad_norm: float | None = _f(None, "clip the gradient norm to this value")
     clip_latent_weights: float | None = _f(None, "clamp binary layers' latent weights to [-v, v] after each step")
     bn_recalibrate: int = _f(

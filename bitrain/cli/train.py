@@ -130,7 +130,7 @@ def build_trainer(run: Run) -> Trainer:
         run.train_loader,
         run.val_loader,
         epochs=cfg.epochs,
-        schedule=build_schedule(cfg, stop.steps_per_epoch(run.train_loader)),
+        schedule=build_schedule(cfg, stop.steps_per_epoch(run.train_loader, cfg.accumulate)),
         loss=build_loss(cfg, teacher),
         saver=build_saver(cfg, run.run_dir, checkpoint_extra(cfg, run.model_args, run.info)),
         placement=build_placement(cfg, run.device),
@@ -222,7 +222,7 @@ def fit(run: Run, trainer: Trainer, callbacks: list, run_lock: Any) -> int:
     try:
         result = trainer.fit()
         if run.dist_info.is_main:
-            save_final_weights(run.model, run_dir / "model.safetensors", run.model_args)
+            save_final_weights(trainer.final_model, run_dir / "model.safetensors", run.model_args)
             say(f"[Done] average epoch time (first epoch left out): {result['avg_epoch_time']:.3f}s")
             say(f"[Done] best validation top-1: {result['best_acc']:.4f}; run dir: {run_dir}")
         return 0

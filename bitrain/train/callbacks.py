@@ -25,7 +25,7 @@ from bitrain.train.metrics import METRIC_NAMES
 
 CSV_COLUMNS = ("split", "epoch", "step", "samples", "loss", "acc1", "acc5", "lr", "samples_per_sec", "epoch_time")
 #: metric-key scheme -> BMXNet TensorBoard tag suffix, in one place
-TB_SPLIT = {"batch": "batch", "train": "training", "val": "validation"}
+TB_SPLIT = {"batch": "batch", "train": "training", "val": "validation", "val_ema": "validation-ema"}
 
 
 class Callback:
@@ -121,7 +121,7 @@ class ConsoleLogger(Callback):
                 f"{_fmt_metrics(row)}\tlr={row['lr']:.6g}"
             )
         else:
-            name = {"train": "training", "val": "validation"}[row["split"]]
+            name = {"train": "training", "val": "validation", "val_ema": "validation (EMA)"}[row["split"]]
             self._log(f"[Epoch {e}] {name}: {_fmt_metrics(row)}")
 
     def on_epoch_end(self, epoch: int, epoch_time: float, samples: int) -> None:

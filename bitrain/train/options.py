@@ -38,9 +38,10 @@ class StopPolicy:
     test_run: bool = False
     skip_nonfinite: bool = False
 
-    def steps_per_epoch(self, train_loader: Any) -> int:
-        """Optimizer steps per epoch: the loader's batches, 1 in a test run (the schedule's unit too)."""
-        return 1 if self.test_run else len(train_loader)
+    def steps_per_epoch(self, train_loader: Any, accumulate: int = 1) -> int:
+        """Optimizer steps per epoch (the schedule's unit too): the loader's batches, or its windows of
+        ``accumulate`` batches (a shorter last one steps too); 1 in a test run."""
+        return 1 if self.test_run else -(-len(train_loader) // max(1, accumulate))
 
     def interrupts_after(self, epoch: int) -> bool:
         """Whether the run stops after validating ``epoch`` (0-based)."""
@@ -53,7 +54,10 @@ class LoopOptions:
     re-estimated over ``bn_recalibrate`` train batches before each validation (0: running averages);
     ``clip_grad_norm`` (None: off); ``clip_latent_weights`` v clamps binary layers' latent weights to
     [-v, v] after each step (layers with their own bound are clamped anyway); ``start_epoch`` of a
-    fresh run; ``profile_dir``: a torch.profiler trace of the first steps (None: off)."""
+    fresh run; ``profile_dir``: a torch.profiler trace of the first steps (None: off); ``accumulate``
+    micro-batches per optimizer step (:mod:`bitrain.train.accumulate`); ``model_ema`` DECAY keeps an EMA
+    of the weights, validated beside them (``model_ema_warmup``: timm's warmup of the decay;
+    ``model_ema_eval``: the EMA picks ``best.pt`` and is exported; :mod:`bitrain.train.ema`)."""
 
     log_interval: int = 50
     bn_recalibrate: int = 0
@@ -61,10 +65,20 @@ class LoopOptions:
     clip_latent_weights: float | None = None
     start_epoch: int = 0
     profile_dir: str | Path | None = None
+    accumulate: int = 1
+    model_ema: float | None = None
+    model_ema_warmup: bool = False
+    model_ema_eval: bool = False
 
     def __post_init__(self) -> None:
         if self.bn_recalibrate < 0:
             raise UserError(f"--bn-recalibrate must be >= 0, got {self.bn_recalibrate}")
+        if self.accumulate < 1:
+            raise UserError(f"--accumulate must be >= 1, got {self.accumulate}")
+        if self.model_ema is not None and not 0 < self.model_ema < 1:
+            raise UserError(f"--model-ema must be in (0, 1), got {self.model_ema}")
+        if self.model_ema is None and (self.model_ema_warmup or self.model_ema_eval):
+            raise UserError("--model-ema-warmup and --model-ema-eval need --model-ema DECAY")
 
 
 def first_steps_profiler(folder: str | Path, steps_per_epoch: int, device_type: str) -> Any:

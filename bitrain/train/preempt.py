@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
+from typing import Any
 
 STOP_SIGNALS = tuple(
     s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None), signal.SIGINT) if s
@@ -47,6 +48,20 @@ class StopFlag:
         for s, h in self._old.items():
             signal.signal(s, h)
         self._old.clear()
+
+    def poll(self, device: Any, *, agree: bool = False, due: bool = True) -> bool:
+        """Whether to stop now. With ``agree`` (DDP) the ranks agree in one small all-reduce, only when
+        ``due`` (False otherwise): a stop request on any rank stops them all at the same step."""
+        if not agree:
+            return self.received is not None
+        if not due:
+            return False
+        from bitrain.train import dist  # here: the CLI imports this module before torch (--help stays torch-free)
+
+        flag = dist.broadcast_flag(self.received is not None, device)
+        if flag and self.received is None:
+            self.received = "a stop request on another rank"
+        return flag
 
 
 class ProcessInterrupt:

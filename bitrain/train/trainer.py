@@ -22,7 +22,9 @@ import torch.nn as nn
 from bitrain.binary.layers import clip_latent_weights_, has_weight_clips, latent_weight_warning
 from bitrain.binary.schedule import set_quantizer_epoch
 from bitrain.train import dist
+from bitrain.train.accumulate import Accumulation, no_sync
 from bitrain.train.callbacks import Callback
+from bitrain.train.ema import ModelEMA, trained_weights
 from bitrain.train.evaluation import autocast_dtype, evaluate, recalibrate_bn
 from bitrain.train.loss import Loss
 from bitrain.train.metrics import EpochMetrics
@@ -31,19 +33,8 @@ from bitrain.train.preempt import StopFlag
 from bitrain.train.saver import CheckpointSaver
 from bitrain.train.state import Interrupted, NonFiniteLoss, TrainerStop, TrainState
 
-__all__ = [
-    "Trainer",
-    "TrainState",
-    "TrainerStop",
-    "Interrupted",
-    "NonFiniteLoss",
-    "Loss",
-    "CheckpointSaver",
-    "Placement",
-    "StopPolicy",
-    "LoopOptions",
-    "evaluate",  # re-exported from bitrain.train.evaluation
-]
+__all__ = ["Trainer", "TrainState", "TrainerStop", "Interrupted", "NonFiniteLoss", "Loss", "CheckpointSaver"]
+__all__ += ["Placement", "StopPolicy", "LoopOptions", "evaluate"]  # evaluate: from bitrain.train.evaluation
 
 
 class Trainer:
@@ -95,9 +86,16 @@ class Trainer:
         self.amp_dtype = autocast_dtype(placement.dtype)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self._weight_clips = has_weight_clips(self.model)  # layers with their own bound (larq's WeightClip)
-        self.steps_per_epoch = stop.steps_per_epoch(train_loader)
-        self.global_batch = train_loader.batch_size * self.dist.world_size  # samples per step, all ranks
-        self.state = TrainState.at_epoch(options.start_epoch, self.steps_per_epoch, self.global_batch)
+        self.accum = Accumulation(options.accumulate, len(train_loader))
+        self._micro = 0  # batches of the open accumulation window (0 between optimizer steps: checkpoints)
+        self._window_backward = False  # whether a batch of the open window was backpropagated
+        self.steps_per_epoch = stop.steps_per_epoch(train_loader, options.accumulate)
+        self.micro_batch = train_loader.batch_size * self.dist.world_size  # samples per batch, all ranks
+        self.global_batch = self.micro_batch * options.accumulate  # samples per optimizer step, all ranks
+        epoch_samples = self.micro_batch * (self.accum.window_size(0) if stop.test_run else self.accum.batches)
+        self.state = TrainState.at_epoch(options.start_epoch, self.steps_per_epoch, self.global_batch, epoch_samples)
+        self.state.accumulate = options.accumulate
+        self.ema = ModelEMA.from_options(self.model, options)  # None without options.model_ema
         self.train_metrics = EpochMetrics(self.device)
         self.val_metrics = EpochMetrics(self.device)
         # first step whose loss was non-finite (inf = none); a device tensor: no sync per step
@@ -109,40 +107,38 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train until ``epochs``; returns the final metrics. Raises Interrupted / NonFiniteLoss."""
         s = self.state
-        self._emit(
-            "on_fit_start",
-            {
-                "epochs": self.epochs,
-                "start_epoch": s.epoch,
-                "steps_per_epoch": self.steps_per_epoch,
-                "global_batch": self.global_batch,
-            },
-        )
+        info = dict(epochs=self.epochs, start_epoch=s.epoch, steps_per_epoch=self.steps_per_epoch)
+        self._emit("on_fit_start", {**info, "global_batch": self.global_batch})
         if s.step == 0:
             self._emit("on_histograms", self.model, s.samples)
         note = None if self.options.clip_latent_weights else latent_weight_warning(self.model)
         if note:
             self._emit("on_message", note)
+        if self.ema is not None and not self.ema.initialised:
+            self.ema.reset(self.model)
         val: dict[str, float] = {}
         with self._signals:
             while s.epoch < self.epochs:
                 lr = self._lr_at(s.epoch_first_step)  # a resumed epoch reports the lr it started with
-                self._emit("on_epoch_start", s.epoch, lr, s.samples_before_epoch(self.global_batch))
+                start = s.samples_before_epoch(self.micro_batch, self.accum.first_batch(s.batch))
+                self._emit("on_epoch_start", s.epoch, lr, start)
                 set_quantizer_epoch(self.model, s.epoch)  # scheduled quantizers: a function of the epoch
                 train, epoch_time = self._train_epoch()
-                val = self.evaluate()
+                val, val_ema = self.evaluate(), self.evaluate_ema()
                 epoch = s.finish_epoch(epoch_time)
                 self._emit("on_epoch_end", epoch, epoch_time, s.samples)
                 self._emit("on_histograms", self.model, s.samples)
                 self._log_row("train", epoch, train, epoch_time=epoch_time)
                 self._log_row("val", epoch, val)
+                self._log_row("val_ema", epoch, val_ema)
+                chosen = val_ema if self.ema is not None and self.ema.eval_ema else val
                 forced = self.stop.interrupts_after(epoch)
-                self._save_epoch(epoch, val.get("acc1", float("nan")), forced=forced)
+                self._save_epoch(epoch, chosen.get("acc1", float("nan")), forced=forced)
                 if forced:
                     raise Interrupted(
                         f"[Epoch {epoch}] interrupting because --interrupt-at was set to {self.stop.interrupt_at}"
                     )
-        self._emit("on_fit_end", {"best_acc": s.best_acc, "val": val})
+        self._emit("on_fit_end", {"best_acc": s.best_acc, "val": val})  # best_acc: of the chosen model
         return {"best_acc": s.best_acc, "val": val, "avg_epoch_time": self.average_epoch_time()}
 
     def _train_epoch(self) -> tuple[dict[str, float], float]:
@@ -150,7 +146,7 @@ class Trainer:
         t0 = time.perf_counter() - s.epoch_elapsed  # a resumed epoch keeps the time it already took
         if s.batch == 0:
             self.train_metrics.reset()
-        self.train_loader.set_epoch(s.epoch, start=s.batch)
+        self.train_loader.set_epoch(s.epoch, start=self.accum.first_batch(s.batch))
         self.net.train()
         t_log, samples_log = time.perf_counter(), 0
         if self.saver is not None:
@@ -159,8 +155,10 @@ class Trainer:
             for x, y in self.train_loader:
                 lr = self._set_lr(s.step)
                 self.train_step(x, y)
-                s.advance(self.global_batch)
-                samples_log += self.global_batch
+                samples_log += self.micro_batch
+                if self._micro:  # the accumulation window is still open
+                    continue
+                s.advance(self.micro_batch * self.accum.window_size(s.batch))
                 self._emit("on_step", s.epoch, s.batch - 1, self.steps_per_epoch)
                 if prof is not None:
                     prof.step()
@@ -181,18 +179,43 @@ class Trainer:
         return self.train_metrics.compute(), time.perf_counter() - t0
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """zero_grad -> forward (autocast) -> loss -> backward -> (clip) -> step -> metrics; no host sync."""
-        s, clip_norm, clip_latent = self.state, self.options.clip_grad_norm, self.options.clip_latent_weights
-        self.optimizer.zero_grad(set_to_none=True)
-        x, mix = self.loss.mix(x, y, s.epoch, s.step, self.dist.rank)
-        with self._autocast():
-            logits = self.net(x)
-            loss = self.loss(logits, y, x, mix)
-        if self.stop.skip_nonfinite and not bool(torch.isfinite(loss)):  # opt-in: one sync per step
+        """One batch: (zero_grad) -> forward (autocast) -> loss -> backward -> metrics, then at the last
+        batch of an accumulation window (every batch without ``accumulate``) -> (clip) -> step -> EMA.
+        The loss is scaled by 1/(window size); DDP all-reduces at the window's last batch only. No host sync."""
+        s, k = self.state, self._micro
+        size = self.accum.window_size(s.batch)
+        last = k + 1 == size
+        if k == 0:
+            self.optimizer.zero_grad(set_to_none=True)
+            self._window_backward = False
+        self._micro = 0 if last else k + 1
+        # the mix is a function of the micro-step: s.step without accumulation
+        x, mix = self.loss.mix(x, y, s.epoch, s.step * self.accum.every + k, self.dist.rank)
+        with no_sync(self.net, skip=not last):
+            with self._autocast():
+                logits = self.net(x)
+                loss = self.loss(logits, y, x, mix)
+            skip = self.stop.skip_nonfinite and not bool(torch.isfinite(loss))  # opt-in: one sync per step
+            if not skip:
+                self.scaler.scale(loss / size if size > 1 else loss).backward()
+                self._window_backward = True
+        if skip:
             s.nonfinite_skipped += 1
-            self._emit("on_message", f"step {s.step}: non-finite loss, step skipped ({s.nonfinite_skipped} so far)")
+            what = "step" if size == 1 else "batch"
+            self.message(f"step {s.step}: non-finite loss, {what} skipped ({s.nonfinite_skipped} so far)")
+        if last and self._window_backward:
+            self._optimizer_step()
+        if skip:
             return loss.detach()
-        self.scaler.scale(loss).backward()
+        loss = loss.detach()
+        self.train_metrics.update(logits.detach(), y, loss.float() * y.shape[0])
+        bad = torch.where(torch.isfinite(loss), math.inf, float(s.step))
+        torch.minimum(self._first_bad, bad, out=self._first_bad)
+        return loss
+
+    def _optimizer_step(self) -> None:
+        """(clip the gradient norm) -> step -> (clamp latent weights) -> EMA update."""
+        clip_norm, clip_latent = self.options.clip_grad_norm, self.options.clip_latent_weights
         if clip_norm:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip_norm)
@@ -200,52 +223,54 @@ class Trainer:
         self.scaler.update()
         if clip_latent or self._weight_clips:
             clip_latent_weights_(self.model, clip_latent)
-        loss = loss.detach()
-        self.train_metrics.update(logits.detach(), y, loss.float() * y.shape[0])
-        bad = torch.where(torch.isfinite(loss), math.inf, float(s.step))
-        torch.minimum(self._first_bad, bad, out=self._first_bad)
-        return loss
+        if self.ema is not None:
+            self.ema.update(self.model, self.state.step)
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict[str, float]:
         """Validation metrics of the current model (empty dict without a val loader)."""
+        return self._validate(self.model)
+
+    def evaluate_ema(self) -> dict[str, float]:
+        """Validation metrics of the weights' EMA (empty without one); BatchNorm re-estimated as the model's."""
+        return {} if self.ema is None else self._validate(self.ema.module)
+
+    def _validate(self, model: nn.Module) -> dict[str, float]:
         if self.val_loader is None:
             return {}
         if self.options.bn_recalibrate:
-            self.recalibrate_bn(self.options.bn_recalibrate)
+            self.recalibrate_bn(self.options.bn_recalibrate, model)
         self.val_loader.set_epoch(0)
-        dist.sync_buffers(self.model)  # every rank validates the model rank 0 saves
-        return evaluate(
-            self.model,
-            self.val_loader,
-            device=self.device,
-            amp_dtype=self.amp_dtype,
-            max_batches=1 if self.stop.test_run else None,
-            metrics=self.val_metrics,
-        )
+        dist.sync_buffers(model)  # every rank validates the model rank 0 saves
+        options = dict(device=self.device, amp_dtype=self.amp_dtype, metrics=self.val_metrics)
+        return evaluate(model, self.val_loader, max_batches=1 if self.stop.test_run else None, **options)
 
-    def recalibrate_bn(self, batches: int) -> float:
-        """Re-estimate the BatchNorm statistics of the current weights over the first ``batches`` train
-        batches of epoch 0's order (a fixed, deterministic set, so the validated, saved and resumed model
-        agree); see :func:`recalibrate_bn`. Returns the seconds it took."""
+    @property
+    def final_model(self) -> nn.Module:
+        """The model a run exports: the EMA when it is the chosen one (``model_ema_eval``), else the model."""
+        return self.ema.module if self.ema is not None and self.ema.eval_ema else self.model
+
+    def recalibrate_bn(self, batches: int, model: nn.Module | None = None) -> float:
+        """Re-estimate the BatchNorm statistics of the current weights (of ``model``, default the trained
+        one) over the first ``batches`` train batches of epoch 0's order (a fixed, deterministic set, so
+        the validated, saved and resumed model agree); see :func:`recalibrate_bn`. Returns the seconds."""
         t0 = time.perf_counter()
-        count = min(batches, self.steps_per_epoch)
+        count = min(batches, 1 if self.stop.test_run else self.accum.batches)
         self.train_loader.set_epoch(0)
         with self._autocast():
-            recalibrate_bn(self.model, self.train_loader, count)
+            recalibrate_bn(model if model is not None else self.model, self.train_loader, count)
         seconds = time.perf_counter() - t0
         if not self._recalibration_reported:
             self._recalibration_reported = True
-            self._emit(
-                "on_message",
-                f"BatchNorm statistics re-estimated over {count} train batches before validating ({seconds:.2f}s)",
+            self.message(
+                f"BatchNorm statistics re-estimated over {count} train batches before validating ({seconds:.2f}s)"
             )
         return seconds
 
     # ------------------------------------------------------------------ state, callbacks, checkpoints
     def state_dict(self) -> dict[str, Any]:
         """The whole resume point as a plain dict (weights_only-loadable); the saver adds its ``extra``."""
-        return {
+        payload = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -254,15 +279,20 @@ class Trainer:
             "rng": {"ranks": dist.gather_rng_states()},
             "callbacks": {type(cb).__name__: cb.state_dict() for cb in self.callbacks},
         }
+        if self.ema is not None:
+            self.ema.pack(payload)  # "model": the chosen weights (what readers load); see train/ema.py
+        return payload
 
     def load_state_dict(self, payload: dict[str, Any]) -> None:
         """Restore model, optimizer, scaler, loop position, partial-epoch metrics, RNG and the callbacks'
         state (of those attached now and of those attached later)."""
-        self.model.load_state_dict(payload["model"])
+        self.model.load_state_dict(trained_weights(payload))
+        if self.ema is not None:
+            self.ema.load_state_dict(payload)
         self.optimizer.load_state_dict(payload["optimizer"])
         if payload.get("scaler"):
             self.scaler.load_state_dict(payload["scaler"])
-        self.state = TrainState(**payload["trainer"])
+        self.state = TrainState.resumed(payload["trainer"], self.options.accumulate)
         if "train_metrics" in payload:
             self.train_metrics.load_state_dict(payload["train_metrics"])
         self._callback_states = dict(payload.get("callbacks", {}))
@@ -301,17 +331,11 @@ class Trainer:
         self._save_last(also)
 
     def _stop_requested(self) -> bool:
-        flag = self._signals.received is not None
-        if self.dist.enabled:
-            # the ranks agree (one small all-reduce) every log interval, not every step, and at the
-            # epoch's last batch, so an epoch shorter than the interval still stops
-            batch = self.state.batch
-            if batch % (self.options.log_interval or 50) and batch < self.steps_per_epoch:
-                return False
-            flag = dist.broadcast_flag(flag, self.device)
-            if flag and self._signals.received is None:
-                self._signals.received = "a stop request on another rank"
-        return flag
+        # under DDP the ranks agree (one small all-reduce) every log interval, not every step, and at
+        # the epoch's last batch, so an epoch shorter than the interval still stops
+        batch = self.state.batch
+        due = batch % (self.options.log_interval or 50) == 0 or batch >= self.steps_per_epoch
+        return self._signals.poll(self.device, agree=self.dist.enabled, due=due)
 
     def _check_finite(self) -> None:
         bad = float(self._first_bad)
@@ -358,29 +382,13 @@ class Trainer:
         batch: int | None = None,
         epoch_time: float | None = None,
     ) -> None:
-        if not m:
-            return
-        s = self.state
-        row = {
-            "split": split,
-            "epoch": epoch,
-            "batch": batch,
-            "step": s.step,
-            "samples": s.samples,
-            "loss": m.get("loss"),
-            "acc1": m.get("acc1"),
-            "acc5": m.get("acc5"),
-            "lr": lr if lr is not None else self.optimizer.param_groups[0]["lr"],
-            "samples_per_sec": speed,
-            "epoch_time": epoch_time,
-        }
-        self._emit("on_row", row)
+        if m:
+            lr = lr if lr is not None else self.optimizer.param_groups[0]["lr"]
+            self._emit("on_row", self.state.row(split, epoch, m, lr, speed, batch, epoch_time))
 
     def average_epoch_time(self) -> float:
         """Mean epoch time leaving the first epoch out (it is usually slower), as BMXNet."""
-        times = self.state.epoch_times
-        rest = times[1:] if len(times) > 1 else times
-        return sum(rest) / len(rest) if rest else float("nan")
+        return self.state.average_epoch_time()
 
     def message(self, text: str) -> None:
         """A line for the console and the log file (rank 0)."""

@@ -336,3 +336,24 @@ def test_distillation_with_two_ranks_matches_one_rank(tmp_path, one_rank, probe)
 
     r1 = load_file(str(two / "rank1.safetensors"))
     assert all(torch.equal(r1[k], b[k]) for k in b)
+
+
+def test_accumulate_and_ema_with_two_ranks_match_one_rank(tmp_path, probe):
+    """--accumulate 2 with --model-ema under DDP (no_sync on the window's first batch): 2 ranks at B match
+    1 rank at 2B, the EMA (model.safetensors with --model-ema-eval) included; the ranks stay identical."""
+    extra = ["--epochs", "1", "--accumulate", "2", "--model-ema", "0.9", "--model-ema-eval", "--sync-bn"]
+    one, two = tmp_path / "one" / "run", tmp_path / "two" / "run"
+    _ok(_run(["-m", "bitrain", "train", *COMMON, *extra, "--batch-size", "64", "--prefix", one], tmp_path))
+    _ok(_run([*TORCHRUN, probe, "train", *COMMON, *extra, "--batch-size", "32", "--prefix", two], tmp_path))
+    a, b = final_weights(one), final_weights(two)
+    for k in a:
+        scale = a[k].double().abs().max().item()
+        assert (b[k].double() - a[k].double()).abs().max().item() <= 1e-3 * scale + 1e-6, k
+    rows = [(r["split"], r["step"], r["samples"]) for r in read_rows(two) if r["split"] != "batch"]
+    assert rows == [(r["split"], r["step"], r["samples"]) for r in read_rows(one) if r["split"] != "batch"]
+    assert rows[-1] == ("val_ema", "11", str(22 * 64))  # 22 batches in windows of 2: 11 optimizer steps
+    from safetensors.torch import load_file
+
+    r0, r1 = (load_file(str(two / f"rank{r}.safetensors")) for r in (0, 1))
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), k

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import assert_same_weights, final_weights, run_cli
+from conftest import assert_same_weights, final_weights, read_rows, run_cli
 
 import bitrain
 from bitrain.data.loader import DeviceLoader
@@ -284,3 +284,38 @@ def test_two_ctrl_c_on_a_process_never_leave_a_broken_checkpoint(tmp_path):
     for p in (run / "checkpoints").glob("*.pt"):  # whatever was published is complete
         ckpt.load_checkpoint(p)
     assert (run / "checkpoints" / "last.pt").is_file()
+
+
+def test_accumulate_ema_cutmix_resume_bit_identical(tmp_path, monkeypatch):
+    """--accumulate, --model-ema and --cutmix (with --mixup: timm's switch) resumed mid-epoch end as one run."""
+    extra = ["--accumulate", "2", "--model-ema", "0.9", "--model-ema-warmup", "--cutmix", "1.0"]
+    ref = tmp_path / "ref"
+    assert run_cli("train", *ARGS, *extra, "--prefix", ref) == 0
+    run = tmp_path / "run"
+    with monkeypatch.context() as m:
+        _signal_after(m, 4)
+        assert run_cli("train", *ARGS, *extra, "--prefix", run) == 3
+    # 5 batches per epoch in windows of 2, 2, 1: 3 optimizer steps; step 4 is epoch 1's first
+    state = ckpt.load_checkpoint(run / "checkpoints" / "last.pt")["trainer"]
+    assert (state["epoch"], state["batch"], state["step"]) == (1, 1, 4)
+    assert run_cli("train", *ARGS, *extra, "--prefix", run, "--resume", "auto") == 0
+    assert_same_weights(final_weights(run), final_weights(ref))
+    got, want = (ckpt.load_checkpoint(r / "checkpoints" / "last.pt") for r in (run, ref))
+    assert_same_weights(got["ema"]["model"], want["ema"]["model"])
+    assert ckpt.checksum({"o": got["optimizer"]}) == ckpt.checksum({"o": want["optimizer"]})
+    rows = [(r["split"], r["step"], r["acc1"]) for r in read_rows(run) if r["split"] != "batch"]
+    assert rows == [(r["split"], r["step"], r["acc1"]) for r in read_rows(ref) if r["split"] != "batch"]
+    assert [r["step"] for r in read_rows(ref, "val_ema")] == ["3", "6"]
+
+
+def test_mid_epoch_checkpoint_refuses_another_accumulate(tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    with monkeypatch.context() as m:
+        _signal_after(m, 2)
+        assert run_cli("train", *ARGS, "--accumulate", "2", "--prefix", run) == 3
+    before = (run / "checkpoints" / "last.pt").read_bytes()
+    capsys.readouterr()
+    assert run_cli("train", *ARGS, "--accumulate", "3", "--prefix", run, "--resume", "auto") == 2
+    err = capsys.readouterr().err
+    assert "stopped inside epoch 0 with --accumulate 2; resume it with --accumulate 2" in err
+    assert (run / "checkpoints" / "last.pt").read_bytes() == before
