@@ -261,6 +261,9 @@ class ImageFolderLoader(EpochShards):
             pin_memory=device.type == "cuda",
             worker_init_fn=_worker_init,
             persistent_workers=num_workers > 0,
+            # workers start from a clean server process, not a fork of this one: a fork of a process
+            # whose thread pools are running (OpenVINO's, onnxruntime's, OpenMP's) can crash or hang
+            multiprocessing_context="forkserver" if num_workers > 0 else None,
         )
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
