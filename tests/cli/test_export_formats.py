@@ -9,6 +9,7 @@ import pytest
 from conftest import run_cli
 
 pytest.importorskip("openvino", reason="the OpenVINO export needs the openvino package (bitrain[openvino])")
+pytestmark = pytest.mark.runtimes  # conftest: run last (forking after these runtimes start can crash)
 
 
 @pytest.fixture(scope="module")

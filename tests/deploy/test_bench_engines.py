@@ -9,6 +9,7 @@ import pytest
 from bitrain.cli import main
 
 pytest.importorskip("openvino", reason="racing OpenVINO needs the openvino package (bitrain[openvino])")
+pytestmark = pytest.mark.runtimes  # conftest: run last (forking after these runtimes start can crash)
 
 
 def test_bench_inference_races_openvino(capsys):

@@ -13,6 +13,7 @@ from bitrain.errors import UserError
 pytest.importorskip("onnx", reason="the ONNX export needs onnx, onnxruntime and onnxscript (bitrain[onnx])")
 pytest.importorskip("onnxscript", reason="the ONNX export needs onnxscript (bitrain[onnx])")
 pytest.importorskip("onnxruntime", reason="running the ONNX export needs onnxruntime (bitrain[onnx])")
+pytestmark = pytest.mark.runtimes  # conftest: run last (forking after these runtimes start can crash)
 
 from bitrain.deploy.onnx_export import MISSING, OnnxModel, export_onnx, export_twin  # noqa: E402
 

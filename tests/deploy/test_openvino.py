@@ -13,6 +13,7 @@ from bitrain.binary.layers import QConv2d
 from bitrain.errors import UserError
 
 ov = pytest.importorskip("openvino", reason="the OpenVINO export needs the openvino package (bitrain[openvino])")
+pytestmark = pytest.mark.runtimes  # conftest: run last (forking after these runtimes start can crash)
 
 from bitrain.deploy.openvino import (  # noqa: E402
     MISSING,
