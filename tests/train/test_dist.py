@@ -357,3 +357,45 @@ def test_accumulate_and_ema_with_two_ranks_match_one_rank(tmp_path, probe):
     r0, r1 = (load_file(str(two / f"rank{r}.safetensors")) for r in (0, 1))
     for k in r0:
         assert torch.equal(r0[k], r1[k]), k
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("rendezvous", ["static", "c10d"])
+def test_two_nodes_on_one_machine_train_exactly_like_two_local_ranks(tmp_path, two_ranks, rendezvous):
+    """Multi-node as docs/performance.md writes it: two torchrun launchers (--nnodes 2, one process each,
+    loopback only) sharing one --prefix end bit-identical to --nproc_per_node 2, with one set of files."""
+    run, port = tmp_path / "run", _free_port()
+    if rendezvous == "static":
+        node = lambda r: ["--master-addr", "127.0.0.1", "--master-port", str(port), "--node_rank", str(r)]
+    else:
+        node = lambda r: ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "bitrain-test"]
+    args = ["train", *COMMON, "--sync-bn", "--batch-size", "32", "--prefix", run]
+    launchers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", *node(r)]
+            + ["-m", "bitrain", *map(str, args)],
+            cwd=tmp_path,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
+    outputs = [p.communicate(timeout=TIMEOUT_S)[0] for p in launchers]
+    assert [p.returncode for p in launchers] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    a, b = final_weights(two_ranks), final_weights(run)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert [r["loss"] for r in read_rows(run, "val")] == [r["loss"] for r in read_rows(two_ranks, "val")]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == sorted(
+        p.name for p in (two_ranks / "checkpoints").iterdir()
+    )
