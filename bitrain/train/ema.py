@@ -52,8 +52,10 @@ class ModelEMA:
     def update(self, model: nn.Module, step: int) -> None:
         """One average step towards ``model`` after optimizer step ``step``."""
         d = self.decay_at(step)
-        for e, p in zip(self.module.parameters(), model.parameters(), strict=True):
-            e.lerp_(p.detach(), 1.0 - d)  # e + (1 - d) * (p - e)
+        own, theirs = list(self.module.parameters()), list(model.parameters())
+        if len(own) != len(theirs):
+            raise ValueError(f"ModelEMA: {len(own)} averaged parameters for a model with {len(theirs)}")
+        torch._foreach_lerp_(own, theirs, 1.0 - d)  # e + (1 - d) * (p - e), one fused call (timm's way)
         for e, b in zip(self.module.buffers(), model.buffers(), strict=True):
             e.copy_(b)
 
