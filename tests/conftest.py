@@ -33,6 +33,20 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
         assert torch.equal(a[k], b[k]), f"{k} differs"
 
 
+def stop_after(trainer, batches: int) -> None:
+    """Make ``trainer`` see a stop request (as from SIGTERM) once it has trained ``batches`` batches."""
+    real, calls = trainer.train_step, []
+
+    def step(x, y):
+        out = real(x, y)
+        calls.append(1)
+        if len(calls) == batches:
+            trainer._signals.received = "test"
+        return out
+
+    trainer.train_step = step
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One torch thread for a module of tiny tensors (batch 2, 8-32 px): a second OpenMP thread only

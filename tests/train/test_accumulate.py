@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+from conftest import stop_after
 
 from bitrain.errors import UserError
 from bitrain.train.accumulate import Accumulation
@@ -99,25 +100,15 @@ def test_window_arithmetic_and_range_checks():
         LoopOptions(accumulate=0)
 
 
-@pytest.mark.parametrize("stop_after,position", [(5, (2, 2)), (10, (4, 4))])  # mid-epoch; after the short window
-def test_accumulated_run_resumes_bit_identical_between_windows(stop_after, position):
+@pytest.mark.parametrize("batches,position", [(5, (2, 2)), (10, (4, 4))])  # mid-epoch; after the short window
+def test_accumulated_run_resumes_bit_identical_between_windows(batches, position):
     """A checkpoint is only written between windows, so a resumed trainer continues exactly."""
     ref = _train(batch=4, accumulate=3, n=40, epochs=2)
     x, y = _data(40)
     model = _net()
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
     first = Trainer(model, opt, ListLoader(x, y, 4), epochs=2, options=LoopOptions(log_interval=0, accumulate=3))
-    real = first.train_step
-    calls = []
-
-    def stop_after_five(xb, yb):  # the 5th batch is inside the second window, the 10th ends the epoch
-        out = real(xb, yb)
-        calls.append(1)
-        if len(calls) == stop_after:
-            first._signals.received = "test"
-        return out
-
-    first.train_step = stop_after_five
+    stop_after(first, batches)  # the 5th batch is inside the second window, the 10th ends the epoch
     with pytest.raises(Exception, match="received test"):
         first.fit()
     payload = copy.deepcopy(first.state_dict())

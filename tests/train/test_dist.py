@@ -372,10 +372,9 @@ def test_two_nodes_on_one_machine_train_exactly_like_two_local_ranks(tmp_path, t
     """Multi-node as docs/performance.md writes it: two torchrun launchers (--nnodes 2, one process each,
     loopback only) sharing one --prefix end bit-identical to --nproc_per_node 2, with one set of files."""
     run, port = tmp_path / "run", _free_port()
-    if rendezvous == "static":
-        node = lambda r: ["--master-addr", "127.0.0.1", "--master-port", str(port), "--node_rank", str(r)]
-    else:
-        node = lambda r: ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "bitrain-test"]
+    static = lambda r: ["--master-addr", "127.0.0.1", "--master-port", str(port), "--node_rank", str(r)]
+    c10d = lambda r: ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "bitrain-test"]
+    node = static if rendezvous == "static" else c10d
     args = ["train", *COMMON, "--sync-bn", "--batch-size", "32", "--prefix", run]
     launchers = [
         subprocess.Popen(

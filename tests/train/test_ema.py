@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-from conftest import final_weights, read_rows, run_cli
+from conftest import final_weights, read_rows, run_cli, stop_after
 from test_accumulate import ListLoader, _data
 
 from bitrain.errors import UserError
@@ -62,16 +62,7 @@ def test_checkpoint_holds_the_chosen_model_under_model_and_resumes_exactly():
     ref = _trainer(epochs=2, model_ema_eval=True)
     ref.fit()
     first = _trainer(epochs=2, model_ema_eval=True)
-    real, calls = first.train_step, []
-
-    def stop_after_three(x, y):
-        out = real(x, y)
-        calls.append(1)
-        if len(calls) == 3:
-            first._signals.received = "test"
-        return out
-
-    first.train_step = stop_after_three
+    stop_after(first, 3)
     with pytest.raises(Exception, match="received test"):
         first.fit()
     payload = copy.deepcopy(first.state_dict())
