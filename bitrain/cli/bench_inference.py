@@ -204,7 +204,7 @@ def _layers(ns, model: nn.Module, folder: Path, shape, doc: dict) -> dict[int, l
 
 def _print(doc: dict, layer_rows: dict[int, list] | None) -> None:
     from bitrain.cli.bench_layers import layer_lines
-    from bitrain.cli.race_report import text
+    from bitrain.cli.race_report import machine_lines, table_lines
 
     m, ran = doc["model"], [n for n, e in doc["engines"].items() if e["status"] == "ran"]
     print(
@@ -213,12 +213,11 @@ def _print(doc: dict, layer_rows: dict[int, list] | None) -> None:
         f"process with {doc['threads']} threads; {doc['rounds']} rounds, turns of about {doc['slice_ms']:g} ms, "
         f"{doc['clock']} clock"
     )
-    lines = text(doc)
-    print("\n".join(lines[:2]))
+    print("\n".join(machine_lines(doc)))
     print(doc["sizes"])
     allocators = {e["info"]["allocator"] for e in doc["engines"].values() if e.get("info")}
     print("allocator (in each engine's process): " + "; ".join(sorted(allocators)))
-    print("\n".join(lines[2:]))
+    print("\n".join(table_lines(doc)))
     for batch, rows in (layer_rows or {}).items():
         packed = next((b["rows"].get("packed") for b in doc["batches"] if b["batch"] == batch), None)
         print("\n".join(layer_lines(rows, batch, packed and packed["ms_per_batch"])))

@@ -190,10 +190,20 @@ def race_batch(batch: int, workers: dict, status: dict, opts: dict, say: Say) ->
 def run_race(names: list[str], batches: list[int], spec: dict, opts: dict, folder: Path, say: Say) -> dict:
     """Start the workers, race them at each batch size, close them. Returns status and per batch results."""
     say(f"starting {len(names)} engines, each in its own process ({spec['threads']} threads each)")
+    load = [_load_average()]
     workers, status = start(names, spec, folder, say)
     try:
         results = {b: race_batch(b, workers, status, opts, say) for b in batches}
     finally:
         for w in workers.values():
             w.close()
-    return {"status": status, "batches": results}
+    load.append(_load_average())
+    return {"status": status, "batches": results, "load_average": {"start": load[0], "end": load[1]}}
+
+
+def _load_average() -> list[float] | None:
+    """The machine's load average over 1, 5 and 15 minutes (None where the OS has none)."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None

@@ -98,6 +98,7 @@ def document(head: dict, race: dict, batches: list[int]) -> dict:
         **head,
         "cpu": cpu_info(),
         "versions": versions(),
+        "load_average": race.get("load_average"),
         "engines": engines,
         "batches": [summarize(b, race["batches"][b]) for b in batches],
     }
@@ -124,9 +125,21 @@ def cpu_line(cpu: dict) -> str:
     )
 
 
-def text(doc: dict) -> list[str]:
-    """The report as lines: the header, then per batch size a markdown table and its notes."""
+def machine_lines(doc: dict) -> list[str]:
+    """The CPU, the library versions and the machine's load around the race."""
     lines = [cpu_line(doc["cpu"]), "versions: " + ", ".join(f"{k} {v}" for k, v in doc["versions"].items())]
+    load = doc.get("load_average") or {}
+    if load.get("start") and load.get("end"):
+        lines.append(
+            "load average (1, 5, 15 min): "
+            + " / ".join(f"{' '.join(f'{v:.2f}' for v in load[k])} at the {k}" for k in ("start", "end"))
+        )
+    return lines
+
+
+def table_lines(doc: dict) -> list[str]:
+    """The skipped engines, then per batch size a markdown table and its notes."""
+    lines = []
     for n, e in doc["engines"].items():
         if e["status"] == "skipped":
             lines.append(f"skipped: {n} ({e['label']}): {e['reason']}")

@@ -94,6 +94,7 @@ def _openvino(graph, spec: dict, precision: str | None, info: dict) -> Prepare:
         compiled = core.compile_model(g, "CPU", config)
         info["precision"] = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
         info["performance_hint"] = str(compiled.get_property("PERFORMANCE_HINT"))
+        info["cpu_pinning"] = bool(compiled.get_property("ENABLE_CPU_PINNING"))
         request = compiled.create_infer_request()
 
         def run(x):
