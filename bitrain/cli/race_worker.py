@@ -64,10 +64,6 @@ def _rebuild(path: Path):
 def _torch(model) -> Prepare:
     import torch
 
-    from bitrain.deploy.swaps import channels_last_stem
-
-    channels_last_stem(model)  # as bitrain runs a float model for inference (cli.reader)
-
     def prepare(batch: int) -> Run:
         def run(x):
             with torch.inference_mode():
@@ -139,7 +135,8 @@ def load(spec: dict) -> tuple[Prepare, dict]:
     from bitrain.deploy.memory import keep_freed_memory
 
     torch.set_num_threads(spec["threads"])
-    info: dict[str, Any] = {"allocator": keep_freed_memory() if spec["allocator"] == "keep" else "system"}
+    system = "allocator: the system's, as it is (--allocator system)"
+    info: dict[str, Any] = {"allocator": keep_freed_memory() if spec["allocator"] == "keep" else system}
     if name == "packed":
         from bitrain.deploy.load import load_packed
         from bitrain.deploy.packed import resolve_kernel
@@ -149,6 +146,9 @@ def load(spec: dict) -> tuple[Prepare, dict]:
         return _torch(load_packed(folder / "packed.safetensors", build_model, kernel=spec["kernel"])), info
     model = _rebuild(folder / ("float.pt" if ENGINES[name].group == "float" else "binary.pt"))
     if name in ("torch-latent", "torch-float"):
+        from bitrain.deploy.swaps import channels_last_stem
+
+        channels_last_stem(model)  # as bitrain runs a float model for inference (cli.reader; load_packed too)
         return _torch(model), info
     if name == "onnxruntime-float":
         return _onnxruntime(model, spec, info), info

@@ -13,6 +13,7 @@ import os
 import re
 import statistics
 
+import numpy as np
 import pytest
 
 from bitrain.cli import main
@@ -127,3 +128,63 @@ def test_inference_is_picked_wherever_the_flag_stands(capsys):
     assert "--rounds" in capsys.readouterr().err
     assert main(["bench", "--layers"]) == 2  # the training-loop benchmark has no --layers
     assert "--layers" in capsys.readouterr().err
+
+
+class _FakeWorker:
+    """A worker's pipe without the process: fixed seconds per batch, or a failure at the given turn."""
+
+    def __init__(self, name, seconds, folder, fail_at=None):
+        self.name, self.seconds, self.folder, self.fail_at, self.turns, self.closed = (
+            name,
+            seconds,
+            folder,
+            fail_at,
+            0,
+            False,
+        )
+
+    def ask(self, cmd, **kw):
+        from bitrain.cli.race import WorkerError
+
+        if cmd == "prepare":
+            path = self.folder / f"{self.name}.npy"
+            np.save(path, np.eye(3, dtype=np.float32)[: kw["batch"]])
+            return {"seconds": self.seconds, "logits": str(path), "info": {}}
+        self.turns += 1
+        if self.turns == self.fail_at:
+            raise WorkerError("its process exited with code -11")
+        return {"seconds": self.seconds * kw["k"]}
+
+    def cpu_seconds(self):
+        return 0.0
+
+    def close(self):
+        self.closed = True
+
+
+def test_rounds_rotate_and_a_failing_engine_is_dropped(tmp_path):
+    """race_batch without processes: every engine gets a turn per round, k from its warm-up time; an
+    engine whose worker fails leaves the race with the reason, the others keep all their rounds."""
+    from bitrain.cli.race import race_batch
+
+    workers = {
+        "packed": _FakeWorker("packed", 0.01, tmp_path),
+        "openvino-binary": _FakeWorker("openvino-binary", 0.02, tmp_path, fail_at=2),
+        "torch-float": _FakeWorker("torch-float", 0.04, tmp_path),
+    }
+    fakes = dict(workers)
+    status = {n: {"status": "ran", "info": {}} for n in workers}
+    out = race_batch(2, workers, status, {"warmup": 2, "slice_s": 0.04, "rounds": 3}, lambda line: None)
+    assert out["ks"] == {"packed": 4, "torch-float": 1}
+    assert out["seconds"] == {"packed": [0.04] * 3, "torch-float": [0.04] * 3}
+    assert status["openvino-binary"] == {
+        "status": "skipped",
+        "reason": "failed at batch 2: its process exited with code -11",
+    }
+    assert fakes["openvino-binary"].closed and "openvino-binary" not in workers
+    assert out["agreement"]["packed"] == {
+        "reference": "packed",
+        "argmax_equal": 2,
+        "images": 2,
+        "max_abs_logit_diff": 0.0,
+    }
