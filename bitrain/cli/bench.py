@@ -286,7 +286,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--inference",
         action="store_true",
-        help="time a binary model's packed export against its float model instead (bitrain bench --inference --help)",
+        help="race a binary model and its float twin on every inference engine instead (bitrain bench --inference --help)",
     )
     return p
 
