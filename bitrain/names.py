@@ -106,3 +106,6 @@ ARCH_FLAGS = ("fp_downsample_sc", "pool_downsample_sc", "dilated")  # store_true
 OPTIMIZERS = ("sgd", "nag", "adam", "radam", "adamw", "bop")
 LR_MODES = ("step", "poly", "cosine", "linear")
 DTYPES = ("float32", "bfloat16", "float16")  # compute dtype; the last two through autocast
+# --logger: where the metrics go (a comma list); the last two are optional extras, imported only when asked for
+LOGGERS = ("tensorboard", "csv", "mlflow", "wandb")
+DEFAULT_LOGGERS = "tensorboard,csv"

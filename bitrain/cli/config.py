@@ -18,7 +18,7 @@ import yaml
 from bitrain.binary.layer_config import check_approximation
 from bitrain.cli.schema import FIELDS, TrainConfig, _base_type
 from bitrain.errors import UserError, parse_list, suggest
-from bitrain.names import KBIT_QUANTIZERS, flag
+from bitrain.names import KBIT_QUANTIZERS, LOGGERS, flag
 
 __all__ = [
     "FIELDS",
@@ -28,6 +28,7 @@ __all__ = [
     "validate",
     "parse_floats",
     "parse_ints",
+    "parse_loggers",
     "from_layers",
     "RECIPES_DIR",
     "list_recipes",
@@ -137,7 +138,23 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     need(cfg.image_size >= 8, f"--image-size must be at least 8, got {cfg.image_size}")
     if cfg.gpus:
         parse_ints("gpus", cfg.gpus)
+    loggers = parse_loggers(cfg.logger)
+    need(
+        cfg.write_summary is None or "tensorboard" in loggers,
+        f"--write-summary writes TensorBoard histograms; --logger {cfg.logger} has no tensorboard",
+    )
     return cfg
+
+
+def parse_loggers(text: str) -> tuple[str, ...]:
+    """``--logger``'s comma list -> the logger names, each once, in order; UserError for an unknown one."""
+    names = [n.strip().lower() for n in str(text).split(",") if n.strip()]
+    if not names:
+        raise UserError(f"--logger needs at least one of: {', '.join(LOGGERS)}")
+    for n in names:
+        if n not in LOGGERS:
+            raise UserError(f"--logger {n!r} is not a logger{suggest(n, LOGGERS)}; choose from: {', '.join(LOGGERS)}")
+    return tuple(dict.fromkeys(names))
 
 
 def parse_floats(name: str, text: str) -> list[float]:

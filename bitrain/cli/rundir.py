@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 #: what a fresh run writes; --overwrite removes exactly these (and nothing else) from a used folder
 RUN_OUTPUTS = ("checkpoints", "tb", "metrics.csv", "model.safetensors", "profile", "stages")
+RUN_OUTPUTS += ("mlflow.db", "mlruns", "wandb")  # --logger mlflow's default store, --logger wandb's folder
 #: the lock file in a run dir (kept when released; not part of a run: --overwrite leaves it, and a
 #: folder holding only it is still fresh)
 LOCK_NAME = ".lock"

@@ -16,8 +16,10 @@ from bitrain.names import (
     APPROXIMATIONS,
     AUGMENTATIONS,
     BITS,
+    DEFAULT_LOGGERS,
     DTYPES,
     INITIALIZATIONS,
+    LOGGERS,
     LR_MODES,
     OPTIMIZERS,
     STEMS,
@@ -172,6 +174,23 @@ class TrainConfig:
     save_frequency: int | None = _f(None, "epochs between numbered checkpoints (default 10; 1 for imagenet)")
     checkpoint_interval: int = _f(0, "also save last.pt every N steps inside an epoch (0: off)")
     checkpoint_minutes: float = _f(0.0, "also save last.pt every M minutes inside an epoch (0: off)")
+    logger: str = _f(
+        DEFAULT_LOGGERS,
+        f"where the metrics go, a comma list of {', '.join(LOGGERS)} (Lightning's loggers, timm's --log-wandb); "
+        "mlflow and wandb are extras: pip install 'bitrain[mlflow]' / 'bitrain[wandb]'",
+    )
+    mlflow_uri: str | None = _f(
+        None,
+        "--logger mlflow: tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///RUN/mlflow.db, artifacts in RUN/mlruns)",
+    )
+    mlflow_experiment: str | None = _f(
+        None,
+        "--logger mlflow: experiment name (default $MLFLOW_EXPERIMENT_NAME, else bitrain); the run is named after RUN",
+    )
+    wandb_project: str | None = _f(
+        None,
+        "--logger wandb: project (default $WANDB_PROJECT, else bitrain); offline into RUN/wandb without a W&B login",
+    )
     write_summary: str | None = _f(
         None, "TensorBoard histograms too; optional value: event folder", nargs="?", const=""
     )

@@ -26,6 +26,7 @@ from bitrain.names import flag
 STAGES_KEY = "stages"
 #: run-control options a stage may not set (they belong to the whole command)
 WHOLE_RUN = ("prefix", "resume", "overwrite", "dry_run", "plot_network", "resume_states", "gpus", "cpu")
+WHOLE_RUN += ("logger", "mlflow_uri", "mlflow_experiment", "wandb_project")  # one set of loggers for all stages
 #: options every stage must share (one data set for the whole run)
 DATA_OPTIONS = ("dataset", "data_dir", "dummy_shape", "dummy_classes", "dummy_size", "image_size")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")

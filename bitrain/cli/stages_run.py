@@ -26,14 +26,15 @@ from typing import Any
 
 import yaml
 
-from bitrain import console
 from bitrain.cli import config as C
 from bitrain.cli.args import PROG
+from bitrain.cli.loggers import end_run, make_loggers, run_files
 from bitrain.cli.stages import Plan, Stage, format_plan
 from bitrain.errors import UserError
 from bitrain.files import atomic_write_bytes
 from bitrain.train.callbacks import CSV_COLUMNS, CSVLogger
 from bitrain.train.preempt import StopFlag
+from bitrain.train.tracking import TrackingLogger
 
 
 @dataclass(frozen=True)
@@ -129,8 +130,11 @@ def main(plan: Plan, steps: Steps) -> int:
                     dist.barrier()
                 if rc != 0:
                     return rc
+        rc = 0
         return 0
     finally:
+        last = stage_dir(plan.run_dir, plan.names[-1])
+        end_run(callbacks, rc, run_files(plan.run_dir, last / "checkpoints"))
         for cb in callbacks:
             cb.close()
         if lock is not None:
@@ -227,6 +231,8 @@ def _run_stage(
     for cb in callbacks:
         if isinstance(cb, StageCSVLogger):
             cb.stage, cb.epoch_offset, cb.step_offset = name, before["epochs"], before["steps"]
+        if isinstance(cb, TrackingLogger):  # one tracker run for all the stages; a stage tag, its epochs go on
+            cb.set_stage(name, k, before["epochs"])
         state = before["callbacks"].get(type(cb).__name__)
         if continues and payload is None and state:  # cut what a killed run logged after the stage before
             cb.load_state_dict(state)
@@ -254,19 +260,21 @@ def _run_stage(
 
 
 def _make_loggers(plan: Plan) -> list:
-    """Progress, console + log, metrics.csv (with the stage column) and TensorBoard, for all the stages
-    this process runs (one TensorBoard writer: its files stay in order)."""
-    from bitrain.train.callbacks import ConsoleLogger, ProgressETA, TensorBoardLogger
+    """Progress, console + log, and ``--logger``'s (metrics.csv with the stage column, TensorBoard, MLflow,
+    W&B), for all the stages this process runs: one TensorBoard writer, one tracker run."""
+    cfg = plan.stages[0].cfg
+    return make_loggers(cfg, plan.run_dir, _params(plan), lambda path: StageCSVLogger(path, plan.names[0]))
 
-    cfg, run_dir = plan.stages[0].cfg, plan.run_dir
-    progress = ProgressETA(cfg.progress, live=console.live())
-    tb_dir = Path(cfg.write_summary) if cfg.write_summary else run_dir / "tb"
-    return [
-        progress,
-        ConsoleLogger(run_dir / cfg.log, console=progress.console),
-        StageCSVLogger(run_dir / "metrics.csv", plan.names[0]),
-        TensorBoardLogger(tb_dir, histograms=cfg.write_summary is not None),
-    ]
+
+def _params(plan: Plan) -> dict[str, Any]:
+    """The trackers' parameters: the first stage's config, ``stages`` (their names), and each later
+    stage's changes as ``NAME.option``."""
+    first = plan.stages[0].cfg.to_dict(include_run_control=False)
+    params: dict[str, Any] = {**first, "stages": ",".join(plan.names)}
+    for stage in plan.stages[1:]:
+        own = stage.cfg.to_dict(include_run_control=False)
+        params.update({f"{stage.name}.{k}": v for k, v in own.items() if v != first.get(k)})
+    return params
 
 
 def _record(name: str, trainer: Any, before: dict[str, Any], callbacks: list) -> dict[str, Any]:

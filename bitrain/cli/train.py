@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bitrain import console
 from bitrain.cli import config as C
 from bitrain.cli.args import PROG
 from bitrain.cli.build import (
@@ -33,6 +32,7 @@ from bitrain.cli.build import (
     model_args,
     select_device,
 )
+from bitrain.cli.loggers import check_loggers, end_run, make_loggers, run_files
 from bitrain.cli.resolve import add_train_args, resolve_config
 from bitrain.cli.rundir import default_run_dir, lock_run_dir, prepare_run_dir, save_final_weights
 from bitrain.errors import UserError
@@ -71,6 +71,7 @@ def main(argv: Sequence[str]) -> int:
 
     plan = plan_from_argv(argv)  # a --config with stages: runs them all, in one run directory
     if plan is not None:
+        check_loggers(plan.stages[0].cfg)  # --logger mlflow/wandb installed, before anything runs
         gpus = C.parse_ints("gpus", plan.stages[0].cfg.gpus) if plan.stages[0].cfg.gpus else []
         if len(gpus) > 1 and "WORLD_SIZE" not in os.environ and not plan.stages[0].cfg.dry_run:
             from bitrain.cli.launch import launch_ranks
@@ -81,6 +82,7 @@ def main(argv: Sequence[str]) -> int:
 
         return run_stages(plan, Steps(build_run, build_trainer, restore, print_summary))
     cfg, payload, ckpt_path = resolve_config(argv)  # flags, YAML, the resumed checkpoint's config
+    check_loggers(cfg)  # --logger mlflow/wandb installed, before anything runs
     gpus = C.parse_ints("gpus", cfg.gpus) if cfg.gpus else []
     if len(gpus) > 1 and "WORLD_SIZE" not in os.environ:
         from bitrain.cli.launch import launch_ranks  # one process per GPU through torch.distributed.run
@@ -180,20 +182,11 @@ def open_run_dir(run: Run, payload: dict | None, ckpt_path: Path | None) -> Any:
 
 
 def attach_loggers(run: Run, trainer: Trainer) -> list:
-    """Progress, console + log file, metrics.csv and TensorBoard (rank 0), attached to the trainer."""
-    from bitrain.train.callbacks import ConsoleLogger, CSVLogger, ProgressETA, TensorBoardLogger
-
-    cfg, run_dir = run.cfg, run.run_dir
-    callbacks: list = []
-    if run.dist_info.is_main:
-        progress = ProgressETA(cfg.progress, live=console.live())
-        tb_dir = Path(cfg.write_summary) if cfg.write_summary else run_dir / "tb"
-        callbacks = [
-            progress,
-            ConsoleLogger(run_dir / cfg.log, console=progress.console),
-            CSVLogger(run_dir / "metrics.csv"),
-            TensorBoardLogger(tb_dir, histograms=cfg.write_summary is not None),
-        ]
+    """Progress, console + log file and ``--logger``'s (metrics.csv and TensorBoard by default; MLflow,
+    W&B) on rank 0, attached to the trainer."""
+    cfg = run.cfg
+    params = cfg.to_dict(include_run_control=False)  # what config.yaml holds
+    callbacks = make_loggers(cfg, run.run_dir, params) if run.dist_info.is_main else []
     trainer.attach(callbacks)
     return callbacks
 
@@ -218,17 +211,18 @@ def fit(run: Run, trainer: Trainer, callbacks: list, run_lock: Any) -> int:
     from bitrain.train.state import TrainerStop
 
     say, run_dir = trainer.message, run.run_dir
-    interrupted = False
+    interrupted, rc = False, 1
     try:
         result = trainer.fit()
         if run.dist_info.is_main:
             save_final_weights(trainer.final_model, run_dir / "model.safetensors", run.model_args)
             say(f"[Done] average epoch time (first epoch left out): {result['avg_epoch_time']:.3f}s")
             say(f"[Done] best validation top-1: {result['best_acc']:.4f}; run dir: {run_dir}")
+        rc = 0
         return 0
     except TrainerStop as stop:
         say(str(stop))
-        interrupted = stop.exit_code == 3
+        interrupted, rc = stop.exit_code == 3, stop.exit_code
         if interrupted:
             say(f"checkpoint saved; resume with: bitrain train --prefix {run_dir} --resume auto")
         else:
@@ -238,6 +232,7 @@ def fit(run: Run, trainer: Trainer, callbacks: list, run_lock: Any) -> int:
         print(f"{PROG}: error: {e.strerror}", file=sys.stderr)
         return 1
     finally:
+        end_run(callbacks, rc, run_files(run_dir, trainer.saver.folder if trainer.saver else run_dir / "checkpoints"))
         for cb in callbacks:
             cb.close()
         if run_lock is not None:

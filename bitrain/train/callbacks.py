@@ -34,6 +34,8 @@ class Callback:
     ``on_epoch_start`` gets the learning rate of the epoch's first step and the samples seen when
     the epoch began (the ``global_step`` of TensorBoard tags); a subclass that still defines
     ``on_epoch_start(self, epoch)`` keeps working (the two extra values are dropped for it).
+    ``on_run_end`` is the CLI's, not the trainer's: once per command, before ``close``, with the exit
+    code and, after a finished run, its files (name -> path: the final weights, the best checkpoint).
     """
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -50,6 +52,7 @@ class Callback:
     def on_histograms(self, model: nn.Module, samples: int) -> None: ...
     def on_message(self, text: str) -> None: ...
     def on_fit_end(self, result: dict[str, Any]) -> None: ...
+    def on_run_end(self, exit_code: int, files: dict[str, Path]) -> None: ...
     def close(self) -> None: ...
 
     def state_dict(self) -> dict[str, Any]:

@@ -286,6 +286,61 @@ def test_two_ctrl_c_on_a_process_never_leave_a_broken_checkpoint(tmp_path):
     assert (run / "checkpoints" / "last.pt").is_file()
 
 
+def _slurm_job(run: Path) -> subprocess.Popen:
+    """The command of docs/performance.md's SLURM job, on digits: every start, the first and each requeued
+    one, is the same ``--resume auto`` command line (23 steps per epoch at batch 64, a log line every 5)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", CI="1", PYTHONPATH=_pythonpath())
+    argv = ["--cpu", "--epochs", "3", "--batch-size", "64", "--log-interval", "5", "--augmentation", "crop-flip"]
+    argv += ["--mixup", "--label-smoothing", "--prefix", str(run), "--resume", "auto"]
+    return subprocess.Popen(
+        [sys.executable, "-m", "bitrain", "train", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        text=True,
+        cwd=run.parent,
+    )
+
+
+def _wait_for_line(proc: subprocess.Popen, log: Path, text: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not (log.is_file() and text in log.read_text()):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"no {text!r} in {log}"
+        time.sleep(0.02)
+
+
+def test_sigusr1_then_requeue_with_resume_auto_is_bit_identical(tmp_path):
+    """SLURM's ``--signal=USR1@120 --requeue`` (docs/performance.md): SIGUSR1 once the job has trained a
+    while stops it at a step boundary with exit 3 and a resumable checkpoint (and no model.safetensors, so
+    the script requeues it); the requeued job, the same command, ends bit-identical to one never stopped."""
+    ref = tmp_path / "ref"
+    job = _slurm_job(ref)
+    out, err = job.communicate(timeout=600)
+    assert job.returncode == 0, err[-3000:]
+    assert "--resume auto: nothing to resume" in err  # the first start of the job starts fresh
+
+    run = tmp_path / "run"
+    job = _slurm_job(run)
+    _wait_for_line(job, run / "train.log", "Epoch[0] Batch [5]")  # 5 steps trained, 64 to go
+    os.kill(job.pid, signal.SIGUSR1)
+    out, err = job.communicate(timeout=600)
+    assert job.returncode == 3, err[-3000:]
+    assert "received SIGUSR1: stopped at epoch 0 batch" in out and "Traceback" not in err
+    state = ckpt.load_checkpoint(run / "checkpoints" / "last.pt")["trainer"]
+    assert state["epoch"] == 0 and 5 <= state["batch"] < 23  # mid-epoch
+    assert not (run / "model.safetensors").exists()  # the SLURM script's test: not finished, requeue
+
+    job = _slurm_job(run)  # the requeued job
+    out, err = job.communicate(timeout=600)
+    assert job.returncode == 0, err[-3000:]
+    assert f"resumed from {run / 'checkpoints' / 'last.pt'}: epoch 0, batch {state['batch']}" in out
+    assert_same_weights(final_weights(run), final_weights(ref))
+    columns = ("split", "epoch", "step", "samples", "loss", "acc1", "acc5", "lr")
+    rows = [tuple(r[c] for c in columns) for r in read_rows(run) if r["split"] != "batch"]
+    assert rows == [tuple(r[c] for c in columns) for r in read_rows(ref) if r["split"] != "batch"]
+
+
 def test_accumulate_ema_cutmix_resume_bit_identical(tmp_path, monkeypatch):
     """--accumulate, --model-ema and --cutmix (with --mixup: timm's switch) resumed mid-epoch end as one run."""
     extra = ["--accumulate", "2", "--model-ema", "0.9", "--model-ema-warmup", "--cutmix", "1.0"]
