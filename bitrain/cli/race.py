@@ -150,7 +150,7 @@ def _prepare(batch: int, workers: dict, status: dict, opts: dict, say: Say) -> t
             continue
         status[name]["info"] = r["info"]
         ks[name] = batches_per_slice(r["seconds"], opts["slice_s"])
-        logits[name] = np.load(r["logits"])
+        logits[name] = np.load(r["logits"], allow_pickle=False)
         say(f"  batch {batch}: {name} ready: {r['seconds'] * 1e3:.1f} ms a batch, {ks[name]} per turn")
     return ks, logits
 
