@@ -128,8 +128,13 @@ def available() -> bool:
 
 
 def set_threads() -> None:
-    """numba's threads: torch's setting, within numba's own limit."""
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    """numba's threads: torch's setting, within numba's own limit. The first call starts numba's thread pool,
+    and its OpenMP layer then sets the process's OpenMP default to all of numba's threads (torch and numba
+    share libgomp): torch's setting is put back, else a model run at 1 thread would run at all after it."""
+    threads = torch.get_num_threads()
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 def pack_weights(weight_packed: torch.Tensor, shape: list[int], groups: int = 1) -> np.ndarray:
