@@ -13,7 +13,7 @@ and the next conv's packed signs). Its arguments come in named bundles: ``_Taps`
 ``_Epilogue`` (fan_in, count or dot, the affine), ``Shortcut`` and ``_Unit`` (a fused residual unit's
 extras); the kernel receives ``_Taps``, ``_Epilogue`` and ``_Unit`` as plain tuples in their field order
 and unpacks them by those names (numba types a plain tuple in C, a named one in Python). The LLVM pieces
-the loops call (popcount, FMA, the 4 x 16 count block, the epilogue's 8 x 8 transpose, prefetch) are
+the loops call (popcount, FMA, the 4 x 8 count block, the epilogue's 8 x 8 transpose, prefetch) are
 in ``bitrain.deploy.intrinsics``. ``xnor_conv``'s unit arguments (a residual, a 1x1 shortcut, the output's
 signs packed for the next conv) serve ``bitrain.deploy.fused``.
 """
@@ -89,6 +89,7 @@ class _Unit(NamedTuple):
     yp: np.ndarray
 
 
+_EXACT = 1 << 24  # fan_in below it: counts and fan_in - scale * count are exact in float32
 _NO_AFFINE = np.zeros(0, np.float32)  # alpha and beta of a layer without a fused BatchNorm (form 0)
 _NO_WORDS = np.zeros((0, 0, 0), np.uint64)
 _NO_ROWS = np.zeros((0, 0, 0, 0), np.float32)
@@ -112,32 +113,43 @@ if numba is not None:
                     prefetch(px + b)
 
     @numba.njit(inline="always", cache=True)
+    def _map_counts(acc, fan_in, scale, a, b, form, tile, add):
+        """tile[ow, o] (+)= ``_affine(fan_in - scale * acc[ow, o], a[o], b[o], form)`` in float32: the counts
+        and fan_in are integers below 2^24 (``xnor_conv`` checks), so each value is exact as it was in int64.
+        One loop per form and int32 counts: numba vectorises each (8 lanes on AVX2)."""
+        f, s = np.float32(fan_in), np.float32(scale)
+        wo, m = tile.shape
+        for ow in range(wo):
+            if form == 1:
+                for o in range(m):
+                    v = _affine(f - s * np.float32(acc[ow, o]), a[o], b[o], 1)
+                    tile[ow, o] = tile[ow, o] + v if add else v
+            elif form == 2:
+                for o in range(m):
+                    v = _affine(f - s * np.float32(acc[ow, o]), a[o], b[o], 2)
+                    tile[ow, o] = tile[ow, o] + v if add else v
+            else:
+                for o in range(m):
+                    v = f - s * np.float32(acc[ow, o])
+                    tile[ow, o] = tile[ow, o] + v if add else v
+
+    @numba.njit(inline="always", cache=True)
     def _epilogue(acc, epi, oc, tile):
         """Phase 2: tile[ow, o] = the float32 output of count acc[ow, o], mapped by channel oc + o's affine."""
         fan_in, scale, form, alpha, beta = epi
         m = tile.shape[1]
-        a, b = alpha[oc : oc + m], beta[oc : oc + m]
-        for ow in range(tile.shape[0]):
-            if form == 0:
-                for o in range(m):
-                    tile[ow, o] = np.float32(fan_in - scale * acc[ow, o])
-            else:
-                for o in range(m):
-                    tile[ow, o] = _affine(np.float32(fan_in - scale * acc[ow, o]), a[o], b[o], form)
+        _map_counts(acc, fan_in, scale, alpha[oc : oc + m], beta[oc : oc + m], form, tile, False)
 
     @numba.njit(inline="always", cache=True)
     def _add_shortcut(xp, sc, sc_offs, scale, n, h, sw, o0, oc, wstride, acc, tile):
         """Phase 2, a unit's 1x1 shortcut: its counts over input row h, pixels (ow sw), mapped and added."""
-        wo, m = tile.shape
-        if m % 16 == 0:
+        m = tile.shape[1]
+        if m % 8 == 0:
             xrow = xp[n, h, sc.ow, :].ctypes.data
             count_block(xrow, xp.strides[2] * sw, sc_offs, sc.words[0, 0, o0 : o0 + m].ctypes.data, wstride, acc, m)
         else:
             shortcut_counts(xp, sc, n, h, sc.ow, sw, o0, m, acc)
-        a2, b2 = sc.alpha[oc : oc + m], sc.beta[oc : oc + m]
-        for ow in range(wo):
-            for o in range(m):
-                tile[ow, o] += _affine(np.float32(sc.fan_in - scale * acc[ow, o]), a2[o], b2[o], sc.form)
+        _map_counts(acc, sc.fan_in, scale, sc.alpha[oc : oc + m], sc.beta[oc : oc + m], sc.form, tile, True)
 
     @numba.njit(inline="always", cache=True)
     def _add_channels_last(res_nhwc, n, oh, oc, tile):
@@ -191,10 +203,11 @@ if numba is not None:
                 out[n, oc + o, oh, ow] = v
 
     @jit
-    def _conv(xp, wt, out, taps, epi, sc, unit, oblock):
+    def _conv(xp, wt, out, taps, epi, shortcut, unit, oblock):
         # xp (N, Hp, Wp, groups * wpg) uint64, wt (groups, kh * kw * wpg, og) uint64, out (N, O, Ho, Wo) float32.
         # One task per (image, output row, group, block of oblock output channels), in three phases: count,
         # epilogue, transposed store (module docstring); its counts (Wo, block) stay in L1.
+        sc = Shortcut(*shortcut)  # a plain tuple in (typed in C), named here
         groups, rows, og = wt.shape
         wpg = xp.shape[3] // groups
         ho, wo = out.shape[2], out.shape[3]
@@ -213,7 +226,7 @@ if numba is not None:
             o0 = ob * oblock
             m = min(o0 + oblock, og) - o0
             oc = g * og + o0
-            acc = np.empty((wo + 3, m), np.int64)  # rows wo..wo + 2: scratch for the pixels past the last
+            acc = np.empty((wo + 3, m), np.int32)  # rows wo..wo + 2: scratch for the pixels past the last
             _prefetch_residual(res, res_nhwc, n, oh, oc, m, wo)
             count_tile(xp, wt, taps, offs, n, oh, g, o0, acc)
             tile = np.empty((wo, m), np.float32)
@@ -254,44 +267,130 @@ def xnor_conv(
     ``shortcut``, a 1x1 binary conv over the same input (``Shortcut``, form 0 or an affine like the main
     one's), computed in the same pass; ``residual``, float32 of the output's shape, added after the affine;
     ``pack_out`` (qh, qw): also return the output's signs packed with that padding, for the next conv.
-    Each value is rounded as torch rounds ``conv + bn`` then ``+ shortcut``: the same bits."""
+    Each value is rounded as torch rounds ``conv + bn`` then ``+ shortcut``: the same bits.
+
+    ``prepare`` + ``run`` are the same call in two steps, for a caller that repeats it (``fused``)."""
+    geometry = dict(kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation)
+    call = prepare(tuple(x.shape), weights, fan_in=fan_in, count=count, affine=affine, shortcut=shortcut, **geometry)
+    return run(call.with_output(pack_out, residual is not None or shortcut is not None), x, packed, residual)
+
+
+class ConvCall(NamedTuple):
+    """``xnor_conv``'s arguments for one input shape, worked out once (``prepare``); ``run`` takes the input."""
+
+    in_shape: tuple[int, ...]
+    weights: np.ndarray
+    padding: tuple[int, int]
+    subsample: tuple[int, int] | None  # a strided 1x1 conv: pack every sh-th pixel (unpacked input, no unit)
+    taps: tuple  # _Taps as a plain tuple
+    packed_shape: tuple[int, ...]  # pack_activations(x, padding)'s shape: what ``run``'s ``packed`` must be
+    out_shape: tuple[int, ...]
+    epi: tuple  # _Epilogue as a plain tuple
+    shortcut: Shortcut | None
+    sc_args: tuple  # the shortcut (or none) as the kernel takes it: a plain tuple
+    pack_out: tuple[int, int] | None
+    yp_shape: tuple[int, ...] | None
+    oblocks: dict  # threads -> _oblock's value
+
+    def with_output(self, pack_out: tuple[int, int] | None, unit: bool = False) -> ConvCall:
+        """This call packing its output's signs with padding ``pack_out`` for the next conv (None: not)."""
+        if (unit or pack_out is not None or self.shortcut is not None) and self.weights.shape[0] != 1:
+            raise ValueError("xnor_conv: shortcut, residual and pack_out need groups 1")
+        if pack_out is None:
+            return self._replace(pack_out=None, yp_shape=None, oblocks={})
+        og = self.weights.shape[2]
+        if og % 8:
+            raise ValueError(f"xnor_conv: pack_out needs a multiple of 8 output channels, not {og}")
+        (qh, qw), (n, _, ho, wo) = pack_out, self.out_shape
+        yp_shape = (n, ho + 2 * qh, wo + 2 * qw, 8 * ((og + 63) // 64))
+        return self._replace(pack_out=tuple(pack_out), yp_shape=yp_shape, oblocks={})
+
+
+def prepare(
+    shape: tuple[int, ...],
+    weights: np.ndarray,
+    *,
+    kernel_size: tuple[int, int] = (1, 1),
+    stride: tuple[int, int] = (1, 1),
+    padding: tuple[int, int] = (0, 0),
+    dilation: tuple[int, int] = (1, 1),
+    fan_in: int,
+    count: bool,
+    affine: tuple[np.ndarray, np.ndarray, int] | None = None,
+    shortcut: Shortcut | None = None,
+) -> ConvCall:
+    """``xnor_conv``'s call for inputs of ``shape`` (N, C, H, W), without packing its output (``with_output``)."""
     groups, _, og = weights.shape
+    n, c, h, w = shape
     (kh, kw), (sh, sw), (dh, dw), padding = kernel_size, stride, dilation, tuple(padding)
-    unit = shortcut is not None or residual is not None or pack_out is not None
-    if unit and groups != 1:
-        raise ValueError("xnor_conv: shortcut, residual and pack_out need groups 1")
-    if packed is not None:
-        xp = packed
-    elif (kh, kw) == (1, 1) and padding == (0, 0) and not unit:  # a strided 1x1 conv: pack every sh-th pixel
-        xp, sh, sw = pack_activations(x, (0, 0), groups, (sh, sw)), 1, 1
-    else:
-        xp = pack_activations(x, padding, groups)
-    ho, wo = conv_out_size(xp.shape[1], kh, sh, 0, dh), conv_out_size(xp.shape[2], kw, sw, 0, dw)  # xp is padded
-    out = torch.empty((x.shape[0], groups * og, ho, wo), dtype=torch.float32)
-    if residual is not None and (tuple(residual.shape) != tuple(out.shape) or residual.dtype != torch.float32):
-        raise ValueError(f"xnor_conv: residual {residual.dtype} {tuple(residual.shape)} for float32 {tuple(out.shape)}")
-    if pack_out is not None and og % 8:
-        raise ValueError(f"xnor_conv: pack_out needs a multiple of 8 output channels, not {og}")
-    oblock, rows = og, x.shape[0] * ho * groups
-    while oblock > 32 and rows * ((og + oblock - 1) // oblock) < 8 * torch.get_num_threads():
-        if pack_out is not None and (oblock // 2) % 8:
-            break  # each task packs whole bytes of the next conv's words
-        oblock //= 2  # few rows (small maps, batch 1): split the output channels too, for the threads
+    if max(fan_in, shortcut.fan_in if shortcut is not None else 0) >= _EXACT:
+        raise ValueError(f"xnor_conv: fan_in {fan_in} is not below 2^24 (the epilogue's float32 arithmetic)")
+    ho, wo = conv_out_size(h + 2 * padding[0], kh, sh, 0, dh), conv_out_size(w + 2 * padding[1], kw, sw, 0, dw)
+    one = (kh, kw) == (1, 1) and padding == (0, 0) and shortcut is None
     alpha, beta, form = affine if affine is not None else (_NO_AFFINE, _NO_AFFINE, 0)
-    res, res_nhwc = _NO_ROWS, _NO_ROWS
-    if residual is not None and channels_last(residual):  # (N, H, W, C) as it lies: added pixel by pixel
-        res_nhwc = residual.detach().permute(0, 2, 3, 1).numpy()
-    elif residual is not None:
-        res = residual.detach().contiguous().numpy()
-    yp = _NO_BYTES
-    if pack_out is not None:  # the border stays zero bits: -1 padding
-        (qh, qw), words = pack_out, (og + 63) // 64
-        yp = np.zeros((out.shape[0], ho + 2 * qh, wo + 2 * qw, 8 * words), np.uint8)
+    return ConvCall(
+        in_shape=tuple(shape),
+        weights=weights,
+        padding=padding,
+        subsample=(sh, sw) if one else None,
+        taps=tuple(_Taps(kh, kw, sh, sw, dh, dw)),
+        packed_shape=(n, h + 2 * padding[0], w + 2 * padding[1], groups * ((c // groups + 63) // 64)),
+        out_shape=(n, groups * og, ho, wo),
+        epi=tuple(_Epilogue(fan_in, 1 if count else 2, form, alpha, beta)),  # fan_in - d agreeing bits, or the dot
+        shortcut=shortcut,
+        sc_args=tuple(shortcut or _NO_SHORTCUT),
+        pack_out=None,
+        yp_shape=None,
+        oblocks={},
+    )
+
+
+def _oblock(call: ConvCall) -> int:
+    """Output channels per task: all, or halved while there are fewer than 8 tasks per thread (small maps,
+    batch 1), keeping whole bytes of the next conv's words where the output is packed."""
+    threads = torch.get_num_threads()
+    oblock = call.oblocks.get(threads)
+    if oblock is None:
+        groups, _, og = call.weights.shape
+        oblock, rows = og, call.out_shape[0] * call.out_shape[2] * groups
+        while oblock > 32 and rows * ((og + oblock - 1) // oblock) < 8 * threads:
+            if call.pack_out is not None and (oblock // 2) % 8:
+                break
+            oblock //= 2
+        call.oblocks[threads] = oblock
+    return oblock
+
+
+def run(
+    call: ConvCall, x: torch.Tensor, packed: np.ndarray | None = None, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, np.ndarray]:
+    """``call`` (``prepare``) on x, with its packed signs when the caller has them, and a residual."""
+    if tuple(x.shape) != call.in_shape:
+        raise ValueError(f"xnor_conv: input {tuple(x.shape)} for a call prepared for {call.in_shape}")
+    taps, groups = call.taps, call.weights.shape[0]
     if packed is not None:
-        set_threads()  # else pack_activations set them
-    taps = _Taps(kh, kw, sh, sw, dh, dw)
-    epi = _Epilogue(fan_in, 1 if count else 2, form, alpha, beta)  # agreeing bits fan_in - d, or the dot fan_in - 2 d
-    unit = _Unit(res, res_nhwc, yp)
+        if packed.shape != call.packed_shape:
+            raise ValueError(f"xnor_conv: packed input {packed.shape} where {call.packed_shape} was expected")
+        set_threads()  # else pack_activations sets them
+    elif call.subsample is not None and call.pack_out is None and residual is None:
+        packed, taps = pack_activations(x, (0, 0), groups, call.subsample), taps[:2] + (1, 1) + taps[4:]
+    else:
+        packed = pack_activations(x, call.padding, groups)
+    out = torch.empty(call.out_shape, dtype=torch.float32)
+    res, res_nhwc = _NO_ROWS, _NO_ROWS
+    if residual is not None:
+        if residual.shape != out.shape or residual.dtype != torch.float32:
+            raise ValueError(
+                f"xnor_conv: residual {residual.dtype} {tuple(residual.shape)} for float32 {call.out_shape}"
+            )
+        if groups != 1:
+            raise ValueError("xnor_conv: shortcut, residual and pack_out need groups 1")
+        if channels_last(residual):  # (N, H, W, C) as it lies: added pixel by pixel
+            res_nhwc = residual.detach().permute(0, 2, 3, 1).numpy()
+        else:
+            res = residual.detach().contiguous().numpy()
+    yp = _NO_BYTES if call.yp_shape is None else np.zeros(call.yp_shape, np.uint8)  # border zero bits: -1 padding
     # plain tuples into numba: it types a named tuple argument in Python, 2-3 us a call; a tuple in C
-    _conv(xp, weights, out.numpy(), tuple(taps), tuple(epi), shortcut or _NO_SHORTCUT, tuple(unit), oblock)
-    return out if pack_out is None else (out, yp.view(np.uint64))
+    unit = (res, res_nhwc, yp)  # _Unit's fields
+    _conv(packed, call.weights, out.numpy(), taps, call.epi, call.sc_args, unit, _oblock(call))
+    return out if call.yp_shape is None else (out, yp.view(np.uint64))

@@ -12,20 +12,28 @@ import numpy as np
 from bitrain.deploy.packing import numba
 
 if numba is not None:
-    from bitrain.deploy.intrinsics import dot4x16, popcount
+    from bitrain.deploy.intrinsics import dot1x8, dot2x8, dot3x8, dot4x8, popcount
 
     @numba.njit(inline="always", cache=True)
     def count_block(xrow, pstride, offs, wrow, wstride, acc, m):
         """acc[ow, o] = the counts of output pixel ow (input words at xrow + ow * pstride + offs[r]) and
-        output channel o (words at wrow + r * wstride + 8 o), over the rows r of offs; m % 16 == 0."""
-        wo, arow, orow = acc.shape[0] - 3, acc.ctypes.data, offs.ctypes.data
-        for ow in range(0, wo, 4):
-            a0 = xrow + ow * pstride
-            a1 = a0 + pstride if ow + 1 < wo else a0  # past wo: the scratch rows of acc, from pixel ow again
-            a2 = a0 + 2 * pstride if ow + 2 < wo else a0
-            a3 = a0 + 3 * pstride if ow + 3 < wo else a0
-            for o in range(0, m, 16):
-                dot4x16(a0, a1, a2, a3, orow, offs.shape[0], wrow + o * 8, wstride, arow + (ow * m + o) * 8, m * 8)
+        output channel o (words at wrow + r * wstride + 8 o), over the rows r of offs; m % 8 == 0. Per 8
+        channels, whose weight rows then stay in L1, the pixels four at a time, the last 1-3 together."""
+        wo, rows, orow = acc.shape[0] - 3, offs.shape[0], offs.ctypes.data
+        astride = m * 4
+        w4 = wo - wo % 4
+        for o in range(0, m, 8):
+            wo8, arow = wrow + o * 8, acc.ctypes.data + o * 4
+            for ow in range(0, w4, 4):
+                a0, a = xrow + ow * pstride, arow + ow * astride
+                dot4x8(a0, a0 + pstride, a0 + 2 * pstride, a0 + 3 * pstride, orow, rows, wo8, wstride, a, astride)
+            a0, a = xrow + w4 * pstride, arow + w4 * astride
+            if wo - w4 == 3:
+                dot3x8(a0, a0 + pstride, a0 + 2 * pstride, a0, orow, rows, wo8, wstride, a, astride)
+            elif wo - w4 == 2:
+                dot2x8(a0, a0 + pstride, a0, a0, orow, rows, wo8, wstride, a, astride)
+            elif wo - w4 == 1:
+                dot1x8(a0, a0, a0, a0, orow, rows, wo8, wstride, a, astride)
 
     @numba.njit(inline="always", cache=True)
     def _add_row(acc, ow, w1, x0, x1, x2, x3, keep):
@@ -43,7 +51,7 @@ if numba is not None:
         wo = acc.shape[0] - 3
         for q in range(sc.words.shape[1]):
             w1 = sc.words[0, q, o0 : o0 + m]
-            keep = np.int64(0) if q == 0 else np.int64(-1)
+            keep = np.int32(0) if q == 0 else np.int32(-1)
             for ow in range(0, wo, 4):
                 p0 = w0 + ow * sw
                 p1 = p0 + sw if ow + 1 < wo else p0
@@ -70,8 +78,8 @@ if numba is not None:
     def count_tile(xp, wt, taps, offs, n, oh, g, o0, acc):
         """Phase 1: acc[ow, o] = the disagreeing bits of output pixel (oh, ow), channel o0 + o of group g.
 
-        Blocks of 16k channels: dot4x16 keeps the counts of 4 output pixels x 16 channels in registers over
-        all rows of the weight (``_counts``). Other blocks: the rows four at a time, four output pixels at once
+        Blocks of 8k channels: ``count_block`` (the counts of 4 output pixels x 8 channels in registers over
+        all rows of the weight, ``intrinsics.dot4x8``). Other blocks: the rows four at a time, four output pixels at once
         (per output channel four weight loads serve sixteen popcounts, each count loaded and stored once per
         pass); the first pass masks acc's unset values to 0 (an AND with keep = 0, then -1) instead of
         zeroing every task's acc. acc's rows wo..wo + 2 are scratch for the pixels past the last."""
@@ -79,7 +87,7 @@ if numba is not None:
         wo, m = acc.shape[0] - 3, acc.shape[1]
         wpg = xp.shape[3] // groups
         _, kw, sh, sw, dh, dw = taps
-        if m % 16 == 0:  # the counts of 4 pixels x 16 channels stay in registers over all rows
+        if m % 8 == 0:  # the counts of 4 pixels x 8 channels stay in registers over all rows
             xrow = xp[n, oh * sh, 0, g * wpg : (g + 1) * wpg].ctypes.data
             count_block(xrow, xp.strides[2] * sw, offs, wt[g, 0, o0 : o0 + m].ctypes.data, og * 8, acc, m)
             return
@@ -97,7 +105,7 @@ if numba is not None:
             wb = wt[g, r0 + min(1, k - 1), o0 : o0 + m]
             wc = wt[g, r0 + min(2, k - 1), o0 : o0 + m]
             wd = wt[g, r0 + min(3, k - 1), o0 : o0 + m]
-            keep = np.int64(0) if r0 == 0 else np.int64(-1)
+            keep = np.int32(0) if r0 == 0 else np.int32(-1)
             for ow in range(0, wo, 4):
                 p0 = ow * sw
                 p1 = p0 + sw if ow + 1 < wo else p0
@@ -127,4 +135,4 @@ if numba is not None:
                     for e in range(k):
                         w1 = wt[g, r0 + e, o0 : o0 + m]
                         x0, x1, x2, x3 = _four(xp, n, hs[e], cs[e], p0 + ws[e], p1 + ws[e], p2 + ws[e], p3 + ws[e])
-                        _add_row(acc, ow, w1, x0, x1, x2, x3, keep if e == 0 else np.int64(-1))
+                        _add_row(acc, ow, w1, x0, x1, x2, x3, keep if e == 0 else np.int32(-1))

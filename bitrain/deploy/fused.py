@@ -70,6 +70,7 @@ class _Plan(NamedTuple):
     geometry: dict[str, Any]
     fan_in: int
     pack_ok: bool  # the output channels fill whole bytes of the next conv's words
+    calls: dict  # pack_out (qh, qw) or None -> the kernel's call for it (conv.prepare), made on first use
 
 
 def _modes(layers: list[PackedQLayer]) -> list[Any]:
@@ -93,8 +94,14 @@ def _tensors(layers: list[PackedQLayer]) -> list[tuple]:
 
 
 def _fresh(layers: list[PackedQLayer], modes: list[Any], tensors: list[tuple]) -> bool:
-    """True while the layers are as a plan found them: the same modes, the same tensors, unchanged."""
-    return _modes(layers) == modes and all(d.get(name) is t and version(t) == v for d, name, t, v in tensors)
+    """True while the layers are as a plan found them: the same modes, the same tensors, unchanged (an
+    inference tensor, version -1, keeps no counter)."""
+    if _modes(layers) != modes:
+        return False
+    for d, name, t, v in tensors:
+        if d.get(name) is not t or (v >= 0 and t._version != v):
+            return False
+    return True
 
 
 class PackedResidual(nn.Module):
@@ -164,26 +171,41 @@ class PackedResidual(nn.Module):
             plan = self._plan(x)
         if plan is None:
             return body(x) + (x if shortcut is None else shortcut(x))
-        extra: dict[str, Any] = {}
-        if plan.shortcut == "kernel":
-            extra["shortcut"] = plan.kernel_shortcut
-        else:
+        residual = None
+        if plan.shortcut != "kernel":
             residual = x if plan.shortcut == "x" else shortcut(x)
             if tuple(residual.shape) != plan.out_shape or residual.dtype != torch.float32:
                 return body(x) + residual  # a sum that broadcasts, promotes or fails: as the float model's
-            extra["residual"] = residual
+        pack_out = None
         if link.pack_next is not None and plan.pack_ok and not torch.is_inference_mode_enabled():
             # (under inference_mode the output keeps no version counter, so an in-place change before the
             # next unit could not be seen: that unit packs its input itself)
-            extra["pack_out"] = link.pack_next
-        result = kernels.xnor_conv(
-            x, plan.words, fan_in=plan.fan_in, count=True, affine=plan.affine, packed=packed, **plan.geometry, **extra
-        )
-        if "pack_out" not in extra:
+            pack_out = link.pack_next
+        call = plan.calls.get(pack_out)
+        if call is None:
+            call = plan.calls[pack_out] = self._call(x, plan, pack_out)
+        result = kernels.run(call, x, packed, residual)
+        if pack_out is None:
             return result
         out, signs = result
-        link.handoff = (weakref.ref(out), out._version, link.pack_next, signs)
+        link.handoff = (weakref.ref(out), out._version, pack_out, signs)
         return out
+
+    @staticmethod
+    def _call(x: torch.Tensor, plan: _Plan, pack_out: tuple[int, int] | None) -> Any:
+        """The kernel's call (``conv.prepare``) for the plan, packing its output with ``pack_out`` (or not)."""
+        from bitrain.deploy import conv as kernels
+
+        call = kernels.prepare(
+            tuple(x.shape),
+            plan.words,
+            fan_in=plan.fan_in,
+            count=True,
+            affine=plan.affine,
+            **plan.geometry,
+            shortcut=plan.kernel_shortcut,
+        )
+        return call.with_output(pack_out, True)
 
     def _plan(self, x: torch.Tensor) -> _Plan | None:
         """The kernel call's parts for x, or None (the unit runs its modules); kept for the next call while
@@ -213,7 +235,8 @@ class PackedResidual(nn.Module):
             kind, fused = "kernel", kernels.Shortcut(sc_ready[0], ph, pw, sc.fan_in, form, alpha, beta)
         geometry = dict(kernel_size=s.kernel_size, stride=s.stride, padding=s.padding, dilation=s.dilation)
         out_shape = (x.shape[0], conv.out_features, *out_hw)
-        return _Plan(ready[0], ready[1], kind, fused, out_shape, geometry, conv.fan_in, conv.out_features % 8 == 0)
+        pack_ok = conv.out_features % 8 == 0
+        return _Plan(ready[0], ready[1], kind, fused, out_shape, geometry, conv.fan_in, pack_ok, {})
 
     @staticmethod
     def _same_pixels(conv: PackedQLayer, sc: PackedQLayer, x: torch.Tensor, out_hw: tuple[int, int]) -> bool:

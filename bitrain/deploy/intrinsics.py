@@ -175,69 +175,113 @@ def _signwords(lanes: int):
 signwords16, signwords8 = _signwords(16), _signwords(8)
 
 
-def _dot_block(vectors: int):
-    """An intrinsic (x0, x1, x2, x3, offsets, rows, w, w_stride, acc, acc_stride): the xnor-popcount
-    counts of four output pixels and ``vectors`` * 8 output channels over ``rows`` weight rows, in
-    registers. Row r reads the uint64 word at x_e + offsets[r] (bytes; offsets an int64 array's address)
-    of pixel e, broadcast, and the 8 * vectors words at w + r * w_stride; the counts sum(popcount(x ^ w))
-    are stored as int64 at acc + e * acc_stride (8 * vectors of them per pixel)."""
+_CHUNK = 31  # rows per byte sum: a byte of a word counts at most 8 bits a row, 31 * 8 <= 255
 
-    pixels = 4
+
+def _has(context, feature: str) -> bool:
+    """Whether the CPU numba compiles for has ``feature`` (LLVM's name, e.g. ``avx2``)."""
+    return f"+{feature}" in getattr(context.codegen(), "_tm_features", "").split(",")
+
+
+def _byte_sums(builder, v, sad: bool):
+    """The sums of each 8 bytes of a <64 x i8> as <8 x i32>: AVX2's vpsadbw against zero where ``sad``,
+    else SWAR on the 64-bit lanes (16-, 32-, then 64-bit sums)."""
+    i32, i64 = ir.IntType(32), ir.IntType(64)
+    vt = ir.VectorType(i64, 8)
+    if sad:
+        h32, q4 = ir.VectorType(ir.IntType(8), 32), ir.VectorType(i64, 4)
+        fn = builder.module.declare_intrinsic("llvm.x86.avx2.psad.bw", (), ir.FunctionType(q4, [h32, h32]))
+        halves = [
+            builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, 32), list(range(k, k + 32)))) for k in (0, 32)
+        ]
+        lo, hi = (builder.call(fn, [h, ir.Constant(h32, [0] * 32)]) for h in halves)
+        w = builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(i32, 8), list(range(8))))
+    else:
+        w = builder.bitcast(v, vt)
+        for shift, mask in ((8, 0x00FF00FF00FF00FF), (16, 0x0000FFFF0000FFFF), (32, 0xFFFFFFFF)):
+            keep = ir.Constant(vt, [mask] * 8)
+            w = builder.add(builder.and_(w, keep), builder.and_(builder.lshr(w, ir.Constant(vt, [shift] * 8)), keep))
+    return builder.trunc(w, ir.VectorType(i32, 8))
+
+
+def _splat(builder, word, vt):
+    """<8 x i64> of one uint64 word."""
+    i32 = ir.IntType(32)
+    one = builder.insert_element(ir.Constant(vt, ir.Undefined), word, ir.Constant(i32, 0))
+    return builder.shuffle_vector(one, ir.Constant(vt, ir.Undefined), ir.Constant(ir.VectorType(i32, 8), [0] * 8))
+
+
+def _load(builder, addr, ty, align=8):
+    return builder.load(builder.inttoptr(addr, ty.as_pointer()), align=align)
+
+
+def _dot_rows(builder, pixels, args, r, sums):
+    """One weight row r: each pixel's input word xor the 8 weight words, their bit counts per byte
+    (llvm.ctpop.v64i8: vpshufb's nibble lookup on AVX2, vpopcntb with AVX-512 BITALG) added to ``sums``."""
+    i64 = ir.IntType(64)
+    vt, bt = ir.VectorType(i64, 8), ir.VectorType(ir.IntType(8), 64)
+    xs, (offs, _, w, wstride) = args[:pixels], args[4:8]
+    ctpop = builder.module.declare_intrinsic("llvm.ctpop.v64i8", (), ir.FunctionType(bt, [bt]))
+    off = _load(builder, builder.add(offs, builder.mul(r, ir.Constant(i64, 8))), i64)
+    weights = _load(builder, builder.add(w, builder.mul(r, wstride)), vt)
+    new = []
+    for e in range(pixels):
+        splat = _splat(builder, _load(builder, builder.add(xs[e], off), i64), vt)
+        new.append(builder.add(sums[e], builder.call(ctpop, [builder.bitcast(builder.xor(splat, weights), bt)])))
+    return new
+
+
+def _dot_block(pixels: int):
+    """An intrinsic (x0, x1, x2, x3, offsets, rows, w, w_stride, acc, acc_stride): the xnor-popcount
+    counts of ``pixels`` output pixels (x0 ... x<pixels - 1>; the rest ignored) and 8 output channels over
+    ``rows`` weight rows. Row r reads the uint64 word at x_e + offsets[r] (bytes; offsets an int64 array's
+    address) of pixel e, and the 8 words at w + r * w_stride; the counts sum(popcount(x ^ w)) are stored
+    as 8 int32 at acc + e * acc_stride. The counts are summed per byte over up to 31 rows at a time (one
+    byte add per 8 bits instead of a widening sum per word), then widened into int32 lanes."""
 
     @intrinsic
     def dot(typingctx, x0, x1, x2, x3, offsets, rows, w, w_stride, acc, acc_stride):
-        sig = types.void(*([types.intp] * (pixels + 6)))
+        sig = types.void(*([types.intp] * 10))
 
-        def codegen(context, builder, signature, values):
+        def codegen(context, builder, signature, args):
             i64 = ir.IntType(64)
-            vt = ir.VectorType(i64, 8)
-            xs, (offs, rows, w, wstride, acc, astride) = values[:pixels], values[pixels:]
-            ctpop = builder.module.declare_intrinsic("llvm.ctpop.v8i64", (), ir.FunctionType(vt, [vt]))
-            zero = ir.Constant(vt, [0] * 8)
-            mask = ir.Constant(ir.VectorType(ir.IntType(32), 8), [0] * 8)
-            entry = builder.block
-            loop = builder.append_basic_block("dot.loop")
-            done = builder.append_basic_block("dot.done")
+            bt, it = ir.VectorType(ir.IntType(8), 64), ir.VectorType(ir.IntType(32), 8)
+            rows, acc, astride = args[5], args[8], args[9]
+            entry, fn = builder.block, builder.function
+            chunk, loop, flush, done = (fn.append_basic_block(f"dot.{k}") for k in ("chunk", "loop", "flush", "done"))
+            builder.branch(chunk)
+            builder.position_at_end(chunk)  # rows c0 .. c1 - 1 summed in bytes
+            c0 = builder.phi(i64)
+            c0.add_incoming(ir.Constant(i64, 0), entry)
+            wide = [builder.phi(it) for _ in range(pixels)]
+            for phi in wide:
+                phi.add_incoming(ir.Constant(it, [0] * 8), entry)
+            c1 = builder.add(c0, ir.Constant(i64, _CHUNK))
+            c1 = builder.select(builder.icmp_signed("<", c1, rows), c1, rows)
             builder.branch(loop)
             builder.position_at_end(loop)
             r = builder.phi(i64)
-            r.add_incoming(ir.Constant(i64, 0), entry)
-            sums = []
-            for _ in range(pixels * vectors):
-                phi = builder.phi(vt)
-                phi.add_incoming(zero, entry)
-                sums.append(phi)
-            off = builder.load(
-                builder.inttoptr(builder.add(offs, builder.mul(r, ir.Constant(i64, 8))), i64.as_pointer())
-            )
-            wrow = builder.add(w, builder.mul(r, wstride))
-            ws = [
-                builder.load(builder.inttoptr(builder.add(wrow, ir.Constant(i64, 64 * v)), vt.as_pointer()), align=8)
-                for v in range(vectors)
-            ]
-            new = []
-            for e in range(pixels):
-                word = builder.load(builder.inttoptr(builder.add(xs[e], off), i64.as_pointer()))
-                splat = builder.shuffle_vector(
-                    builder.insert_element(ir.Constant(vt, ir.Undefined), word, ir.Constant(ir.IntType(32), 0)),
-                    ir.Constant(vt, ir.Undefined),
-                    mask,
-                )
-                for v in range(vectors):
-                    count = builder.call(ctpop, [builder.xor(splat, ws[v])])
-                    new.append(builder.add(sums[e * vectors + v], count))
+            r.add_incoming(c0, chunk)
+            sums = [builder.phi(bt) for _ in range(pixels)]
+            for phi in sums:
+                phi.add_incoming(ir.Constant(bt, [0] * 64), chunk)
+            new = _dot_rows(builder, pixels, args, r, sums)
             r_next = builder.add(r, ir.Constant(i64, 1))
             for phi, value in zip(sums, new):
                 phi.add_incoming(value, loop)
             r.add_incoming(r_next, loop)
-            builder.cbranch(builder.icmp_signed("<", r_next, rows), loop, done)
+            builder.cbranch(builder.icmp_signed("<", r_next, c1), loop, flush)
+            builder.position_at_end(flush)
+            sad = _has(context, "avx2")
+            widened = [builder.add(phi, _byte_sums(builder, s, sad)) for phi, s in zip(wide, new)]
+            for phi, value in zip(wide, widened):
+                phi.add_incoming(value, flush)
+            c0.add_incoming(c1, flush)
+            builder.cbranch(builder.icmp_signed("<", c1, rows), chunk, done)
             builder.position_at_end(done)
             for e in range(pixels):
-                for v in range(vectors):
-                    addr = builder.add(
-                        builder.add(acc, builder.mul(astride, ir.Constant(i64, e))), ir.Constant(i64, 64 * v)
-                    )
-                    builder.store(new[e * vectors + v], builder.inttoptr(addr, vt.as_pointer()), align=8)
+                addr = builder.add(acc, builder.mul(astride, ir.Constant(i64, e)))
+                builder.store(widened[e], builder.inttoptr(addr, it.as_pointer()), align=4)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -245,7 +289,8 @@ def _dot_block(vectors: int):
     return dot
 
 
-dot4x16 = _dot_block(2)  # four pixels by sixteen output channels
+# 1-4 pixels by 8 output channels (the last pixels of a row take the smaller ones)
+dot1x8, dot2x8, dot3x8, dot4x8 = (_dot_block(p) for p in (1, 2, 3, 4))
 
 
 @intrinsic

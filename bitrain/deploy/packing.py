@@ -17,6 +17,8 @@ Threads: torch's setting (``torch.get_num_threads()``), passed to numba on every
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import torch
 
@@ -127,9 +129,21 @@ def available() -> bool:
     return numba is not None
 
 
+_SET = threading.local()  # per thread (numba's setting is): the torch thread count last passed on
+
+
 def set_threads() -> None:
-    """numba's threads: torch's setting, within numba's own limit."""
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    """numba's threads: torch's setting, within numba's own limit (set again when torch's changes). The first
+    call starts numba's thread pool, and its OpenMP layer then sets the process's OpenMP default to all of
+    numba's threads (torch and numba share libgomp): torch's setting is put back, else a model run at 1
+    thread would run at all after it."""
+    threads = torch.get_num_threads()
+    if getattr(_SET, "threads", None) == threads:
+        return
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    _SET.threads = threads
 
 
 def pack_weights(weight_packed: torch.Tensor, shape: list[int], groups: int = 1) -> np.ndarray:

@@ -122,16 +122,17 @@ def test_unit_arguments_are_checked():
 
 
 def _spy(monkeypatch) -> list[dict]:
-    """Record the unit arguments of every conv.xnor_conv call."""
+    """Record the unit arguments of every kernel call (conv.run: xnor_conv's and the fused units')."""
     calls: list[dict] = []
-    real = conv.xnor_conv
+    real = conv.run
 
-    def spy(x, *args, **kw):
-        calls.append({k: kw.get(k) is not None for k in ("packed", "shortcut", "residual", "pack_out")})
+    def spy(call, x, packed=None, residual=None):
+        calls.append(dict(packed=packed is not None, residual=residual is not None))
+        calls[-1].update(shortcut=call.shortcut is not None, pack_out=call.pack_out is not None)
         calls[-1]["channels_last"] = not x.is_contiguous()
-        return real(x, *args, **kw)
+        return real(call, x, packed, residual)
 
-    monkeypatch.setattr(conv, "xnor_conv", spy)
+    monkeypatch.setattr(conv, "run", spy)
     return calls
 
 

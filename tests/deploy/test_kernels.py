@@ -4,7 +4,10 @@ packed kernels (numba, torch reference) against the float-latent models they wer
 from __future__ import annotations
 
 import copy
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -339,3 +342,23 @@ def test_batchnorm_fused_into_the_epilogue(tmp_path, monkeypatch):
     with torch.no_grad():
         assert torch.equal(fused(x), plain(x))
     assert torch.equal(fused.get_submodule("2.body.0").norm.running_mean, plain.get_submodule("2.body.1").running_mean)
+
+
+THREADS_PROBE = """
+import torch
+torch.set_num_threads(1)
+from bitrain.deploy import conv, packing
+from bitrain.deploy.reference import pack_signs
+w = packing.pack_weights(pack_signs(torch.randn(8, 72) >= 0), [8, 8, 3, 3])
+conv.xnor_conv(torch.randn(1, 8, 5, 5), w, kernel_size=(3, 3), padding=(1, 1), fan_in=72, count=True)
+print(torch.get_num_threads())
+"""
+
+
+@needs_numba
+def test_the_first_kernel_call_keeps_torch_threads():
+    """numba's OpenMP pool, started by the first kernel call, sets the OpenMP default of the libgomp torch
+    shares to all of numba's threads: ``packing.set_threads`` puts torch's setting back."""
+    env = dict(os.environ, NUMBA_NUM_THREADS="2")
+    run = subprocess.run([sys.executable, "-c", THREADS_PROBE], capture_output=True, text=True, env=env, check=True)
+    assert run.stdout.split() == ["1"]
