@@ -27,7 +27,7 @@ import torch
 
 from bitrain.binary.geometry import conv_out_size
 from bitrain.deploy.epilogue import affine as _affine
-from bitrain.deploy.packing import MINUS_ZERO, channels_last, jit, numba, pack_activations, set_threads
+from bitrain.deploy.packing import MINUS_ZERO, cached_njit, channels_last, jit, numba, pack_activations, set_threads
 
 if numba is not None:
     from numba import prange
@@ -98,7 +98,7 @@ _NO_SHORTCUT = Shortcut(_NO_WORDS, 0, 0, 0, 0, _NO_AFFINE, _NO_AFFINE)
 
 if numba is not None:
 
-    @numba.njit(inline="always", cache=True)
+    @cached_njit(inline="always")
     def _prefetch_residual(res, res_nhwc, n, oh, oc, m, wo):
         """The residual's values of this task, on their way while the popcounts run: 2x faster from DRAM."""
         if res.shape[0] > 0:  # NCHW: the rows of the m channels
@@ -112,7 +112,7 @@ if numba is not None:
                 for b in range(0, m * 4, 64):
                     prefetch(px + b)
 
-    @numba.njit(inline="always", cache=True)
+    @cached_njit(inline="always")
     def _map_counts(acc, fan_in, scale, a, b, form, tile, add):
         """tile[ow, o] (+)= ``_affine(fan_in - scale * acc[ow, o], a[o], b[o], form)`` in float32: the counts
         and fan_in are integers below 2^24 (``xnor_conv`` checks), so each value is exact as it was in int64.
@@ -133,14 +133,14 @@ if numba is not None:
                     v = f - s * np.float32(acc[ow, o])
                     tile[ow, o] = tile[ow, o] + v if add else v
 
-    @numba.njit(inline="always", cache=True)
+    @cached_njit(inline="always")
     def _epilogue(acc, epi, oc, tile):
         """Phase 2: tile[ow, o] = the float32 output of count acc[ow, o], mapped by channel oc + o's affine."""
         fan_in, scale, form, alpha, beta = epi
         m = tile.shape[1]
         _map_counts(acc, fan_in, scale, alpha[oc : oc + m], beta[oc : oc + m], form, tile, False)
 
-    @numba.njit(inline="always", cache=True)
+    @cached_njit(inline="always")
     def _add_shortcut(xp, sc, sc_offs, scale, n, h, sw, o0, oc, wstride, acc, tile):
         """Phase 2, a unit's 1x1 shortcut: its counts over input row h, pixels (ow sw), mapped and added."""
         m = tile.shape[1]
@@ -151,7 +151,7 @@ if numba is not None:
             shortcut_counts(xp, sc, n, h, sc.ow, sw, o0, m, acc)
         _map_counts(acc, sc.fan_in, scale, sc.alpha[oc : oc + m], sc.beta[oc : oc + m], sc.form, tile, True)
 
-    @numba.njit(inline="always", cache=True)
+    @cached_njit(inline="always")
     def _add_channels_last(res_nhwc, n, oh, oc, tile):
         """Phase 2, a unit's channels_last residual: contiguous per pixel, added before the transpose."""
         for ow in range(tile.shape[0]):
@@ -159,7 +159,7 @@ if numba is not None:
             for o in range(tile.shape[1]):
                 tile[ow, o] += rr[o]
 
-    @numba.njit(inline="always", cache=True)
+    @cached_njit(inline="always")
     def _store(tile, out, res, yp, n, oh, oc):
         """Phase 3: tile (Wo, m) into out[n, oc : oc + m, oh] (NCHW) in 8 x 8 transposed blocks, adding an
         NCHW residual and packing the sums' signs into yp on the way; the last pixels and channels one by one."""

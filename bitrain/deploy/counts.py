@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from bitrain.deploy.packing import numba
+from bitrain.deploy.packing import cached_njit, numba
 
 if numba is not None:
     from bitrain.deploy.intrinsics import dot1x8, dot2x8, dot3x8, dot4x8, popcount
 
-    @numba.njit(inline="always", cache=True)
+    @cached_njit(inline="always")
     def count_block(xrow, pstride, offs, wrow, wstride, acc, m):
         """acc[ow, o] = the counts of output pixel ow (input words at xrow + ow * pstride + offs[r]) and
         output channel o (words at wrow + r * wstride + 8 o), over the rows r of offs; m % 8 == 0. Per 8
@@ -35,7 +35,7 @@ if numba is not None:
             elif wo - w4 == 1:
                 dot1x8(a0, a0, a0, a0, orow, rows, wo8, wstride, a, astride)
 
-    @numba.njit(inline="always", cache=True)
+    @cached_njit(inline="always")
     def _add_row(acc, ow, w1, x0, x1, x2, x3, keep):
         """acc[ow + i, o] = (acc[ow + i, o] & keep) + popcount(x_i ^ w1[o]): one weight row, four pixels."""
         for o in range(w1.shape[0]):
@@ -45,7 +45,7 @@ if numba is not None:
             acc[ow + 2, o] = (acc[ow + 2, o] & keep) + popcount(x2 ^ v)
             acc[ow + 3, o] = (acc[ow + 3, o] & keep) + popcount(x3 ^ v)
 
-    @numba.njit(inline="always", cache=True)
+    @cached_njit(inline="always")
     def shortcut_counts(xp, sc, n, h, w0, sw, o0, m, acc):
         """The counts of a 1x1 conv (``sc.words`` (1, wpg, og)) over pixels (h, w0 + ow sw) of xp into acc."""
         wo = acc.shape[0] - 3
@@ -60,12 +60,12 @@ if numba is not None:
                 x0, x1, x2, x3 = _four(xp, n, h, q, p0, p1, p2, p3)
                 _add_row(acc, ow, w1, x0, x1, x2, x3, keep)
 
-    @numba.njit(inline="always", cache=True)
+    @cached_njit(inline="always")
     def _four(xp, n, h, c, p0, p1, p2, p3):
         """Word c of pixels p0..p3 of row h of image n."""
         return xp[n, h, p0, c], xp[n, h, p1, c], xp[n, h, p2, c], xp[n, h, p3, c]
 
-    @numba.njit(inline="always", cache=True)
+    @cached_njit(inline="always")
     def row_offsets(xp, rows, taps, wpg):
         """Bytes from a pixel's first word to weight row r's word (tap i = r // (kw wpg), j, word q)."""
         _, kw, _, _, dh, dw = taps
@@ -74,7 +74,7 @@ if numba is not None:
             offs[r] = (r // (kw * wpg) * dh * xp.strides[1] + r // wpg % kw * dw * xp.strides[2]) + r % wpg * 8
         return offs
 
-    @numba.njit(inline="always", cache=True)
+    @cached_njit(inline="always")
     def count_tile(xp, wt, taps, offs, n, oh, g, o0, acc):
         """Phase 1: acc[ow, o] = the disagreeing bits of output pixel (oh, ow), channel o0 + o of group g.
 

@@ -11,12 +11,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bitrain.deploy.packing import numba
+from bitrain.deploy.packing import cached_njit, numba
 
 if numba is not None:
     from bitrain.deploy.intrinsics import fma
 
-    @numba.njit(inline="always", cache=True)
+    @cached_njit(inline="always")
     def affine(v, a, b, form):
         """The epilogue's per-channel affine map of a count v: FMA (form 1), multiply then add (2), none (0)."""
         if form == 1:
@@ -25,7 +25,7 @@ if numba is not None:
             return v * a + b  # fastmath=False: two roundings, never contracted into an FMA
         return v
 
-    @numba.njit(cache=True)
+    @cached_njit()
     def _affine_rows(values, alpha, beta, form, out):
         # out[c, i] = affine(values[i], alpha[c], beta[c], form): the epilogue's arithmetic, for checks
         for c in range(out.shape[0]):

@@ -22,6 +22,8 @@ import threading
 import numpy as np
 import torch
 
+from bitrain.deploy import kernel_cache
+
 try:
     import numba
     from numba import prange
@@ -36,13 +38,30 @@ else:
 MINUS_ZERO = np.uint32(0x80000000)  # float32 -0.0 as uint32: bits u <= it are the x with sign(x) = +1
 
 
+def cached_njit(**options):
+    """numba's njit with ``options``, cached in ``kernel_cache.cache_dir()`` (a folder per version of the
+    kernels' sources, never numba's ``__pycache__``), else compiled at each start."""
+
+    def decorate(fn):
+        if _CACHE_DIR is None:
+            return numba.njit(**options)(fn)
+        saved, numba.config.CACHE_DIR = numba.config.CACHE_DIR, str(_CACHE_DIR)  # read once, here
+        try:
+            return numba.njit(cache=True, **options)(fn)
+        except RuntimeError:  # numba found no usable cache location after all: compile at each start
+            return numba.njit(**options)(fn)
+        finally:
+            numba.config.CACHE_DIR = saved
+
+    return decorate
+
+
 def jit(fn):
-    """numba's parallel njit, cached where numba can write its cache (else compiled at each start)."""
-    options = dict(parallel=True, fastmath=False, nogil=True)
-    try:  # compiled once, then loaded from numba's cache (__pycache__ or the user's cache folder)
-        return numba.njit(cache=True, **options)(fn)
-    except RuntimeError:  # no writable cache location: compile at each start instead
-        return numba.njit(**options)(fn)
+    """A parallel kernel (``cached_njit``)."""
+    return cached_njit(parallel=True, fastmath=False, nogil=True)(fn)
+
+
+_CACHE_DIR = kernel_cache.cache_dir() if numba is not None else None
 
 
 if numba is not None:
