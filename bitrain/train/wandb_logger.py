@@ -98,7 +98,18 @@ class WandbLogger(TrackingLogger):
 
     def _finish(self, exit_code: int) -> None:
         self.run.finish(exit_code=exit_code)
+        self._teardown(exit_code)
 
     def _abandon(self) -> None:
         if self.run is not None:
             self.run.finish(exit_code=1)
+            self._teardown(1)
+
+    @staticmethod
+    def _teardown(exit_code: int) -> None:
+        """Stop W&B's service process now. Left to W&B's atexit hook, the process's exit waits on it, and
+        its token stays in os.environ for every subprocess started after the run (a test process that
+        went on to start others was killed by SIGSEGV in that wait)."""
+        import wandb
+
+        wandb.teardown(exit_code)

@@ -150,6 +150,19 @@ def _wandb_records(path: Path):
             parts = b""
 
 
+def _children() -> list[str]:
+    """The command lines of this process's live children (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == os.getpid() and fields[0] != "Z":
+                found.append((stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
 def _wandb_history(folder: Path) -> list[dict]:
     rows = []
     for record in _wandb_records(next(folder.glob("run-*.wandb"))):
@@ -185,6 +198,8 @@ def test_wandb_offline_run_holds_the_metrics_and_resume_keeps_its_id(tmp_path, w
     artifact = next(r.artifact for r in last if r.WhichOneof("record_type") == "artifact")
     assert {e.path for e in artifact.manifest.contents} == {"model.safetensors", "config.yaml", "checkpoints/best.pt"}
     assert next(r.exit for r in last if r.WhichOneof("record_type") == "exit").exit_code == 0
+    assert "WANDB_SERVICE" not in os.environ  # W&B's service stopped with the run, not left to atexit
+    assert not [p for p in _children() if "wandb" in p]
 
 
 def test_a_failing_mlflow_costs_one_warning_and_the_run_goes_on(tmp_path, mlflow_client, monkeypatch, capsys):
