@@ -5,6 +5,8 @@ samples_per_sec,epoch_time``; ``split`` is ``batch``, ``train`` or ``val``). Thr
 epoch: loss (train dashed, val solid), top-1 in % (same), and the learning rate, drawn from the
 log-interval rows too so warmup and steps show inside an epoch. Runs are overlaid, one colour each;
 a run in stages (a ``stage`` column) gets a dotted line, named, where each later stage begins.
+``--x time`` draws against minutes of training instead (the running sum of each epoch's ``epoch_time``,
+inside an epoch in proportion to its steps): runs of different recipes compared at equal wall time.
 matplotlib is optional (``pip install bitrain[plot]``); it is imported only here.
 """
 
@@ -32,6 +34,21 @@ class RunCurves:
     val: dict[str, list[float]] = field(default_factory=lambda: {"x": [], "loss": [], "acc1": []})
     lr: dict[str, list[float]] = field(default_factory=lambda: {"x": [], "lr": []})
     stages: list[tuple[float, str]] = field(default_factory=list)  # a run in stages: (x where each starts, name)
+    minutes: list[float] = field(default_factory=list)  # training minutes at the end of epoch 0, 1, ... (epoch_time)
+
+    def to_minutes(self, x: Sequence[float]) -> list[float]:
+        """Epoch positions as minutes of training: linear inside each epoch; an epoch without its time (the
+        one in progress) takes the last one's."""
+        if not self.minutes:
+            raise UserError(f"{self.name}: metrics.csv has no epoch_time, so there is no time axis (use --x epoch)")
+        ends = [0.0, *self.minutes]
+        last = ends[-1] - ends[-2]
+        out = []
+        for v in x:
+            e = min(int(v), len(ends) - 1)
+            step = ends[e + 1] - ends[e] if e + 1 < len(ends) else last
+            out.append(ends[e] + (v - e) * step)
+        return out
 
 
 def _float(value: str | None) -> float:
@@ -70,6 +87,14 @@ def read_metrics(run_dir: str | Path) -> RunCurves:
         name = r.get("stage") or ""
         if name and (not curves.stages or curves.stages[-1][1] != name):
             curves.stages.append((float(int(r["epoch"])), name))
+    total = 0.0
+    for r in epoch_rows:  # training minutes at each epoch's end, while every epoch has its time
+        if r["split"] == "train":
+            seconds = _float(r.get("epoch_time"))
+            if math.isnan(seconds) or int(r["epoch"]) != len(curves.minutes):
+                break
+            total += seconds / 60.0
+            curves.minutes.append(total)
     lr_rows = sorted((r for r in rows if r["split"] in ("batch", "train")), key=lambda r: int(r["step"]))
     for r in lr_rows:
         curves.lr["x"].append(int(r["step"]) / spe)
@@ -91,11 +116,20 @@ def _pyplot():
     return plt
 
 
-def plot_runs(run_dirs: Sequence[str | Path], out: str | Path | None = None) -> Path:
-    """Draw the runs' curves into one PNG; default path ``<first run dir>/curves.png``. Returns it."""
+X_AXES = ("epoch", "time")
+
+
+def plot_runs(run_dirs: Sequence[str | Path], out: str | Path | None = None, *, x: str = "epoch") -> Path:
+    """Draw the runs' curves into one PNG; default path ``<first run dir>/curves.png``. Returns it.
+    ``x``: ``epoch``, or ``time`` (minutes of training, from each epoch's ``epoch_time``)."""
     if not run_dirs:
         raise UserError("bitrain plot: give at least one run directory")
+    if x not in X_AXES:
+        raise UserError(f"--x: unknown value {x!r}; valid: {', '.join(X_AXES)}")
     runs = [read_metrics(d) for d in run_dirs]
+    pos = (lambda run, v: run.to_minutes(v)) if x == "time" else (lambda run, v: list(v))
+    for run in runs:
+        pos(run, [0.0])  # no time axis for a run: the one line now, before any drawing
     names = [r.name for r in runs]
     if len(set(names)) < len(names):  # same folder name in different places: show the paths
         for r, d in zip(runs, run_dirs):
@@ -114,20 +148,22 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path | None = None) -> 
             color = f"C{i % 10}"
             for side, style, label in ((run.train, "--", "train"), (run.val, "-", "val")):
                 if side["x"]:
-                    ax_loss.plot(side["x"], side["loss"], style, color=color, marker=".", label=f"{run.name} {label}")
-                    ax_acc.plot(side["x"], side["acc1"], style, color=color, marker=".", label=f"{run.name} {label}")
-            ax_lr.plot(run.lr["x"], run.lr["lr"], "-", color=color, label=run.name)
-            for x, name in run.stages[1:]:  # a dotted line where each later stage begins
+                    at = pos(run, side["x"])
+                    ax_loss.plot(at, side["loss"], style, color=color, marker=".", label=f"{run.name} {label}")
+                    ax_acc.plot(at, side["acc1"], style, color=color, marker=".", label=f"{run.name} {label}")
+            ax_lr.plot(pos(run, run.lr["x"]), run.lr["lr"], "-", color=color, label=run.name)
+            for start, name in run.stages[1:]:  # a dotted line where each later stage begins
+                (at,) = pos(run, [start])
                 for ax in (ax_loss, ax_acc, ax_lr):
-                    ax.axvline(x, color=color, linestyle=":", linewidth=1)
-                ax_acc.annotate(name, (x, 1.0), xycoords=("data", "axes fraction"), fontsize="x-small", va="top")
+                    ax.axvline(at, color=color, linestyle=":", linewidth=1)
+                ax_acc.annotate(name, (at, 1.0), xycoords=("data", "axes fraction"), fontsize="x-small", va="top")
         for ax, title, ylabel in (
             (ax_loss, "loss", "cross-entropy"),
             (ax_acc, "top-1 accuracy", "%"),
             (ax_lr, "learning rate", "lr"),
         ):
             ax.set_title(title)
-            ax.set_xlabel("epoch")
+            ax.set_xlabel("epoch" if x == "epoch" else "minutes of training (epoch_time; validation not counted)")
             ax.set_ylabel(ylabel)
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize="small")
@@ -151,6 +187,13 @@ def main(argv: Sequence[str]) -> int:
     )
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directory (holding metrics.csv)")
     p.add_argument("--out", help=f"PNG to write (default: FIRST_RUN_DIR/{DEFAULT_NAME})")
+    p.add_argument(
+        "--x",
+        default="epoch",
+        choices=X_AXES,
+        help="x axis: epoch (default) or time, minutes of training (each epoch's epoch_time summed): "
+        "recipes compared at equal wall time",
+    )
     ns = p.parse_args(list(argv))
-    print(plot_runs(ns.run_dirs, ns.out))
+    print(plot_runs(ns.run_dirs, ns.out, x=ns.x))
     return 0

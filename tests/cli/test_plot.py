@@ -133,3 +133,25 @@ def test_api_raises_user_error(tmp_path):
 
     with pytest.raises(UserError):
         plot_runs([])
+
+
+def test_time_axis_from_epoch_time(tmp_path, capsys):
+    """--x time: minutes of training from each epoch's epoch_time (1.5 s a fake epoch), linear inside an
+    epoch; two runs of other epoch times overlay on one time axis; a run without epoch_time is one line."""
+    c = read_metrics(_fake_run(tmp_path / "r"))
+    assert c.minutes == pytest.approx([0.025, 0.05, 0.075])  # 1.5 s, 3 s, 4.5 s
+    assert c.to_minutes(c.val["x"]) == pytest.approx([0.025, 0.05, 0.075])
+    assert c.to_minutes([0.5, 2.5, 3.5]) == pytest.approx([0.0125, 0.0625, 0.0875])  # past the end: the last epoch's
+    rows = (tmp_path / "r" / "metrics.csv").read_text().replace(",,1.5\n", ",,6.0\n")
+    slow = _write_run(tmp_path / "slow", rows.splitlines(keepends=True)[1:])
+    assert read_metrics(slow).minutes == pytest.approx([0.1, 0.2, 0.3])
+    target = tmp_path / "t.png"
+    assert run_cli("plot", tmp_path / "r", slow, "--x", "time", "--out", target) == 0
+    assert _png_size(target) == (1500, 450)
+    by_epoch = tmp_path / "e.png"
+    assert run_cli("plot", tmp_path / "r", slow, "--out", by_epoch) == 0
+    assert target.read_bytes() != by_epoch.read_bytes()
+    untimed = _write_run(tmp_path / "untimed", [r.replace(",,6.0", ",,") for r in rows.splitlines()[1:]])
+    capsys.readouterr()
+    assert run_cli("plot", untimed, "--x", "time", "--out", tmp_path / "u.png") == 2
+    assert "no epoch_time" in capsys.readouterr().err and not (tmp_path / "u.png").exists()
