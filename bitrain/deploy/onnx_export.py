@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bitrain.binary.layers import QConv2d, QLinear
+from bitrain.deploy import swaps
 from bitrain.deploy.ov_layers import signs_act
 from bitrain.errors import UserError
 
@@ -100,11 +101,7 @@ def export_twin(model: nn.Module) -> nn.Module:
                 setattr(m, key, ExportQConv(child, full))
             elif isinstance(child, QLinear) and not child.full_precision:
                 setattr(m, key, ExportQLinear(child, full))
-            elif type(child).__name__ == "StemConv2d":
-                child.__class__ = nn.Conv2d
-            elif type(child).__name__ == "ChannelsLastMaxPool2d":
-                child.__class__ = nn.MaxPool2d
-    return twin
+    return swaps.plain(twin)  # the zoo's modules: the inference-time swaps trace no better
 
 
 def export_onnx(

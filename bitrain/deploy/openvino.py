@@ -8,6 +8,7 @@ the IR's rt_info under ``bitrain``. ``OpenVINOModel`` runs an IR or an in-memory
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -37,8 +38,9 @@ def build_graph(model: nn.Module, input_shape, *, meta: dict[str, Any] | None = 
     import openvino.opset14 as ops
 
     from bitrain.deploy.ov_graph import emit
+    from bitrain.deploy.swaps import plain
 
-    model = model.eval()
+    model = plain(copy.deepcopy(model)).eval()  # the zoo's modules, not the torch engine's swaps
     x = ops.parameter([int(s) for s in input_shape], np.float32, name="images")
     with torch.no_grad():
         y = emit(model, x)
