@@ -160,6 +160,10 @@ _FUNCS: dict[Any, Any] = {
     F.relu: ops.relu,
     torch.relu: ops.relu,
     "relu": ops.relu,
+    torch.sigmoid: ops.sigmoid,
+    "sigmoid": ops.sigmoid,
+    operator.gt: ops.greater,
+    torch.where: ops.select,
 }
 
 
@@ -198,12 +202,50 @@ def _arg(node: fx.Node, i: int, key: str, default=None):
     return node.args[i] if len(node.args) > i else node.kwargs.get(key, default)
 
 
+def _pad(node: fx.Node, x, where: str):
+    """``F.pad`` with a constant: OpenVINO's Pad (the pairs run from the last dimension backwards)."""
+    pad, mode, value = _arg(node, 1, "pad"), _arg(node, 2, "mode", "constant"), _arg(node, 3, "value", None)
+    if mode != "constant" or len(pad) % 2 or any(int(v) < 0 for v in pad):
+        raise UserError(f"OpenVINO export: {where}: F.pad {mode!r} {list(pad)} is not supported (constant, >= 0)")
+    rank = len(L.shape_of(x))
+    begin, end = [0] * rank, [0] * rank
+    for i in range(len(pad) // 2):
+        begin[rank - 1 - i], end[rank - 1 - i] = int(pad[2 * i]), int(pad[2 * i + 1])
+    fill = np.float32(0.0 if value is None else value)
+    return ops.pad(x, np.array(begin, np.int64), np.array(end, np.int64), "constant", fill)
+
+
+def _unsqueeze(index: tuple, x, where: str):
+    """``x[:, :, None, None]``: new axes of size 1; any other index is refused."""
+    axes, position = [], 0
+    for item in index:
+        if item is None:
+            axes.append(position)
+        elif item != slice(None):
+            raise UserError(f"OpenVINO export: {where}: indexing with {item!r} has no OpenVINO mapping")
+        position += 1
+    return ops.unsqueeze(x, np.array(axes, np.int64))
+
+
 def _call(node: fx.Node, env: dict, where: str):
     """A call_function / call_method node: the few a zoo forward uses."""
     target = node.target
     kwargs = {k: v for k, v in node.kwargs.items() if k != "inplace"}
     if node.op in ("call_function", "call_method") and target in _FUNCS and not kwargs:
-        return _FUNCS[target](*[_value(env, a, where) for a in node.args[:2]])
+        return _FUNCS[target](*[_value(env, a, where) for a in node.args[:3]])
+    if target is F.pad:
+        return _pad(node, _value(env, node.args[0], where), where)
+    if target is F.max_pool2d:
+        k, s, p = (
+            _arg(node, i, key, d) for i, key, d in ((1, "kernel_size", None), (2, "stride", None), (3, "padding", 0))
+        )
+        dilation, ceil = _arg(node, 4, "dilation", 1), _arg(node, 5, "ceil_mode", False)
+        pool = nn.MaxPool2d(
+            k, s, p, dilation, return_indices=bool(_arg(node, 6, "return_indices", False)), ceil_mode=ceil
+        )
+        return _leaf(pool, _value(env, node.args[0], where), where)
+    if target is operator.getitem and isinstance(node.args[1], tuple):
+        return _unsqueeze(node.args[1], _value(env, node.args[0], where), where)
     if target in (torch.flatten, "flatten"):
         x = _value(env, node.args[0], where)
         return _flatten(x, _arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1), where)
