@@ -9,6 +9,7 @@ without a mapping is refused with one line naming it.
 
 from __future__ import annotations
 
+import functools
 import operator
 from typing import Any
 
@@ -185,6 +186,8 @@ def _traced(m: nn.Module, x, name: str):
             env[node.name] = emit(m.get_submodule(node.target), arg, f"{name}.{node.target}")
         elif node.op == "output":
             return _value(env, node.args[0], name)
+        elif node.op == "get_attr":  # a parameter or buffer: a constant
+            env[node.name] = functools.reduce(getattr, node.target.split("."), m)
         else:
             env[node.name] = _call(node, env, f"{name} ({type(m).__name__})")
     raise UserError(f"OpenVINO export: {name}: traced graph has no output")
@@ -192,7 +195,11 @@ def _traced(m: nn.Module, x, name: str):
 
 def _value(env: dict, a, name: str):
     if isinstance(a, fx.Node):
-        return env[a.name]
+        a = env[a.name]
+        if not isinstance(a, (torch.Tensor, int, float)):
+            return a
+    if isinstance(a, torch.Tensor):
+        return a.detach().float().cpu().numpy()
     if isinstance(a, (int, float)) and not isinstance(a, bool):
         return np.float32(a)
     raise UserError(f"OpenVINO export: {name}: argument {a!r} is not supported")
@@ -200,6 +207,9 @@ def _value(env: dict, a, name: str):
 
 def _arg(node: fx.Node, i: int, key: str, default=None):
     return node.args[i] if len(node.args) > i else node.kwargs.get(key, default)
+
+
+_CONV_ARGS = ((3, "stride", 1), (4, "padding", 0), (5, "dilation", 1), (6, "groups", 1))  # F.conv2d's
 
 
 def _pad(node: fx.Node, x, where: str):
@@ -227,9 +237,35 @@ def _unsqueeze(index: tuple, x, where: str):
     return ops.unsqueeze(x, np.array(axes, np.int64))
 
 
+def _is_graph(v) -> bool:
+    """An OpenVINO node or output (not a constant: a tensor, a shape, a number)."""
+    return type(v).__module__.startswith("openvino") or (
+        isinstance(v, (tuple, list)) and any(_is_graph(item) for item in v)
+    )
+
+
+def _raw(env: dict, a):
+    if isinstance(a, fx.Node):
+        return env[a.name]
+    if isinstance(a, (tuple, list)):
+        return type(a)(_raw(env, item) for item in a)
+    return a
+
+
 def _call(node: fx.Node, env: dict, where: str):
-    """A call_function / call_method node: the few a zoo forward uses."""
+    """A call_function / call_method node: the few a zoo forward uses. A call on constants only (a
+    buffer, a static shape) is evaluated here; ``x.shape`` of a graph value is its static shape."""
     target = node.target
+    args, kw = _raw(env, node.args), {k: _raw(env, v) for k, v in node.kwargs.items()}
+    if not _is_graph(args) and not _is_graph(list(kw.values())):
+        return target(*args, **kw) if node.op == "call_function" else getattr(args[0], target)(*args[1:], **kw)
+    if target is getattr and args[1] in ("shape", "dtype"):
+        return tuple(L.shape_of(args[0])) if args[1] == "shape" else torch.float32
+    if target is F.conv2d and isinstance(_arg(node, 1, "weight"), fx.Node) and not _is_graph(args[1]):
+        weight, bias = args[1], kw.get("bias", args[2] if len(args) > 2 else None)
+        stride, padding, dilation, groups = (kw.get(key, args[i] if len(args) > i else d) for i, key, d in _CONV_ARGS)
+        pair = lambda v: v if isinstance(v, str) else ((int(v),) * 2 if isinstance(v, int) else tuple(v))  # noqa: E731
+        return L.float_conv(args[0], weight, bias, pair(stride), pair(padding), pair(dilation), int(groups))
     kwargs = {k: v for k, v in node.kwargs.items() if k != "inplace"}
     if node.op in ("call_function", "call_method") and target in _FUNCS and not kwargs:
         return _FUNCS[target](*[_value(env, a, where) for a in node.args[:3]])

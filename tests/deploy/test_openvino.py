@@ -167,7 +167,16 @@ def test_without_openvino_one_clear_line(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize(
     "name",
-    ["resnet18_e1", "birealnet18", "reactnet18", "small_reactnet", "resnet50_v1", "densenet28", "realtobinarynet"],
+    [
+        "resnet18_e1",
+        "birealnet18",
+        "reactnet18",
+        "small_reactnet",
+        "resnet50_v1",
+        "densenet28",
+        "realtobinarynet",
+        "quicknet",
+    ],
 )
 def test_zoo_models_agree(name):
     """Zoo nets at 32 px (BatchNorm statistics set): every argmax equal, one BinaryConvolution per 1-bit
