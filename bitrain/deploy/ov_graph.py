@@ -18,6 +18,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.modules.utils import _pair
 
 from bitrain.binary.activation import QActivation
 from bitrain.binary.layers import QConv2d
@@ -209,7 +210,9 @@ def _arg(node: fx.Node, i: int, key: str, default=None):
     return node.args[i] if len(node.args) > i else node.kwargs.get(key, default)
 
 
-_CONV_ARGS = ((3, "stride", 1), (4, "padding", 0), (5, "dilation", 1), (6, "groups", 1))  # F.conv2d's
+# the positional parameters after the input, in order
+_CONV_ARGS = ("weight", "bias", "stride", "padding", "dilation", "groups")  # F.conv2d
+_POOL_ARGS = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")  # F.max_pool2d
 
 
 def _pad(node: fx.Node, x, where: str):
@@ -261,24 +264,18 @@ def _call(node: fx.Node, env: dict, where: str):
         return target(*args, **kw) if node.op == "call_function" else getattr(args[0], target)(*args[1:], **kw)
     if target is getattr and args[1] in ("shape", "dtype"):
         return tuple(L.shape_of(args[0])) if args[1] == "shape" else torch.float32
-    if target is F.conv2d and isinstance(_arg(node, 1, "weight"), fx.Node) and not _is_graph(args[1]):
-        weight, bias = args[1], kw.get("bias", args[2] if len(args) > 2 else None)
-        stride, padding, dilation, groups = (kw.get(key, args[i] if len(args) > i else d) for i, key, d in _CONV_ARGS)
-        pair = lambda v: v if isinstance(v, str) else ((int(v),) * 2 if isinstance(v, int) else tuple(v))  # noqa: E731
-        return L.float_conv(args[0], weight, bias, pair(stride), pair(padding), pair(dilation), int(groups))
+    if target is F.conv2d and not _is_graph(args[1]):  # a constant weight
+        c = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+        c.update(zip(_CONV_ARGS, args[1:]), **kw)
+        pad = c["padding"] if isinstance(c["padding"], str) else _pair(c["padding"])  # float_conv refuses a str
+        return L.float_conv(args[0], c["weight"], c["bias"], _pair(c["stride"]), pad, _pair(c["dilation"]), c["groups"])
     kwargs = {k: v for k, v in node.kwargs.items() if k != "inplace"}
     if node.op in ("call_function", "call_method") and target in _FUNCS and not kwargs:
         return _FUNCS[target](*[_value(env, a, where) for a in node.args[:3]])
     if target is F.pad:
         return _pad(node, _value(env, node.args[0], where), where)
     if target is F.max_pool2d:
-        k, s, p = (
-            _arg(node, i, key, d) for i, key, d in ((1, "kernel_size", None), (2, "stride", None), (3, "padding", 0))
-        )
-        dilation, ceil = _arg(node, 4, "dilation", 1), _arg(node, 5, "ceil_mode", False)
-        pool = nn.MaxPool2d(
-            k, s, p, dilation, return_indices=bool(_arg(node, 6, "return_indices", False)), ceil_mode=ceil
-        )
+        pool = nn.MaxPool2d(**dict(zip(_POOL_ARGS, node.args[1:])), **node.kwargs)  # F's order is not nn's
         return _leaf(pool, _value(env, node.args[0], where), where)
     if target is operator.getitem and isinstance(node.args[1], tuple):
         return _unsqueeze(node.args[1], _value(env, node.args[0], where), where)
